@@ -1,0 +1,3 @@
+"""Distributed training pipeline for recurrent sequence classifiers on the MNIST family."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,204 @@
+"""Typed training configuration: YAML file + ``key.sub=value`` overrides, validated at load.
+
+Every error names the file and the key path, and exits with status 2 (ConfigError).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dir: str = Field(description="Prepared dataset directory holding manifest.json")
+    dataset: Literal["mnist", "fashion_mnist"] = "fashion_mnist"
+    base_url: Optional[str] = Field(
+        None, description="Read shards from BASE_URL/<url> (http(s)://, pipe:) instead of data.dir"
+    )
+    num_workers: int = Field(0, ge=0, le=64)
+    shuffle_buffer: int = Field(4096, ge=0)
+    verify: Literal["none", "size", "sha256"] = "size"
+    on_error: Literal["raise", "skip"] = "raise"
+    allow_pipe: bool = False
+
+
+class ModelConfig(_Section):
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
+    hidden_size: int = Field(64, ge=1, le=8192)
+    num_layers: int = Field(1, ge=1, le=16)
+    bidirectional: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(0.01, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(_Section):
+    name: Literal["constant", "cosine", "onecycle"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(64, ge=1, description="Per-process batch size")
+    epochs: Optional[int] = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+    log_every_steps: int = Field(10, ge=1)
+    dist_timeout_s: int = Field(900, ge=30, description="Process-group timeout; must exceed rank-zero eval time")
+    progress_bar: bool = True
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as False.
+        return "no" if value is False else value
+
+
+class EvalConfig(_Section):
+    every_steps: int = Field(50, ge=1)
+    batch_size: int = Field(1000, ge=1)
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(200, ge=1)
+    keep_last: int = Field(3, ge=1)
+
+
+class WandbConfig(_Section):
+    mode: Optional[Literal["online", "offline", "disabled"]] = Field(
+        None, description="Default: online when WANDB_API_KEY is set, offline otherwise"
+    )
+    project: str = "lstm-pipeline"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+    notes: Optional[str] = None
+    job_type: str = "train"
+    media_every_evals: int = Field(1, ge=1)
+    log_model: Literal["off", "best", "all"] = "all"
+
+
+class Config(_Section):
+    output_dir: str
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.train.max_steps is None and self.train.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        if self.model.dropout > 0 and self.model.num_layers == 1:
+            raise ValueError(
+                "model.dropout applies between recurrent layers; with model.num_layers 1 it does nothing"
+            )
+        if self.train.max_steps is not None and self.eval.every_steps > self.train.max_steps:
+            raise ValueError(
+                f"eval.every_steps ({self.eval.every_steps}) is larger than train.max_steps "
+                f"({self.train.max_steps}): the run would never evaluate before the end"
+            )
+        if self.data.base_url and self.data.base_url.startswith("pipe:") and not self.data.allow_pipe:
+            raise ValueError("data.base_url is a pipe: URL, which runs shell commands; set data.allow_pipe: true")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value (for example train.max_steps=100)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against configs/*.yaml)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        if "input" in e and e["type"] not in ("extra_forbidden", "missing") and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{path}: {msg}")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass one of configs/*.yaml with --config")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; start from one of configs/*.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data:, train:, ...), not a {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    source = str(path) + (" with overrides " + " ".join(overrides) if overrides else "")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
