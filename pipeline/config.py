@@ -59,6 +59,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Per-process batch size")
     epochs: Optional[int] = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
+    stop_at_step: Optional[int] = Field(
+        None, ge=1, description="Checkpoint and exit after this step, schedule unfinished (time-boxed jobs); --resume auto goes on"
+    )
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     grad_clip: Optional[float] = Field(None, gt=0.0)

@@ -1,0 +1,33 @@
+"""Train the sequence classifier.
+
+    accelerate launch launch/train.py --config configs/fashion_mnist.yaml [key.sub=value ...] [--resume auto]
+    python launch/train.py --config configs/cpu_test.yaml        # one process
+    torchrun --nproc_per_node 2 launch/train.py --config ...      # also works
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.errors import run_cli
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML file, e.g. configs/cpu_test.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config keys, e.g. train.max_steps=100")
+    p.add_argument("--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in output_dir (fresh start if none); or a checkpoint dir")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    from pipeline.config import load_config
+    from pipeline.training.loop import train
+
+    train(load_config(args.config, args.overrides), resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,185 @@
+"""Manifest -> this rank's, this worker's batches; the same number of steps on every rank.
+
+Per epoch, the shard list is permuted with a seed shared by all ranks, then split by rank
+(round-robin) and by DataLoader worker. Each worker unpacks its blocks into a window,
+shuffles the window with a seeded generator and emits full batches only. The steps of an
+epoch are the minimum over ranks of full batches, so no rank waits at an all-reduce that a
+shorter rank never reaches (webdataset/webdataset#188). Within an epoch the ranks read
+disjoint shards, so no training sample is seen twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.manifest import Manifest, ShardEntry
+from pipeline.data.shards import iter_tar_blocks
+from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Where shards are read from: a local directory or a base URL (http(s)://, pipe:)."""
+
+    directory: str
+    base_url: str | None = None
+
+    def location(self, shard: ShardEntry) -> str:
+        if self.base_url:
+            return self.base_url.rstrip("/") + "/" + shard.url
+        return str(Path(self.directory) / shard.url)
+
+    def open(self, shard: ShardEntry):
+        loc = self.location(shard)
+        if not self.base_url:
+            try:
+                return open(loc, "rb")
+            except OSError as err:
+                raise DataError(f"shard {loc} cannot be opened ({err.strerror}); check data.dir or re-run the preparation") from None
+        import webdataset as wds
+
+        try:
+            return wds.gopen(loc, "rb")
+        except Exception as err:  # gopen raises various types for curl/pipe failures
+            raise DataError(f"shard {loc} cannot be opened ({err}); check data.base_url") from None
+
+
+def read_blocks(source: ShardSource, shard: ShardEntry) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    with source.open(shard) as stream:
+        for _, x, y, idx in iter_tar_blocks(stream, source.location(shard)):
+            yield x, y, idx
+
+
+def verify_shards(manifest: Manifest, source: ShardSource, split: str, mode: str) -> None:
+    """Fail before training on missing or resized shards ('size'), or on changed bytes ('sha256')."""
+    if mode == "none" or source.base_url:
+        return
+    import hashlib
+
+    for shard in manifest.split(split).shards:
+        path = Path(source.location(shard))
+        if not path.is_file():
+            raise DataError(f"shard {path} listed in the manifest is missing; re-run the preparation with --force")
+        if path.stat().st_size != shard.bytes:
+            raise DataError(f"shard {path} is {path.stat().st_size} bytes, the manifest says {shard.bytes}; it is damaged")
+        if mode == "sha256" and hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
+            raise DataError(f"shard {path} does not match its sha256 in the manifest; it is damaged")
+
+
+def epoch_assignment(num_shards: int, seed: int, epoch: int, world_size: int, num_workers: int) -> list[list[list[int]]]:
+    """[rank][worker] -> shard indices for one epoch; identical on every rank."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
+    workers = max(1, num_workers)
+    return [[perm[r::world_size][w::workers].tolist() for w in range(workers)] for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    batch_size: int
+    world_size: int
+    num_workers: int
+    seed: int
+
+    def check(self, manifest: Manifest, split: str) -> None:
+        n = len(manifest.split(split).shards)
+        need = self.world_size * max(1, self.num_workers)
+        if n < need:
+            raise DataError(
+                f"split {split} has {n} shards but {self.world_size} ranks x {max(1, self.num_workers)} workers need "
+                f"at least {need}; lower data.num_workers or prepare with --train-shards {need} or more"
+            )
+
+    def steps_in_epoch(self, manifest: Manifest, split: str, epoch: int) -> int:
+        shards = manifest.split(split).shards
+        assign = epoch_assignment(len(shards), self.seed, epoch, self.world_size, self.num_workers)
+        per_rank = [
+            sum(sum(shards[i].num_samples for i in worker) // self.batch_size for worker in rank)
+            for rank in assign
+        ]
+        steps = min(per_rank)
+        if steps == 0:
+            raise DataError(
+                f"train.batch_size {self.batch_size} is larger than what a data worker holds; "
+                "lower the batch size or data.num_workers"
+            )
+        return steps
+
+
+class TrainStream(IterableDataset):
+    """Yields (x uint8 [B,28,28], y int64 [B], idx int64 [B]) batches for one rank and epoch."""
+
+    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: StreamPlan, rank: int, shuffle_buffer: int):
+        self.shards = manifest.split(split).shards
+        self.source = source
+        self.plan = plan
+        self.rank = rank
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        assign = epoch_assignment(len(self.shards), self.plan.seed, self.epoch, self.plan.world_size, self.plan.num_workers)
+        mine = assign[self.rank][worker]
+        rng = np.random.default_rng([self.plan.seed, self.epoch, self.rank, worker])
+        yield from self._batches((self.shards[i] for i in mine), rng)
+
+    def _batches(self, shards, rng: np.random.Generator):
+        bs = self.plan.batch_size
+        pool: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        pooled = 0
+        for shard in shards:
+            for block in read_blocks(self.source, shard):
+                pool.append(block)
+                pooled += len(block[1])
+                if pooled >= max(self.shuffle_buffer, bs):
+                    pool, pooled = (yield from self._drain(pool, rng, keep_tail=True))
+        yield from self._drain(pool, rng, keep_tail=False)
+
+    def _drain(self, pool, rng, keep_tail: bool):
+        """Shuffle the window, emit its full batches, carry the remainder (< batch) on."""
+        bs = self.plan.batch_size
+        if not pool:
+            return [], 0
+        x, y, idx = (np.concatenate(parts) for parts in zip(*pool))
+        order = rng.permutation(len(y))
+        full = len(y) // bs * bs
+        for start in range(0, full, bs):
+            sel = order[start : start + bs]
+            yield torch.from_numpy(x[sel]), torch.from_numpy(y[sel]), torch.from_numpy(idx[sel])
+        if not keep_tail or full == len(y):
+            return [], 0
+        rest = order[full:]
+        return [(x[rest], y[rest], idx[rest])], len(rest)
+
+
+def make_train_loader(stream: TrainStream, pin_memory: bool) -> DataLoader:
+    # batch_size=None: the stream already batches; the loader only runs workers.
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=stream.plan.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if stream.plan.num_workers else None,
+    )
+
+
+def load_split_tensors(manifest: Manifest, source: ShardSource, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split in memory, in manifest order (evaluation: 10k x 784 bytes)."""
+    xs, ys = [], []
+    for shard in manifest.split(split).shards:
+        for x, y, _ in read_blocks(source, shard):
+            xs.append(x)
+            ys.append(y)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+

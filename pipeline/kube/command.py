@@ -1,0 +1,109 @@
+"""The command lines a pod runs, built from a spec and a set of paths.
+
+The renderers put `pod_command(spec, pod_paths(spec))` into the container; the pod simulation
+test calls the same function with local paths and expands `$(VAR)` the way the kubelet does,
+so what runs locally is what the cluster runs, not a re-typed copy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from pipeline.kube.spec import CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT, JobSpec
+
+CONFIG_KEY = "config.yaml"
+MANIFEST_KEY = "manifest.json"
+# Set by the Job controller in every container of an Indexed Job (JobSet's Jobs too).
+RANK_VAR = "JOB_COMPLETION_INDEX"
+MASTER_ADDR_VAR = "MASTER_ADDR"
+MASTER_PORT_VAR = "MASTER_PORT"
+# Keys the renderer owns: the pods must read and write the mounted volumes.
+OWNED_KEYS = ("output_dir", "data.dir", "data.base_url")
+
+
+@dataclass(frozen=True)
+class PodPaths:
+    config_file: str
+    data_dir: str
+    output_dir: str
+
+
+def pod_paths(spec: JobSpec) -> PodPaths:
+    # With --data-url the manifest travels in the ConfigMap next to the config; shards come from the URL.
+    data_dir = CONFIG_MOUNT if spec.data_url else DATA_MOUNT
+    # One directory per job on the shared claim: a resubmitted job with the same name resumes there.
+    return PodPaths(f"{CONFIG_MOUNT}/{CONFIG_KEY}", data_dir, f"{OUTPUT_MOUNT}/{spec.name}")
+
+
+def _ref(var: str) -> str:
+    return f"$({var})"
+
+
+def config_overrides(spec: JobSpec, paths: PodPaths) -> list[str]:
+    """The user's overrides, then the volume paths (last wins in pipeline.config)."""
+    owned = [f"output_dir={paths.output_dir}", f"data.dir={paths.data_dir}"]
+    if spec.data_url:
+        owned.append(f"data.base_url={spec.data_url}")
+    elif spec.data_pvc:
+        # A base_url left in the user's file would send the pods to the network instead of the claim.
+        owned.append("data.base_url=null")
+    return [*spec.overrides, *owned]
+
+
+def accelerate_args(spec: JobSpec) -> list[str]:
+    """Every multi-node flag explicit: defaults differ between accelerate, torchrun and operators."""
+    args = [
+        "--num_machines", str(spec.nodes),
+        "--num_processes", str(spec.total_processes),  # total over all machines, not per node
+        "--machine_rank", _ref(RANK_VAR),  # omitting it crashes (huggingface/accelerate#3206)
+        "--main_process_ip", _ref(MASTER_ADDR_VAR),
+        "--main_process_port", _ref(MASTER_PORT_VAR),
+    ]
+    if spec.total_processes > 1:
+        # Also the CPU path: the trainer builds Accelerator(cpu=True) and DDP runs on gloo.
+        args.append("--multi_gpu")
+    if spec.rendezvous == "c10d":
+        args += ["--rdzv_backend", "c10d", "--max_restarts", str(spec.max_restarts)]
+    else:
+        args.append("--same_network")
+    args += ["--dynamo_backend", "no"]
+    return args
+
+
+def pod_command(spec: JobSpec, paths: PodPaths) -> list[str]:
+    """The trainer container's full command line (with $(VAR) references for the kubelet)."""
+    return [
+        "accelerate", "launch", *accelerate_args(spec),
+        "launch/train.py", "--config", paths.config_file, *config_overrides(spec, paths),
+        "--resume", "auto",
+    ]
+
+
+def preflight_command(spec: JobSpec, paths: PodPaths) -> list[str]:
+    """The init container: check config and data, and (rank > 0) wait for the master's port."""
+    return [
+        "python", "-m", "pipeline.kube.preflight",
+        "--config", paths.config_file,
+        "--rank", _ref(RANK_VAR),
+        "--master-addr", _ref(MASTER_ADDR_VAR),
+        "--master-port", _ref(MASTER_PORT_VAR),
+        "--timeout", str(spec.wait_timeout_s),
+        *config_overrides(spec, paths),
+    ]
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand_env_refs(args: list[str], env: Mapping[str, str]) -> list[str]:
+    """Kubelet expansion of command/args: $(VAR) from the container env, $$ escapes, unknown refs stay."""
+
+    def sub(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env.get(name, match.group(0))
+
+    return [_VAR_REF.sub(sub, arg) for arg in args]

@@ -1,0 +1,172 @@
+"""The pod template shared by every rendering: containers, env, volumes, resources, security."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.kube.command import (
+    MASTER_ADDR_VAR,
+    MASTER_PORT_VAR,
+    pod_command,
+    pod_paths,
+    preflight_command,
+)
+from pipeline.kube.spec import (
+    CONFIG_MOUNT,
+    DATA_MOUNT,
+    OUTPUT_MOUNT,
+    PREFLIGHT_CONTAINER,
+    TRAINER_CONTAINER,
+    WORKDIR,
+    Format,
+    JobSpec,
+    master_address,
+)
+
+Obj = dict[str, Any]
+
+# Sizing per training process; memory and CPU can be overridden with --memory / --cpu.
+_MEMORY_PER_PROCESS_MI = 4096
+_SHM_PER_LOADER_WORKER_MI = 256  # a few prefetched batches per worker pass through /dev/shm
+_SHM_MIN_MI = 1024
+_RUN_AS_USER = 1000  # the Dockerfile's non-root user
+
+
+def config_map_name(spec: JobSpec) -> str:
+    return f"{spec.name}-config"
+
+
+def _mi(value: int) -> str:
+    return f"{value // 1024}Gi" if value % 1024 == 0 else f"{value}Mi"
+
+
+def shm_size_mi(spec: JobSpec) -> int:
+    return max(_SHM_MIN_MI, spec.procs_per_node * spec.loader_workers * _SHM_PER_LOADER_WORKER_MI)
+
+
+def resources(spec: JobSpec) -> Obj:
+    procs = spec.procs_per_node
+    cpu = spec.cpu or str(procs * (1 + spec.loader_workers))
+    # The memory-backed /dev/shm counts against the container's memory limit, so add it.
+    memory = spec.memory or _mi(procs * _MEMORY_PER_PROCESS_MI + shm_size_mi(spec))
+    requests: Obj = {"cpu": cpu, "memory": memory}
+    # Memory limit = request: a training pod should not be the first evicted under pressure.
+    # No CPU limit: CFS throttling of loader workers slows every rank at the next all-reduce.
+    limits: Obj = {"memory": memory}
+    if spec.gpus_per_node:
+        requests["nvidia.com/gpu"] = spec.gpus_per_node
+        limits["nvidia.com/gpu"] = spec.gpus_per_node
+    return {"requests": requests, "limits": limits}
+
+
+def trainer_env(spec: JobSpec, fmt: Format) -> list[Obj]:
+    paths = pod_paths(spec)
+    env: list[Obj] = [
+        {"name": MASTER_ADDR_VAR, "value": master_address(spec, fmt)},
+        {"name": MASTER_PORT_VAR, "value": str(spec.port)},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # One W&B group per job: rank 0 logs the run, a resubmission joins the same group.
+        {"name": "WANDB_PROJECT", "value": spec.wandb_project},
+        {"name": "WANDB_RUN_GROUP", "value": spec.name},
+        # The image's working directory is read-only for the non-root user.
+        {"name": "WANDB_DIR", "value": paths.output_dir},
+    ]
+    if spec.wandb_entity:
+        env.append({"name": "WANDB_ENTITY", "value": spec.wandb_entity})
+    if spec.wandb_secret:
+        env.append({
+            "name": "WANDB_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": spec.wandb_secret, "key": spec.wandb_secret_key}},
+        })
+    return env
+
+
+def _security_context() -> Obj:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def volumes(spec: JobSpec) -> list[Obj]:
+    vols: list[Obj] = [
+        {"name": "config", "configMap": {"name": config_map_name(spec)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _mi(shm_size_mi(spec))}},
+    ]
+    if spec.data_pvc:
+        vols.append({"name": "data", "persistentVolumeClaim": {"claimName": spec.data_pvc, "readOnly": True}})
+    # Without a claim the outputs (and resumable checkpoints) die with the pod.
+    outputs: Obj = {"persistentVolumeClaim": {"claimName": spec.output_pvc}} if spec.output_pvc else {"emptyDir": {}}
+    vols.append({"name": "outputs", **outputs})
+    return vols
+
+
+def volume_mounts(spec: JobSpec, trainer: bool) -> list[Obj]:
+    mounts: list[Obj] = [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
+    if spec.data_pvc:
+        mounts.append({"name": "data", "mountPath": DATA_MOUNT, "readOnly": True})
+    if trainer:
+        mounts += [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "outputs", "mountPath": OUTPUT_MOUNT}]
+    return mounts
+
+
+def preflight_container(spec: JobSpec, fmt: Format) -> Obj:
+    env = [e for e in trainer_env(spec, fmt) if e["name"] in (MASTER_ADDR_VAR, MASTER_PORT_VAR)]
+    return {
+        "name": PREFLIGHT_CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": WORKDIR,
+        "command": preflight_command(spec, pod_paths(spec)),
+        "env": env,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": volume_mounts(spec, trainer=False),
+        "securityContext": _security_context(),
+    }
+
+
+def trainer_container(spec: JobSpec, fmt: Format, name: str = TRAINER_CONTAINER) -> Obj:
+    return {
+        "name": name,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": WORKDIR,
+        "command": pod_command(spec, pod_paths(spec)),
+        "env": trainer_env(spec, fmt),
+        "ports": [{"name": "rendezvous", "containerPort": spec.port, "protocol": "TCP"}],
+        "resources": resources(spec),
+        "volumeMounts": volume_mounts(spec, trainer=True),
+        "securityContext": _security_context(),
+    }
+
+
+def pod_security_context() -> Obj:
+    # fsGroup makes the output claim writable by the non-root user on most storage drivers.
+    return {"runAsUser": _RUN_AS_USER, "runAsGroup": _RUN_AS_USER, "fsGroup": _RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def tolerations(spec: JobSpec) -> list[Obj]:
+    # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule.
+    if not spec.gpus_per_node:
+        return []
+    return [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def pod_spec(spec: JobSpec, fmt: Format) -> Obj:
+    """The pod spec of one node of the job (the Job/JobSet template adds restart and DNS fields)."""
+    out: Obj = {
+        "restartPolicy": "Never",  # required by podFailurePolicy; the Job replaces failed pods
+        "securityContext": pod_security_context(),
+        "initContainers": [preflight_container(spec, fmt)],
+        "containers": [trainer_container(spec, fmt)],
+        "volumes": volumes(spec),
+        "terminationGracePeriodSeconds": 30,
+        # Service links would inject <SVC>_PORT variables, e.g. MASTER_PORT for a Service named "master".
+        "enableServiceLinks": False,
+    }
+    tol = tolerations(spec)
+    if tol:
+        out["tolerations"] = tol
+    return out

@@ -1,0 +1,171 @@
+"""What a submission asks for, checked before anything is rendered.
+
+Every renderer and the kubectl helpers read a `JobSpec`; nothing downstream re-validates,
+so each rule lives here once and names the flag the user has to change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from pipeline.errors import UserError
+
+Format = Literal["job", "jobset", "trainjob"]
+Rendezvous = Literal["static", "c10d"]
+FORMATS: tuple[Format, ...] = ("job", "jobset", "trainjob")
+
+# Paths inside the pod. Kept together so the pod simulation can swap them for local ones.
+CONFIG_MOUNT = "/etc/pipeline"
+DATA_MOUNT = "/data"
+OUTPUT_MOUNT = "/outputs"
+WORKDIR = "/app"  # where the Dockerfile copies launch/ (train.py is run by relative path)
+
+TRAINER_CONTAINER = "trainer"
+PREFLIGHT_CONTAINER = "preflight"
+# JobSet / TrainJob: the replicated job's name is part of every pod's hostname. Kubeflow's
+# torch-distributed runtime fixes both the replicated job and its container to "node".
+REPLICATED_JOB = "node"
+TRAINJOB_CONTAINER = "node"
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_ENV_KEY = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One multi-node training job, independent of how it is rendered."""
+
+    name: str
+    image: str
+    nodes: int
+    gpus_per_node: int
+    config_text: str  # the user's YAML file, byte for byte
+    namespace: Optional[str] = None
+    data_pvc: Optional[str] = None
+    data_url: Optional[str] = None
+    manifest_text: Optional[str] = None  # shipped with --data-url: the trainer reads the manifest from data.dir
+    output_pvc: Optional[str] = None
+    wandb_secret: Optional[str] = None
+    wandb_secret_key: str = "api-key"
+    wandb_project: str = "lstm-pipeline"
+    wandb_entity: Optional[str] = None
+    queue: Optional[str] = None
+    rendezvous: Rendezvous = "static"
+    max_restarts: int = 0
+    port: int = 29500
+    restarts: int = 1  # whole-job restarts after a failure (Job: backoffLimit = restarts * nodes)
+    cpu: Optional[str] = None  # per node; None: derived from processes and loader workers
+    memory: Optional[str] = None
+    loader_workers: int = 0  # data.num_workers of the config: sizes /dev/shm and CPU requests
+    wait_timeout_s: int = 900
+    overrides: tuple[str, ...] = field(default_factory=tuple)  # user's key=value, passed through
+    runtime: str = "torch-distributed"  # TrainJob: the ClusterTrainingRuntime to reference
+
+    @property
+    def procs_per_node(self) -> int:
+        # --gpus-per-node 0 is a CPU job: one process per pod (gloo).
+        return max(self.gpus_per_node, 1)
+
+    @property
+    def total_processes(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @property
+    def labels(self) -> dict[str, str]:
+        # Selector for the Service and for status/logs/delete, on every resource of the job.
+        return {"app.kubernetes.io/name": "lstm-pipeline", "app.kubernetes.io/instance": self.name}
+
+
+def pod_hostname(name: str, fmt: Format, index: int) -> str:
+    """The DNS label a pod of rank `index` gets (Indexed Job: <job>-<i>; JobSet: <js>-<rjob>-<j>-<i>)."""
+    if fmt == "job":
+        return f"{name}-{index}"
+    return f"{name}-{REPLICATED_JOB}-0-{index}"
+
+
+def master_address(spec: JobSpec, fmt: Format) -> str:
+    # The service (and the JobSet's subdomain) is named after the job.
+    return f"{pod_hostname(spec.name, fmt, 0)}.{spec.name}"
+
+
+def slugify(text: str) -> str:
+    """A DNS label from a file stem: configs/Fashion_MNIST.yaml -> fashion-mnist."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if not slug or not slug[0].isalpha():
+        slug = f"lstm-{slug}".rstrip("-")
+    return slug[:40].rstrip("-")
+
+
+def _check_label(value: str, what: str, flag: str, max_len: int = 63) -> None:
+    if len(value) > max_len:
+        raise UserError(f"{what} '{value}' is {len(value)} characters; at most {max_len} are allowed ({flag})")
+    if not _DNS_LABEL.match(value):
+        raise UserError(
+            f"{what} '{value}' is not a valid DNS label: use lowercase letters, digits and '-', "
+            f"starting with a letter and ending with a letter or digit ({flag})"
+        )
+
+
+def _check_subdomain(value: str, what: str, flag: str) -> None:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+        raise UserError(
+            f"{what} '{value}' is not a valid Kubernetes object name: lowercase letters, digits, '-' and '.', "
+            f"at most 253 characters ({flag})"
+        )
+
+
+def validate(spec: JobSpec, fmt: Format) -> None:
+    """Raise UserError naming the flag for anything Kubernetes or the launcher would reject."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if spec.nodes < 1:
+        raise UserError(f"--nodes must be at least 1 (got {spec.nodes})")
+    if spec.gpus_per_node < 0:
+        raise UserError(f"--gpus-per-node must be 0 (CPU, one process per node) or more (got {spec.gpus_per_node})")
+    if not spec.image or any(c.isspace() for c in spec.image):
+        raise UserError("--image is required: the training image built from the Dockerfile, e.g. ghcr.io/ORG/lstm-pipeline:0.1.0")
+    _check_label(spec.name, "job name", "--name")
+    # The highest-rank pod's hostname must still be a DNS label, or its DNS record is never created.
+    longest = pod_hostname(spec.name, fmt, spec.nodes - 1)
+    if len(longest) > 63:
+        room = 63 - (len(longest) - len(spec.name))
+        raise UserError(
+            f"job name '{spec.name}' is too long for {spec.nodes} nodes with --format {fmt}: the pod hostname "
+            f"'{longest}' exceeds 63 characters; use a --name of at most {room} characters"
+        )
+    if spec.namespace is not None:
+        _check_label(spec.namespace, "namespace", "--namespace")
+    if spec.data_pvc and spec.data_url:
+        raise UserError("--data-pvc and --data-url are alternatives: mount the shards from a claim or read them from a URL, not both")
+    for value, what, flag in (
+        (spec.data_pvc, "data claim", "--data-pvc"),
+        (spec.output_pvc, "output claim", "--output-pvc"),
+        (spec.wandb_secret, "W&B secret", "--wandb-secret"),
+    ):
+        if value is not None:
+            _check_subdomain(value, what, flag)
+    if spec.data_url is not None and (not spec.data_url or any(c.isspace() for c in spec.data_url)):
+        raise UserError(f"--data-url '{spec.data_url}' is empty or contains whitespace")
+    if not _ENV_KEY.match(spec.wandb_secret_key):
+        raise UserError(f"--wandb-secret-key '{spec.wandb_secret_key}' is not a valid Secret key")
+    if spec.queue is not None:
+        _check_label(spec.queue, "Kueue queue name", "--queue")
+    if not 1 <= spec.port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535 (got {spec.port})")
+    if spec.max_restarts < 0:
+        raise UserError(f"--max-restarts must be 0 or more (got {spec.max_restarts})")
+    if spec.max_restarts and spec.rendezvous != "c10d":
+        raise UserError("--max-restarts needs --rendezvous c10d: static rendezvous cannot re-admit a restarted worker")
+    if spec.restarts < 0:
+        raise UserError(f"--restarts must be 0 or more (got {spec.restarts})")
+    if spec.wait_timeout_s < 1:
+        raise UserError(f"--wait-timeout must be at least 1 second (got {spec.wait_timeout_s})")
+    for value, flag in ((spec.cpu, "--cpu"), (spec.memory, "--memory")):
+        if value is not None and not _QUANTITY.match(value):
+            raise UserError(f"{flag} '{value}' is not a Kubernetes quantity (e.g. 8, 500m, 16Gi)")
+    if not spec.runtime:
+        raise UserError("--runtime must name a ClusterTrainingRuntime")

@@ -1,0 +1,72 @@
+"""The sequence classifier: a 28x28 image read row by row as 28 time steps of 28 pixels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class SequenceClassifier(nn.Module):
+    def __init__(self, cfg: ModelConfig, input_size: int = 28, num_classes: int = 10):
+        super().__init__()
+        self.cfg = cfg
+        self.rnn = CELLS[cfg.cell](
+            input_size=input_size,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            batch_first=True,
+            bidirectional=cfg.bidirectional,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+        )
+        directions = 2 if cfg.bidirectional else 1
+        self.head = nn.Linear(cfg.hidden_size * directions, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float [batch, time, features] in [0, 1]; returns logits [batch, classes]."""
+        out, state = self.rnn(x)
+        if not self.cfg.bidirectional:
+            return self.head(out[:, -1])
+        # The backward direction's last step output has seen one row only; its final
+        # state (at t=0) has seen them all.
+        h_n = state[0] if isinstance(state, tuple) else state
+        return self.head(torch.cat([h_n[-2], h_n[-1]], dim=1))
+
+
+def to_inputs(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, 28, 28] -> float [B, 28, 28] in [0, 1] on device; the cast happens after the copy (4x fewer bytes moved)."""
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def build_model(cfg: ModelConfig, image_shape: list[int], num_classes: int) -> SequenceClassifier:
+    return SequenceClassifier(cfg, input_size=image_shape[1], num_classes=num_classes)
+
+
+def save_trained(model: SequenceClassifier, directory, extra: dict) -> None:
+    """Final weights as safetensors beside the config needed to rebuild the module."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps({"model": model.cfg.model_dump(), **extra}, indent=2) + "\n")
+
+
+def load_trained(directory) -> SequenceClassifier:
+    """`model = pipeline.model.load_trained("runs/fashion_mnist/model")` -> eval-mode module on the CPU."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / "config.json").read_text())
+    model = build_model(ModelConfig(**meta["model"]), meta["image_shape"], meta["num_classes"])
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    return model.eval()

@@ -1,0 +1,169 @@
+"""Checkpoints: written atomically with every rank taking part, rotated, resumed exactly.
+
+Layout of `output_dir/checkpoints/step-00000100/`:
+  model.safetensors   weights of the unwrapped model
+  optimizer.pt        optimizer state (tensors and numbers only: loaded with weights_only)
+  scheduler.pt, scaler.pt
+  rng/rank-00000.pt   each rank's torch (and CUDA) RNG state: dropout streams differ per rank
+  state.json          step, epoch, data position, best accuracy, W&B run id, dataset fingerprint, config
+
+A checkpoint is written into `.tmp-step-...` and renamed when complete, so a crash mid-write
+leaves a temp dir that the next start removes, never a half checkpoint that looks whole.
+For multi-node runs `output_dir` must be a volume all nodes share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import UserError
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples_seen: int = 0
+    best_accuracy: Optional[float] = None
+    wandb_run_id: Optional[str] = None
+    skipped_steps: int = 0
+
+
+@dataclass
+class CheckpointMeta:
+    state: TrainState
+    fingerprint: str
+    model: dict[str, Any]
+    world_size: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def remove_partial(output_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(output_dir)
+    partial = sorted(root.glob(".tmp-step-*")) if root.is_dir() else []
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """`auto`: newest complete checkpoint or None; a path: that checkpoint (must exist)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise UserError(f"--resume {resume} is not a complete checkpoint directory (no state.json); "
+                        f"use --resume auto or one of {checkpoint_root(output_dir)}/step-*")
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, scheduler, meta: CheckpointMeta, keep_last: int) -> Path:
+    """Collective: every rank must call this at the same step."""
+    root = checkpoint_root(output_dir)
+    name = f"step-{meta.state.step:08d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    (tmp / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_file({k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # state.json last: a directory without it is never taken for a checkpoint.
+        _write_json(tmp / "state.json", {**asdict(meta), "state": asdict(meta.state)})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    try:
+        raw = json.loads((path / "state.json").read_text())
+        return CheckpointMeta(
+            state=TrainState(**raw["state"]), fingerprint=raw["fingerprint"], model=raw["model"],
+            world_size=raw["world_size"], config=raw.get("config", {}),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"checkpoint {path} has an unreadable state.json ({err}); resume from an older one with --resume PATH") from None
+
+
+def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_cfg: dict[str, Any]) -> None:
+    if meta.fingerprint != fingerprint:
+        raise UserError(
+            f"checkpoint {path} was trained on dataset {meta.fingerprint[:12]}, but data.dir holds {fingerprint[:12]}; "
+            "resume with the same prepared dataset, or start a new output_dir"
+        )
+    if meta.model != model_cfg:
+        changed = sorted(k for k in set(meta.model) | set(model_cfg) if meta.model.get(k) != model_cfg.get(k))
+        raise UserError(
+            f"checkpoint {path} holds a model with different {', '.join('model.' + k for k in changed)} "
+            f"({', '.join(f'{k}={meta.model.get(k)!r}' for k in changed)}); resume with the same model config or start a new output_dir"
+        )
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> None:
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.load_state_dict(load_file(path / "model.safetensors", device=str(accelerator.device)))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rng_file = path / "rng" / f"rank-{accelerator.process_index:05d}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,76 @@
+"""What a run leaves in output_dir for a user without W&B: metrics.jsonl, summary.json, model/, plots/."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class MetricsLog:
+    """Append-only JSON lines, one object per log or eval event, each with `step`."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.is_file():
+            # Events after the checkpoint we resume from will be produced again; drop the stale ones.
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            path.write_text("")
+
+    def write(self, event: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.ndarray | None, class_names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    train = [e for e in events if "train/loss" in e]
+    evals = [e for e in events if "eval/accuracy" in e]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["step"] for e in train], [e["train/loss"] for e in train], label="train")
+    ax.plot([e["step"] for e in evals], [e["eval/loss"] for e in evals], "o-", label="eval")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plots_dir / "loss.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["step"] for e in evals], [e["eval/accuracy"] for e in evals], "o-")
+    ax.set(xlabel="optimizer step", ylabel="test accuracy", title="Test accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plots_dir / "accuracy.png", dpi=100)
+    plt.close(fig)
+
+    if confusion is not None:
+        fig, ax = plt.subplots(figsize=(7, 6))
+        ax.imshow(confusion, cmap="Blues")
+        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(class_names)), class_names)
+        for (i, j), v in np.ndenumerate(confusion):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > confusion.max() / 2 else "black")
+        ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (final evaluation)")
+        fig.tight_layout()
+        fig.savefig(plots_dir / "confusion.png", dpi=100)
+        plt.close(fig)
