@@ -20,6 +20,7 @@ def parse_args() -> argparse.Namespace:
     mode.add_argument("--verify", metavar="DIR", help="check every shard of a prepared directory")
     p.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="fashion_mnist")
     p.add_argument("--source", help="directory with the four IDX files (plain or .gz)")
+    p.add_argument("--download", action="store_true", help="ignore local copies and fetch from the mirrors (checksums checked)")
     p.add_argument("--download-dir", help="where downloads are cached (default ~/.cache/pipeline/DATASET)")
     p.add_argument("--mirror", action="append", help="download base URL; repeat for fallbacks (env PIPELINE_DATA_MIRRORS)")
     d = ShardOptions()

@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     options = ShardOptions(args.block_size, args.train_shards, args.test_shards)
-    result = prepare(args.dataset, args.out, args.source, options, args.force, args.download_dir, args.mirror)
+    result = prepare(args.dataset, args.out, args.source, options, args.force, args.download_dir, args.mirror, args.download)
     m = result.manifest
     if result.skipped:
         print(f"{args.out} already holds a complete {m.dataset} dataset (fingerprint {m.fingerprint[:12]}); use --force to rebuild")

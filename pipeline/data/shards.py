@@ -137,6 +137,7 @@ def prepare(
     force: bool = False,
     download_dir: str | Path | None = None,
     mirrors: list[str] | None = None,
+    force_download: bool = False,
 ) -> PrepareResult:
     out = Path(out)
     start = time.perf_counter()
@@ -152,7 +153,7 @@ def prepare(
         shutil.rmtree(out / split, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    spec, paths = sources.locate(dataset, source, download_dir, mirrors)
+    spec, paths = sources.locate(dataset, source, download_dir, mirrors, force_download)
     num_classes = len(spec.class_names)
     counts = {"train": options.train_shards, "test": options.test_shards}
     splits = {}

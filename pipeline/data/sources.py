@@ -209,13 +209,14 @@ def locate(
     source: str | Path | None = None,
     download_dir: str | Path | None = None,
     mirrors: list[str] | None = None,
+    force_download: bool = False,
 ) -> tuple[DatasetSpec, dict[tuple[str, str], Path]]:
-    """Find the four IDX files: --source, then the system dirs, then a download."""
+    """Find the four IDX files: --source, then the system dirs, then a (cached) download."""
     spec = get_spec(name)
     if source is not None:
         candidates = [Path(source)]
     else:
-        candidates = [Path(d) for d in spec.local_dirs]
+        candidates = [] if force_download else [Path(d) for d in spec.local_dirs]
     for directory in candidates:
         found = {key: _find_file(directory, base) for key, base in FILES.items()}
         if all(found.values()):

@@ -1,0 +1,45 @@
+# Everything installs into .venv, idempotently; `make train` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= data/fashion_mnist
+CONFIG ?= configs/fashion_mnist.yaml
+FASHION_IDX := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: setup data train cpu-test test test-fast bench bench-quick clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt is usable, else it is downloaded.
+$(FASHION_IDX):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "no $(FASHION_IDX): prepare_data.py will download Fashion-MNIST"; fi
+
+data: setup | $(FASHION_IDX)
+	$(PY) launch/prepare_data.py --dataset fashion_mnist --out $(DATA)
+
+train: data
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		launch/train.py --config $(CONFIG) data.dir=$(DATA) --resume auto
+
+cpu-test: data
+	$(PY) launch/train.py --config configs/cpu_test.yaml data.dir=$(DATA)
+
+test: setup | $(FASHION_IDX)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup | $(FASHION_IDX)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench-quick: data
+	$(PY) benchmarks/run.py --quick --data $(DATA) --out benchmarks/results/quick.json
+
+clean:
+	rm -rf runs wandb .pytest_cache

@@ -1,0 +1,76 @@
+"""Shared fixtures: the real Fashion-MNIST, prepared once per session into real shards."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_IDX = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_py(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600, check: bool = False):
+    """Run a project entry point as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fashion_idx() -> Path:
+    if not (FASHION_IDX / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"{FASHION_IDX} is missing: install Debian's dataset-fashion-mnist (make test does)")
+    return FASHION_IDX
+
+
+@pytest.fixture(scope="session")
+def fashion_shards(tmp_path_factory, fashion_idx) -> Path:
+    out = tmp_path_factory.mktemp("data") / "fashion_mnist"
+    run_py("launch/prepare_data.py", "--dataset", "fashion_mnist", "--out", str(out), "--source", str(fashion_idx), check=True)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_wandb(tmp_path, monkeypatch):
+    # wandb stages files under the home directory unless told otherwise; keep every test's run private.
+    base = tmp_path / "wandb-home"
+    for var, sub in (("WANDB_DIR", "dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(var, str(base / sub))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture
+def mirror(tmp_path, fashion_idx):
+    """A loopback HTTP server serving the real Fashion-MNIST .gz files."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    for p in fashion_idx.glob("*.gz"):
+        shutil.copy(p, root / p.name)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror_url(mirror) -> str:
+    return mirror[1]
