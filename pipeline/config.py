@@ -31,6 +31,9 @@ class DataConfig(_Section):
     verify: Literal["none", "size", "sha256"] = "size"
     on_error: Literal["raise", "skip"] = "raise"
     allow_pipe: bool = False
+    record_sample_ids: bool = Field(
+        False, description="Audit: write each rank's trained sample indices to output_dir/sample_ids/rank-N.npy"
+    )
 
 
 class ModelConfig(_Section):
@@ -43,7 +46,7 @@ class ModelConfig(_Section):
 
 class OptimConfig(_Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(0.01, gt=0.0, le=10.0)
+    lr: float = Field(0.01, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -135,11 +138,11 @@ class Config(_Section):
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form key.sub=value (for example train.max_steps=100)")
+        raise ConfigError(f"command-line override '{item}' is not of the form key.sub=value (for example train.max_steps=100)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{item}' has an empty key path")
+        raise ConfigError(f"command-line override '{item}' has an empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -157,7 +160,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+                raise ConfigError(f"command-line override '{item}': '{part}' is a value, not a section")
             node = child
         node[path[-1]] = value
     return out

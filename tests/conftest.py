@@ -74,3 +74,42 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def mirror_url(mirror) -> str:
     return mirror[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_cmd(num_processes: int) -> list[str]:
+    """A real multi-process CPU launch: --multi_gpu with gloo (--cpu would start only one process)."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    args = [accelerate, "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+    if num_processes > 1:
+        args.insert(2, "--multi_gpu")
+    return args
+
+
+def train_run(out: Path, shards: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
+              config: str = "configs/cpu_test.yaml", check: bool = True, timeout: float = 600):
+    """Run launch/train.py as a user would: plain python for one process, accelerate launch for more."""
+    args = ["launch/train.py", "--config", config, f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false", *overrides]
+    if resume:
+        args += ["--resume", resume]
+    if nproc == 1:
+        return run_py(*args, check=check, timeout=timeout)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*accelerate_cmd(nproc), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

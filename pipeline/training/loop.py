@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -173,6 +174,7 @@ def _run(cfg, accelerator, model, optimizer, scheduler, manifest, source, plan, 
     train_seconds = 0.0
     trained_samples = 0  # by this process's run, for throughput (samples_seen includes pre-resume steps)
     run_start = time.perf_counter()
+    sample_ids: list | None = [] if cfg.data.record_sample_ids else None
     model.train()
 
     def run_eval() -> None:
@@ -196,7 +198,9 @@ def _run(cfg, accelerator, model, optimizer, scheduler, manifest, source, plan, 
         for _ in range(state.step_in_epoch):  # exact resume: replay the epoch's data position
             next(batches)
         for _ in range(min(epoch_steps - state.step_in_epoch, total_steps - state.step)):
-            x, y, _ = next(batches)
+            x, y, idx = next(batches)
+            if sample_ids is not None:
+                sample_ids.append(idx.numpy())
             inputs, targets = to_inputs(x, device), y.to(device, non_blocking=True)
             with accelerator.autocast():
                 logits = model(inputs)
@@ -267,6 +271,9 @@ def _run(cfg, accelerator, model, optimizer, scheduler, manifest, source, plan, 
             break
     bar.close()
     completed = state.step == total_steps
+    if sample_ids is not None:
+        (out / "sample_ids").mkdir(parents=True, exist_ok=True)
+        np.save(out / "sample_ids" / f"rank-{accelerator.process_index:05d}.npy", np.stack(sample_ids))
 
     wall = time.perf_counter() - run_start
     summary = {}

@@ -1,0 +1,115 @@
+"""Config loading: typed, validated, overrides; every bad input exits 2 naming the key, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_py
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+
+GOOD = ROOT / "configs" / "cpu_test.yaml"
+
+
+@pytest.mark.parametrize("name", ["cpu_test", "mnist", "fashion_mnist"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.eval.every_steps >= 1
+
+
+def test_mnist_is_the_classic_setup():
+    cfg = load_config(ROOT / "configs" / "mnist.yaml")
+    assert (cfg.model.cell, cfg.model.hidden_size, cfg.model.num_layers) == ("lstm", 64, 1)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs) == ("adam", 0.01, 64, 1)
+
+
+def test_overrides_typed():
+    cfg = load_config(GOOD, ["train.max_steps=120", "model.bidirectional=true", "optim.lr=3e-3", "wandb.tags=[a,b]"])
+    assert cfg.train.max_steps == 120 and cfg.model.bidirectional is True
+    assert cfg.optim.lr == 0.003 and cfg.wandb.tags == ["a", "b"]
+
+
+def test_yaml_bare_no_is_mixed_precision_no(tmp_path):
+    raw = yaml.safe_load(GOOD.read_text())
+    raw["train"]["mixed_precision"] = False  # what `mixed_precision: no` parses to
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path).train.mixed_precision == "no"
+
+
+BAD_OVERRIDES = [
+    (["trian.max_steps=10"], "trian: unknown key"),
+    (["train.max_step=10"], "train.max_step: unknown key"),
+    (["optim.lr=-0.1"], "optim.lr"),
+    (["optim.lr=fast"], "optim.lr"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.batch_size=1.5"], "train.batch_size"),
+    (["eval.every_steps=0"], "eval.every_steps"),
+    (["eval.every_steps=1000"], "eval.every_steps (1000) is larger than train.max_steps"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision"),
+    (["model.cell=transformer"], "model.cell"),
+    (["model.dropout=1.5"], "model.dropout"),
+    (["model.dropout=0.3"], "model.dropout applies between recurrent layers"),
+    (["model.hidden_size=-4"], "model.hidden_size"),
+    (["train.grad_clip=0"], "train.grad_clip"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["wandb.mode=sometimes"], "wandb.mode"),
+    (["data.base_url=pipe:cat"], "data.allow_pipe"),
+    (["data=3"], "data"),
+    (["train.seed"], "not of the form key.sub=value"),
+    (["train.max_steps.x=1"], "'max_steps' is a value, not a section"),
+    (["data.num_workers=-1"], "data.num_workers"),
+    (["schedule.name=linear"], "schedule.name"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_OVERRIDES)
+def test_bad_overrides(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(GOOD, overrides)
+    assert needle in str(err.value)
+    # a bad value names the file it was loaded with; a malformed argument names the argument
+    assert str(GOOD) in str(err.value) or "command-line override" in str(err.value)
+
+
+BAD_FILES = [
+    ("", "is empty"),
+    ("data: [unclosed\n", "not valid YAML at line"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("output_dir: x\n", "data: required key is missing"),
+    ("output_dir: x\ndata: {dir: d}\ntrain: {epochs: null}\n", "set train.max_steps or train.epochs"),
+]
+
+
+@pytest.mark.parametrize("text,needle", BAD_FILES)
+def test_bad_files(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["--config", "configs/cpu_test.yaml", "optim.lr=-1"], 2, "optim.lr"),
+        (["--config", "configs/missing.yaml"], 2, "does not exist"),
+        (["--config", "configs/cpu_test.yaml", "train.mixed_precision=fp16"], 2, "fp16 needs a CUDA GPU"),
+        (["--config", "configs/cpu_test.yaml", "data.dir=/nonexistent/ds"], 1, "python launch/prepare_data.py --dataset fashion_mnist --out /nonexistent/ds"),
+    ],
+)
+def test_cli_exit_codes_no_traceback(tmp_path, args, code, needle):
+    proc = run_py("launch/train.py", *args, f"output_dir={tmp_path / 'out'}")
+    assert proc.returncode == code, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") or "error:" in proc.stderr

@@ -1,0 +1,65 @@
+"""The stream: equal steps per rank, disjoint ranks, every sample once per epoch, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.manifest import load_manifest
+from pipeline.data.stream import ShardSource, StreamPlan, TrainStream, epoch_assignment, make_train_loader
+from pipeline.errors import DataError
+
+
+def _epoch_ids(shards_dir, world: int, workers: int, batch: int, epoch: int = 0, seed: int = 0) -> list[np.ndarray]:
+    manifest = load_manifest(shards_dir)
+    plan = StreamPlan(batch, world, workers, seed)
+    steps = plan.steps_in_epoch(manifest, "train", epoch)
+    per_rank = []
+    for rank in range(world):
+        stream = TrainStream(manifest, ShardSource(str(shards_dir)), "train", plan, rank, shuffle_buffer=2048)
+        stream.set_epoch(epoch)
+        loader = make_train_loader(stream, pin_memory=False)
+        loader.generator = torch.Generator().manual_seed(0)
+        batches = iter(loader)
+        ids = [next(batches)[2].numpy() for _ in range(steps)]
+        assert all(len(b) == batch for b in ids)
+        per_rank.append(np.stack(ids))
+    return per_rank
+
+
+def test_single_rank_epoch_covers_all_but_tail(fashion_shards):
+    (ids,) = _epoch_ids(fashion_shards, world=1, workers=0, batch=100)
+    flat = ids.ravel()
+    assert len(np.unique(flat)) == len(flat) == 60000, "100 divides every 1250-sample shard: nothing dropped"
+
+
+@pytest.mark.parametrize("world,workers", [(2, 0), (2, 2), (3, 1), (8, 4)])
+def test_ranks_disjoint_equal_steps(fashion_shards, world, workers):
+    ranks = _epoch_ids(fashion_shards, world=world, workers=workers, batch=64)
+    assert len({r.shape for r in ranks}) == 1, "every rank takes the same number of steps"
+    flat = np.concatenate([r.ravel() for r in ranks])
+    assert len(np.unique(flat)) == len(flat), "no sample seen twice within an epoch"
+    assert len(flat) > 60000 * 0.95
+
+
+def test_epochs_reshuffle_and_seed_determinism(fashion_shards):
+    a0 = _epoch_ids(fashion_shards, 2, 1, 64, epoch=0)
+    a0_again = _epoch_ids(fashion_shards, 2, 1, 64, epoch=0)
+    a1 = _epoch_ids(fashion_shards, 2, 1, 64, epoch=1)
+    for x, y in zip(a0, a0_again):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a0[0][:5], a1[0][:5])
+    assert set(a0[0].ravel()) != set(a1[0].ravel()), "shard-to-rank assignment changes per epoch (webdataset#502)"
+
+
+def test_assignment_is_a_partition():
+    assign = epoch_assignment(48, seed=3, epoch=2, world_size=4, num_workers=3)
+    flat = sorted(i for rank in assign for worker in rank for i in worker)
+    assert flat == list(range(48))
+
+
+def test_too_few_shards_clear_error(fashion_shards):
+    manifest = load_manifest(fashion_shards)
+    with pytest.raises(DataError, match="at least 64"):
+        StreamPlan(64, world_size=16, num_workers=4, seed=0).check(manifest, "train")

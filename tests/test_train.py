@@ -1,0 +1,141 @@
+"""Real training runs on the real Fashion-MNIST shards: one process, two gloo processes, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_jsonl, train_run
+from pipeline.config import load_config
+from pipeline.model import build_model, load_trained
+
+pytestmark = pytest.mark.slow
+NO_WANDB = "wandb.mode=disabled"
+
+
+def test_cpu_test_mode_end_to_end(tmp_path, fashion_shards):
+    out = tmp_path / "run"
+    proc = train_run(out, fashion_shards, NO_WANDB)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("world_size", "distributed_type", "mixed_precision", "steps", "samples_seen", "wall_s",
+                "train_samples_per_s", "final_eval_accuracy", "best_eval_accuracy", "eval_seconds_mean"):
+        assert summary[key] is not None, key
+    assert summary["world_size"] == 1 and summary["steps"] == 300
+    assert summary["final_eval_accuracy"] >= 0.75
+    events = read_jsonl(out / "metrics.jsonl")
+    assert all("step" in e for e in events)
+    assert [e["step"] for e in events if "eval/accuracy" in e] == [50, 100, 150, 200, 250, 300]
+    assert all(math.isfinite(e["train/grad_norm"]) for e in events if "train/loss" in e)
+    assert load_config(out / "config.yaml").train.max_steps == 300, "resolved config saved and loadable"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000200", "step-00000300"], "keep_last 2"
+    for png in ("loss.png", "accuracy.png", "confusion.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the documented one-liner gives a working classifier
+    model = load_trained(out / "model")
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.stream import ShardSource, load_split_tensors
+
+    x, y = load_split_tensors(load_manifest(fashion_shards), ShardSource(str(fashion_shards)), "test")
+    with torch.no_grad():
+        acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
+    assert abs(acc - summary["final_eval_accuracy"]) < 1e-3
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_process_gloo_run(tmp_path, fashion_shards):
+    out = tmp_path / "ddp"
+    train_run(out, fashion_shards, NO_WANDB, "train.max_steps=240", "eval.every_steps=40", "checkpoint.every_steps=120",
+              "data.record_sample_ids=true", "data.num_workers=1", nproc=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
+    r0 = np.load(out / "sample_ids" / "rank-00000.npy")
+    r1 = np.load(out / "sample_ids" / "rank-00001.npy")
+    assert r0.shape == r1.shape == (240, 128), "both ranks take the same steps"
+    steps_per_epoch = 234  # 60000 // (2 ranks * 128), per-worker tails dropped
+    first_epoch = np.concatenate([r0[:steps_per_epoch].ravel(), r1[:steps_per_epoch].ravel()])
+    assert len(np.unique(first_epoch)) == len(first_epoch), "the ranks' samples within an epoch are disjoint"
+    evals = [e["step"] for e in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in e]
+    assert evals == [40, 80, 120, 160, 200, 240], "exactly one eval line per eval step"
+    assert summary["samples_seen"] == 240 * 2 * 128
+
+
+def test_bf16_on_cpu_trains(tmp_path, fashion_shards):
+    out = tmp_path / "bf16"
+    train_run(out, fashion_shards, NO_WANDB, "train.mixed_precision=bf16", "train.max_steps=100")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mixed_precision"] == "bf16"
+    assert summary["final_eval_accuracy"] > 0.6
+
+
+def test_grad_clip_bounds_applied_norm(tmp_path, fashion_shards):
+    # SGD with lr 1 and no momentum: the weight change is exactly the applied (clipped) gradient.
+    out = tmp_path / "clip"
+    clip = 0.01
+    train_run(out, fashion_shards, NO_WANDB, "optim.name=sgd", "optim.lr=1.0", "optim.momentum=0", "schedule.name=constant",
+              "schedule.warmup_steps=0", f"train.grad_clip={clip}", "train.max_steps=1", "eval.every_steps=1",
+              "train.log_every_steps=1")
+    cfg = load_config(out / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    initial = build_model(cfg.model, [28, 28], 10).state_dict()
+    final = load_file(out / "model" / "model.safetensors")
+    applied = math.sqrt(sum(((final[k] - initial[k]).double() ** 2).sum().item() for k in initial))
+    logged = read_jsonl(out / "metrics.jsonl")[0]["train/grad_norm"]
+    assert logged > 10 * clip, "the test needs a gradient far above the clip"
+    assert applied == pytest.approx(clip, rel=1e-3)
+
+
+def test_exact_resume_bit_identical(tmp_path, fashion_shards):
+    common = (NO_WANDB, "train.max_steps=200", "model.num_layers=2", "model.dropout=0.2", "data.num_workers=1",
+              "checkpoint.every_steps=100")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_run(straight, fashion_shards, *common)
+    train_run(split, fashion_shards, *common, "train.stop_at_step=100")
+    assert not (split / "checkpoints" / "step-00000200").exists()
+    train_run(split, fashion_shards, *common, resume="auto")
+    a = load_file(straight / "model" / "model.safetensors")
+    b = load_file(split / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights equal the uninterrupted run's bit for bit"
+
+    def stable(events):  # timings differ run to run; everything else must not
+        return [{k: v for k, v in e.items() if k not in ("train/samples_per_s", "eval/seconds")} for e in events]
+
+    ea, eb = read_jsonl(straight / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert stable(ea) == stable(eb)
+    assert json.loads((split / "summary.json").read_text())["resumed"] is True
+
+
+def test_resume_refuses_other_model_or_data(tmp_path, fashion_shards):
+    out = tmp_path / "run"
+    train_run(out, fashion_shards, NO_WANDB, "train.max_steps=50")
+    proc = train_run(out, fashion_shards, NO_WANDB, "train.max_steps=50", "model.hidden_size=32", resume="auto", check=False)
+    assert proc.returncode == 1 and "model.hidden_size" in proc.stderr and "Traceback" not in proc.stderr
+    other = tmp_path / "other_data"
+    import shutil
+
+    shutil.copytree(fashion_shards, other)
+    from pipeline.data import manifest as mf
+
+    m = mf.load_manifest(other)
+    m.splits["train"].shards = m.splits["train"].shards[:-1]
+    m.splits["train"].num_samples -= 1250
+    m.fingerprint = mf.fingerprint(m.dataset, m.splits)
+    mf.write_manifest(m, other)
+    proc = train_run(out, other, NO_WANDB, "train.max_steps=50", resume="auto", check=False)
+    assert proc.returncode == 1 and "trained on dataset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, fashion_shards):
+    out = tmp_path / "nan"
+    proc = train_run(out, fashion_shards, NO_WANDB, "optim.name=sgd", "optim.lr=1e38", "train.grad_clip=null",
+                     "schedule.warmup_steps=0", "train.max_steps=50", "checkpoint.every_steps=2", check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "non-finite loss" in proc.stderr and "Traceback" not in proc.stderr
+    good = sorted((out / "checkpoints").glob("step-*"))
+    assert good, "the last good checkpoint is kept"
+    weights = load_file(good[-1] / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
