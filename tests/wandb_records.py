@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
 
@@ -176,3 +178,22 @@ def find_logs(root: Path) -> list[Path]:
         return (stamp.group(0) if stamp else "", path.stat().st_mtime)
 
     return sorted(Path(root).rglob("run-*.wandb"), key=started)
+
+
+def parse_finished(path: Path, timeout_s: float = 30.0) -> RunLog:
+    """Parse a run's log once its exit record is on disk.
+
+    wandb-core writes the log asynchronously: `run.finish()` can return while the file still
+    holds only its header (seen with 0.31 in offline mode); process exit waits, a test must too.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            log = parse(path)
+            if log.exit is not None:
+                return log
+        except (CorruptLog, struct.error):
+            pass  # caught mid-write
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} has no exit record after {timeout_s} s")
+        time.sleep(0.05)

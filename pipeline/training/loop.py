@@ -25,17 +25,7 @@ from pipeline.training import checkpoint as ckpt
 from pipeline.training.evaluation import EvalResult, evaluate
 from pipeline.training.optimizer import build_optimizer, build_scheduler
 from pipeline.training.outputs import MetricsLog, write_json_atomic, write_plots
-try:
-    from pipeline.tracking import Tracker
-except ImportError:  # TEMP until the tracker lands
-    class Tracker:  # type: ignore[no-redef]
-        run_id = None
-        @classmethod
-        def create(cls, *a, **k): return cls()
-        def log_train(self, *a, **k): pass
-        def log_eval(self, *a, **k): pass
-        def log_checkpoint(self, *a, **k): pass
-        def finish(self, *a, **k): pass
+from pipeline.tracking import Tracker
 
 
 class Diverged(UserError):
@@ -187,7 +177,8 @@ def _run(cfg, accelerator, model, optimizer, scheduler, manifest, source, plan, 
             state.best_accuracy = result.accuracy
         last_eval = result
         write_event({"step": state.step, **result.metrics(), "eval/best_accuracy": state.best_accuracy})
-        tracker.log_eval(state.step, result.metrics(), result.confusion, manifest.class_names, result.examples)
+        tracker.log_eval(state.step, result.metrics(), result.confusion, manifest.class_names, result.examples,
+                         final=state.step == total_steps)
         bar.set_postfix_str(f"eval acc {result.accuracy:.4f}")
         return improved
 
