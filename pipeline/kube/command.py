@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 from pipeline.kube.spec import CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT, JobSpec
 
@@ -68,7 +68,9 @@ def accelerate_args(spec: JobSpec) -> list[str]:
         args += ["--rdzv_backend", "c10d", "--max_restarts", str(spec.max_restarts)]
     else:
         args.append("--same_network")
-    args += ["--dynamo_backend", "no"]
+    # The trainer's Accelerator(mixed_precision=...) decides; repeating it keeps the launcher
+    # from warning about defaults and from exporting a different value to the workers.
+    args += ["--mixed_precision", spec.mixed_precision, "--dynamo_backend", "no"]
     return args
 
 

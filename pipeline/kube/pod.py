@@ -29,7 +29,7 @@ Obj = dict[str, Any]
 _MEMORY_PER_PROCESS_MI = 4096
 _SHM_PER_LOADER_WORKER_MI = 256  # a few prefetched batches per worker pass through /dev/shm
 _SHM_MIN_MI = 1024
-_RUN_AS_USER = 1000  # the Dockerfile's non-root user
+_RUN_AS_USER = 10001  # the Dockerfile's non-root user (above the range distributions give out)
 
 
 def config_map_name(spec: JobSpec) -> str:

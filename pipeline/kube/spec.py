@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from pipeline.errors import UserError
 
@@ -44,23 +44,24 @@ class JobSpec:
     nodes: int
     gpus_per_node: int
     config_text: str  # the user's YAML file, byte for byte
-    namespace: Optional[str] = None
-    data_pvc: Optional[str] = None
-    data_url: Optional[str] = None
-    manifest_text: Optional[str] = None  # shipped with --data-url: the trainer reads the manifest from data.dir
-    output_pvc: Optional[str] = None
-    wandb_secret: Optional[str] = None
+    namespace: str | None = None
+    data_pvc: str | None = None
+    data_url: str | None = None
+    manifest_text: str | None = None  # shipped with --data-url: the trainer reads the manifest from data.dir
+    output_pvc: str | None = None
+    wandb_secret: str | None = None
     wandb_secret_key: str = "api-key"
     wandb_project: str = "lstm-pipeline"
-    wandb_entity: Optional[str] = None
-    queue: Optional[str] = None
+    wandb_entity: str | None = None
+    queue: str | None = None
     rendezvous: Rendezvous = "static"
     max_restarts: int = 0
     port: int = 29500
     restarts: int = 1  # whole-job restarts after a failure (Job: backoffLimit = restarts * nodes)
-    cpu: Optional[str] = None  # per node; None: derived from processes and loader workers
-    memory: Optional[str] = None
+    cpu: str | None = None  # per node; None: derived from processes and loader workers
+    memory: str | None = None
     loader_workers: int = 0  # data.num_workers of the config: sizes /dev/shm and CPU requests
+    mixed_precision: str = "no"  # train.mixed_precision of the config, repeated to the launcher
     wait_timeout_s: int = 900
     overrides: tuple[str, ...] = field(default_factory=tuple)  # user's key=value, passed through
     runtime: str = "torch-distributed"  # TrainJob: the ClusterTrainingRuntime to reference
@@ -140,7 +141,9 @@ def validate(spec: JobSpec, fmt: Format) -> None:
     if spec.namespace is not None:
         _check_label(spec.namespace, "namespace", "--namespace")
     if spec.data_pvc and spec.data_url:
-        raise UserError("--data-pvc and --data-url are alternatives: mount the shards from a claim or read them from a URL, not both")
+        raise UserError(
+            "--data-pvc and --data-url are alternatives: mount the shards from a claim or read them from a URL, not both"
+        )
     for value, what, flag in (
         (spec.data_pvc, "data claim", "--data-pvc"),
         (spec.output_pvc, "output claim", "--output-pvc"),

@@ -1,0 +1,103 @@
+"""Submit a multi-node training job to Kubernetes, and follow it.
+
+    python launch/submit.py --config configs/fashion_mnist.yaml --nodes 2 --gpus-per-node 1 \\
+        --image ghcr.io/ORG/lstm-pipeline:0.1.0 --data-pvc lstm-data --output-pvc lstm-outputs \\
+        --wandb-secret wandb [--queue team-a] [--dry-run] [key.sub=value ...]
+    python launch/submit.py status NAME [--namespace NS] [--format job|jobset|trainjob]
+    python launch/submit.py logs NAME [--rank R | --all] [--follow]
+    python launch/submit.py delete NAME
+
+Without --dry-run the manifests are applied to the current kube context with kubectl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import run_cli
+from pipeline.kube.spec import FORMATS
+
+ACTIONS = ("status", "logs", "delete")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--namespace", help="default: the namespace of the current kube context")
+    p.add_argument("--format", choices=FORMATS, default="job",
+                   help="job: Indexed Job + headless Service (no operator needed); jobset: JobSet v1alpha2; "
+                        "trainjob: Kubeflow Trainer v2 TrainJob (default: job)")
+
+
+def submit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training config (validated locally, shipped in a ConfigMap)")
+    p.add_argument("--nodes", type=int, required=True, help="pods (machines)")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs and processes per pod; 0 = CPU, one process")
+    p.add_argument("--image", required=True, help="training image built from the Dockerfile (a fixed tag)")
+    p.add_argument("--name", help="job name, a DNS label (default: from the config file name)")
+    _common(p)
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data-pvc", metavar="CLAIM", help="claim holding the prepared shards and manifest.json at its root")
+    data.add_argument("--data-url", metavar="URL", help="base URL of the shards (the local manifest is shipped with the config)")
+    p.add_argument("--output-pvc", metavar="CLAIM", help="shared (RWX) claim for outputs and checkpoints; resubmitting resumes")
+    p.add_argument("--wandb-secret", metavar="SECRET", help="Secret holding the W&B API key")
+    p.add_argument("--wandb-secret-key", default="api-key", help="key in that Secret (default: api-key)")
+    p.add_argument("--queue", metavar="LOCALQUEUE", help="Kueue LocalQueue: the job is created suspended and queued")
+    p.add_argument("--rendezvous", choices=["static", "c10d"], default="static",
+                   help="static (--same_network) or c10d (elastic; combine with --max-restarts)")
+    p.add_argument("--max-restarts", type=int, default=0, help="in-pod worker restarts with c10d rendezvous")
+    p.add_argument("--restarts", type=int, default=1, help="whole-job restarts after failures (default: 1)")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the master pod")
+    p.add_argument("--cpu", help="CPU request per pod (default: processes x (1 + data.num_workers))")
+    p.add_argument("--memory", help="memory request and limit per pod (default: 4Gi per process + /dev/shm)")
+    p.add_argument("--wait-timeout", type=int, default=900, help="seconds a pod waits for the master before failing")
+    p.add_argument("--runtime", default="torch-distributed", help="--format trainjob: ClusterTrainingRuntime name")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--dry-run", action="store_true", help="print the manifests (multi-document YAML) instead of applying")
+    out.add_argument("--out-dir", help="write the manifests as a kustomize base into this directory instead of applying")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, validated and passed to the pods")
+    return p
+
+
+def action_parser(action: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"submit.py {action}", description=f"{action} a submitted job (via kubectl)")
+    p.add_argument("name", help="the job name given at submission")
+    _common(p)
+    if action == "logs":
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--rank", type=int, default=0, help="pod (machine rank) to show (default: 0)")
+        which.add_argument("--all", action="store_true", help="all pods, each line prefixed with its pod")
+        p.add_argument("--follow", "-f", action="store_true")
+        p.add_argument("--max-pods", type=int, default=64, help="with --all: most pods streamed at once")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from pipeline.kube import build_spec, kubectl
+    from pipeline.kube.actions import recorded_command, submit
+
+    if argv and argv[0] in ACTIONS:
+        action, args = argv[0], action_parser(argv[0]).parse_args(argv[1:])
+        if action == "status":
+            kubectl.status(args.name, args.namespace, args.format)
+        elif action == "logs":
+            kubectl.logs(args.name, args.namespace, args.format, None if args.all else args.rank, args.follow, args.max_pods)
+        else:
+            kubectl.delete(args.name, args.namespace, args.format)
+        return 0
+    args = submit_parser().parse_args(argv)
+    spec = build_spec(
+        args.config, args.format,
+        name=args.name, image=args.image, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        namespace=args.namespace, data_pvc=args.data_pvc, data_url=args.data_url, output_pvc=args.output_pvc,
+        wandb_secret=args.wandb_secret, wandb_secret_key=args.wandb_secret_key, queue=args.queue,
+        rendezvous=args.rendezvous, max_restarts=args.max_restarts, restarts=args.restarts, port=args.port,
+        cpu=args.cpu, memory=args.memory, wait_timeout_s=args.wait_timeout, runtime=args.runtime,
+        overrides=args.overrides,
+    )
+    submit(spec, args.format, args.dry_run, args.out_dir, recorded_command(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

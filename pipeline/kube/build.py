@@ -1,0 +1,83 @@
+"""From the user's config file and flags to a validated JobSpec.
+
+The config is validated here with exactly the overrides the pods will use, so a job that
+reaches the cluster has a config the trainer accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, load_config
+from pipeline.data.manifest import load_manifest
+from pipeline.errors import ConfigError, UserError
+from pipeline.kube.command import OWNED_KEYS, config_overrides, pod_paths
+from pipeline.kube.spec import Format, JobSpec, slugify, validate
+
+# A ConfigMap holds at most 1 MiB; keep room for the config and metadata.
+_MAX_MANIFEST_BYTES = 900 * 1024
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in OWNED_KEYS:
+            raise UserError(
+                f"override '{item}': {key} is set by submit to the mounted volumes; "
+                "use --data-pvc / --data-url / --output-pvc instead"
+            )
+
+
+def _shipped_manifest(cfg: Config) -> str:
+    """The local manifest, shipped with the config: the trainer reads it from data.dir, shards from the URL."""
+    load_manifest(cfg.data.dir, cfg.data.dataset)  # DataError with the preparation command if absent
+    text = (Path(cfg.data.dir) / "manifest.json").read_text()
+    if len(text.encode()) > _MAX_MANIFEST_BYTES:
+        raise UserError(f"{cfg.data.dir}/manifest.json is larger than a ConfigMap can hold; use --data-pvc")
+    return json.dumps(json.loads(text), separators=(",", ":"), sort_keys=True)
+
+
+def build_spec(config: str | Path, fmt: Format = "job", **options: Any) -> JobSpec:
+    """Read and validate the config, then fill in what the spec derives from it.
+
+    `options` are JobSpec fields (name, image, nodes, ...); None means "derive or default".
+    """
+    path = Path(config)
+    overrides = list(options.pop("overrides", None) or [])
+    _check_overrides(overrides)
+    # First with the user's overrides only, so errors name what the user wrote, not our paths.
+    cfg = load_config(path, overrides)
+    try:
+        config_text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+
+    data_url = options.get("data_url")
+    if not options.get("data_pvc") and not data_url:
+        if not cfg.data.base_url:
+            raise UserError(
+                "the pods need the dataset: pass --data-pvc CLAIM (a volume holding the prepared shards and "
+                "manifest.json) or --data-url URL (where the shards are served from)"
+            )
+        data_url = cfg.data.base_url
+    fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    fields.update(
+        name=options.get("name") or slugify(path.stem),
+        config_text=config_text,
+        data_url=data_url,
+        overrides=tuple(overrides),
+        loader_workers=cfg.data.num_workers,
+        mixed_precision=cfg.train.mixed_precision,
+        wandb_project=cfg.wandb.project,
+        wandb_entity=cfg.wandb.entity,
+    )
+    spec = JobSpec(**fields)
+    validate(spec, fmt)
+    if data_url:
+        spec = dataclasses.replace(spec, manifest_text=_shipped_manifest(cfg))
+    # The exact config the pods will load: the file, the user's overrides, the volume paths.
+    load_config(path, config_overrides(spec, pod_paths(spec)))
+    return spec
