@@ -13,6 +13,7 @@ class UserError(Exception):
     """
 
     exit_code = 1
+    label = "error"
 
 
 class ConfigError(UserError):
@@ -28,7 +29,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{err.label}: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ disjoint shards, so no training sample is seen twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -112,14 +113,22 @@ class StreamPlan:
 
 
 class TrainStream(IterableDataset):
-    """Yields (x uint8 [B,28,28], y int64 [B], idx int64 [B]) batches for one rank and epoch."""
+    """Yields (x uint8 [B,28,28], y int64 [B], idx int64 [B]) batches for one rank and epoch.
 
-    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: StreamPlan, rank: int, shuffle_buffer: int):
+    Two other items may appear: an int, the number of samples of an unreadable shard that were
+    skipped (on_error="skip"); and, with on_error="raise", a str ending the stream: the error
+    message. An exception raised in a DataLoader worker reaches the trainer wrapped in the
+    worker's traceback text, which is no message for a user.
+    """
+
+    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: StreamPlan, rank: int,
+                 shuffle_buffer: int, on_error: str = "raise"):
         self.shards = manifest.split(split).shards
         self.source = source
         self.plan = plan
         self.rank = rank
         self.shuffle_buffer = shuffle_buffer
+        self.on_error = on_error
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -131,18 +140,39 @@ class TrainStream(IterableDataset):
         assign = epoch_assignment(len(self.shards), self.plan.seed, self.epoch, self.plan.world_size, self.plan.num_workers)
         mine = assign[self.rank][worker]
         rng = np.random.default_rng([self.plan.seed, self.epoch, self.rank, worker])
-        yield from self._batches((self.shards[i] for i in mine), rng)
+        try:
+            yield from self._batches((self.shards[i] for i in mine), rng)
+        except DataError as err:
+            yield str(err)
+
+    def _blocks(self, shards):
+        """(x, y, idx) blocks of the shards; in skip mode a bad shard ends early with the count of its lost samples."""
+        for shard in shards:
+            read = 0
+            try:
+                for block in read_blocks(self.source, shard):
+                    read += len(block[1])
+                    yield block
+            except DataError as err:
+                if self.on_error == "raise":
+                    raise
+                lost = shard.num_samples - read
+                print(f"warning: data.on_error=skip: {lost} samples of {self.source.location(shard)} skipped ({err})",
+                      file=sys.stderr, flush=True)
+                yield lost
 
     def _batches(self, shards, rng: np.random.Generator):
         bs = self.plan.batch_size
         pool: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         pooled = 0
-        for shard in shards:
-            for block in read_blocks(self.source, shard):
-                pool.append(block)
-                pooled += len(block[1])
-                if pooled >= max(self.shuffle_buffer, bs):
-                    pool, pooled = (yield from self._drain(pool, rng, keep_tail=True))
+        for block in self._blocks(shards):
+            if isinstance(block, int):
+                yield block
+                continue
+            pool.append(block)
+            pooled += len(block[1])
+            if pooled >= max(self.shuffle_buffer, bs):
+                pool, pooled = (yield from self._drain(pool, rng, keep_tail=True))
         yield from self._drain(pool, rng, keep_tail=False)
 
     def _drain(self, pool, rng, keep_tail: bool):

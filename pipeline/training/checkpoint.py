@@ -96,23 +96,30 @@ def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, sched
     root = checkpoint_root(output_dir)
     name = f"step-{meta.state.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
+    failure: OSError | None = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as err:
+        failure = err
+    _agree_or_fail(accelerator, failure, tmp, meta.state.step, output_dir)
+    try:
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            save_file({k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            # state.json last: a directory without it is never taken for a checkpoint.
+            _write_json(tmp / "state.json", {**asdict(meta), "state": asdict(meta.state)})
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        failure = err
+    _agree_or_fail(accelerator, failure, tmp, meta.state.step, output_dir)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    (tmp / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_file({k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # state.json last: a directory without it is never taken for a checkpoint.
-        _write_json(tmp / "state.json", {**asdict(meta), "state": asdict(meta.state)})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -120,6 +127,26 @@ def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, sched
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointWriteError(UserError):
+    exit_code = 4
+
+
+def _agree_or_fail(accelerator, failure: BaseException | None, tmp: Path, step: int, output_dir) -> None:
+    """Collective: if any rank failed to write, every rank raises (none is left at a barrier)."""
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
+    failed = accelerator.reduce(flag, reduction="sum").item() > 0 if accelerator.num_processes > 1 else failure is not None
+    if not failed:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = list_checkpoints(output_dir)
+    reason = f" ({failure})" if failure is not None else " (on another rank)"
+    raise CheckpointWriteError(
+        f"writing the checkpoint of step {step} in {checkpoint_root(output_dir)} failed{reason}; the previous checkpoint "
+        f"{previous[-1] if previous else '(none)'} is kept. Free disk space or fix the volume, then rerun with --resume auto"
+    )
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.errors import UserError
+
+def check_output_dir(out: Path, min_free: int) -> None:
+    """Fail before training, not at the first checkpoint, when output_dir cannot take the run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output_dir {out} is not writable ({err.strerror or err}); choose another output_dir "
+                        "or fix its permissions or volume mount") from None
+    free = shutil.disk_usage(out).free
+    if free < min_free:
+        raise UserError(f"output_dir {out} has {free / 2**20:.1f} MiB free, less than the {min_free / 2**20:.1f} MiB "
+                        "its checkpoints and outputs need; free space or choose another output_dir")
 
 
 class MetricsLog:
@@ -15,6 +34,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
+        self.failed = False
         if resume_step is not None and path.is_file():
             # Events after the checkpoint we resume from will be produced again; drop the stale ones.
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
@@ -23,8 +43,14 @@ class MetricsLog:
             path.write_text("")
 
     def write(self, event: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+        except OSError as err:  # a full disk is reported once, and by the next checkpoint, which stops the run
+            if not self.failed:
+                print(f"warning: cannot append to {self.path} ({err.strerror or err}); metrics are lost until it is writable",
+                      file=sys.stderr, flush=True)
+            self.failed = True
 
     def read(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
