@@ -29,7 +29,10 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0, le=64)
     shuffle_buffer: int = Field(4096, ge=0)
     verify: Literal["none", "size", "sha256"] = "size"
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="A corrupt shard at training time: stop naming it, or skip it (counted; ranks stay equal)"
+    )
+    hflip: bool = Field(False, description="Augment: mirror half the training images left-right (clothes are symmetric)")
     allow_pipe: bool = False
     record_sample_ids: bool = Field(
         False, description="Audit: write each rank's trained sample indices to output_dir/sample_ids/rank-N.npy"

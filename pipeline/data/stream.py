@@ -52,9 +52,15 @@ class ShardSource:
 
 
 def read_blocks(source: ShardSource, shard: ShardEntry) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    read = 0
     with source.open(shard) as stream:
         for _, x, y, idx in iter_tar_blocks(stream, source.location(shard)):
+            read += len(y)
             yield x, y, idx
+    # tarfile takes a damaged header after the first one for the end of the archive, silently.
+    if read != shard.num_samples:
+        raise DataError(f"shard {source.location(shard)} ended after {read} of its {shard.num_samples} samples: "
+                        "it is truncated or corrupt; run prepare_data.py --verify on the dataset")
 
 
 def verify_shards(manifest: Manifest, source: ShardSource, split: str, mode: str) -> None:
@@ -122,13 +128,14 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: StreamPlan, rank: int,
-                 shuffle_buffer: int, on_error: str = "raise"):
+                 shuffle_buffer: int, on_error: str = "raise", hflip: bool = False):
         self.shards = manifest.split(split).shards
         self.source = source
         self.plan = plan
         self.rank = rank
         self.shuffle_buffer = shuffle_buffer
         self.on_error = on_error
+        self.hflip = hflip
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -185,7 +192,11 @@ class TrainStream(IterableDataset):
         full = len(y) // bs * bs
         for start in range(0, full, bs):
             sel = order[start : start + bs]
-            yield torch.from_numpy(x[sel]), torch.from_numpy(y[sel]), torch.from_numpy(idx[sel])
+            xb = x[sel]  # fancy indexing copies: safe to flip in place
+            if self.hflip:
+                flip = rng.random(bs) < 0.5
+                xb[flip] = xb[flip, :, ::-1]
+            yield torch.from_numpy(xb), torch.from_numpy(y[sel]), torch.from_numpy(idx[sel])
         if not keep_tail or full == len(y):
             return [], 0
         rest = order[full:]

@@ -211,7 +211,7 @@ class Trainer:
         if self.main:
             self.test_x, self.test_y = load_split_tensors(self.manifest, self.source, "test")
         stream = TrainStream(self.manifest, self.source, "train", self.plan, accelerator.process_index,
-                             cfg.data.shuffle_buffer, on_error=cfg.data.on_error)
+                             cfg.data.shuffle_buffer, on_error=cfg.data.on_error, hflip=cfg.data.hflip)
         loader = make_train_loader(stream, pin_memory=self.device.type == "cuda")
         # A private generator: the loader's base seed must not consume the global RNG, or a
         # resumed run's dropout masks would differ from an uninterrupted run's.
