@@ -1,9 +1,13 @@
 # Training image: CUDA PyTorch runtime + this project. Build and push (from the repository root):
-#   docker build -t ghcr.io/ORG/lstm-pipeline:$(git rev-parse --short HEAD) .
+#   docker build --build-arg PIPELINE_GIT_COMMIT=$(git rev-parse HEAD) -t ghcr.io/ORG/lstm-pipeline:$(git rev-parse --short HEAD) .
 #   docker push ghcr.io/ORG/lstm-pipeline:$(git rev-parse --short HEAD)
 # No secrets are baked in: the W&B key arrives at run time from a Kubernetes Secret.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
+
+# The image has no .git: the commit W&B records comes from this build argument.
+ARG PIPELINE_GIT_COMMIT=unknown
+ENV PIPELINE_GIT_COMMIT=${PIPELINE_GIT_COMMIT}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

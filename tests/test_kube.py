@@ -231,7 +231,9 @@ def test_job_wiring(config):
     assert vols["data"]["persistentVolumeClaim"] == {"claimName": "lstm-data", "readOnly": True}
     assert vols["outputs"]["persistentVolumeClaim"] == {"claimName": "lstm-out"}
     mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
-    assert mounts == {"/etc/pipeline": "config", "/data": "data", "/dev/shm": "dshm", "/outputs": "outputs"}
+    assert mounts == {"/etc/pipeline": "config", "/data": "data", "/dev/shm": "dshm", "/outputs": "outputs",
+                      "/tmp": "scratch", "/home/app": "scratch"}
+    assert trainer["securityContext"]["readOnlyRootFilesystem"] is True, "writable paths live on the scratch volume"
     # The config shipped is the user's file, byte for byte.
     assert cm["data"]["config.yaml"] == config.read_text()
 

@@ -13,6 +13,7 @@ from pipeline.kube.command import (
 )
 from pipeline.kube.spec import (
     CONFIG_MOUNT,
+    HOME_DIR,
     DATA_MOUNT,
     OUTPUT_MOUNT,
     PREFLIGHT_CONTAINER,
@@ -86,6 +87,9 @@ def _security_context() -> Obj:
         "runAsNonRoot": True,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        # Nothing in the image is written at run time; what needs writing (home dir caches of
+        # wandb, matplotlib and torch; /tmp) lives on the scratch emptyDir below.
+        "readOnlyRootFilesystem": True,
     }
 
 
@@ -93,6 +97,7 @@ def volumes(spec: JobSpec) -> list[Obj]:
     vols: list[Obj] = [
         {"name": "config", "configMap": {"name": config_map_name(spec)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _mi(shm_size_mi(spec))}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": "2Gi"}},
     ]
     if spec.data_pvc:
         vols.append({"name": "data", "persistentVolumeClaim": {"claimName": spec.data_pvc, "readOnly": True}})
@@ -103,7 +108,11 @@ def volumes(spec: JobSpec) -> list[Obj]:
 
 
 def volume_mounts(spec: JobSpec, trainer: bool) -> list[Obj]:
-    mounts: list[Obj] = [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
+    mounts: list[Obj] = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
+        {"name": "scratch", "mountPath": HOME_DIR, "subPath": "home"},
+    ]
     if spec.data_pvc:
         mounts.append({"name": "data", "mountPath": DATA_MOUNT, "readOnly": True})
     if trainer:

@@ -21,6 +21,7 @@ CONFIG_MOUNT = "/etc/pipeline"
 DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/outputs"
 WORKDIR = "/app"  # where the Dockerfile copies launch/ (train.py is run by relative path)
+HOME_DIR = "/home/app"  # the Dockerfile's HOME: on a scratch volume, the root filesystem is read-only
 
 TRAINER_CONTAINER = "trainer"
 PREFLIGHT_CONTAINER = "preflight"
