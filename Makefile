@@ -38,6 +38,9 @@ test: setup | $(FASHION_IDX)
 test-fast: setup | $(FASHION_IDX)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+bench: data
+	$(PY) benchmarks/run.py --data $(DATA) --out benchmarks/results/cpu.json
+
 bench-quick: data
 	$(PY) benchmarks/run.py --quick --data $(DATA) --out benchmarks/results/quick.json
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.data.shards import ShardOptions
 from pipeline.data import prepare_cli
+from pipeline.data.shards import ShardOptions
 from pipeline.errors import run_cli
 
 

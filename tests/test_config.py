@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
-
 from conftest import ROOT, run_py
+
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 

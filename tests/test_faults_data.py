@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, read_jsonl, train_run
+
 from pipeline.data import manifest as mf
 
 SHORT = ("train.max_steps=40", "eval.every_steps=20", "checkpoint.every_steps=20", "wandb.mode=disabled")

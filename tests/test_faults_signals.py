@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, accelerate_cmd, read_jsonl, train_run
+from safetensors.torch import load_file
 from wandb_records import find_logs, parse_finished
 
 pytestmark = pytest.mark.slow

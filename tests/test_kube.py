@@ -21,10 +21,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_py
+
 from pipeline.errors import ConfigError, DataError, UserError
-from pipeline.kube import build_spec, expand_env_refs, master_address, pod_command, pod_paths, preflight_command, render
+from pipeline.kube import (
+    build_spec,
+    expand_env_refs,
+    master_address,
+    pod_command,
+    pod_paths,
+    preflight_command,
+    render,
+)
 from pipeline.kube.kustomize import generating_command
 from pipeline.kube.preflight import MasterUnreachable, wait_for_tcp
 from pipeline.kube.preflight import main as preflight_main

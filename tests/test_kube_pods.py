@@ -20,9 +20,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ROOT
-from pipeline.kube import PodPaths, build_spec, expand_env_refs, pod_command, pod_paths, preflight_command, render
+
+from pipeline.kube import (
+    PodPaths,
+    build_spec,
+    expand_env_refs,
+    pod_command,
+    pod_paths,
+    preflight_command,
+    render,
+)
 from pipeline.kube.render import TRAINER_BUG_CODES
 from pipeline.kube.spec import JobSpec
 

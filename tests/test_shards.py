@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_py
+
 from pipeline.data import sources
 from pipeline.data.manifest import Manifest, load_manifest, manifest_json_schema
 from pipeline.data.stream import ShardSource, read_blocks

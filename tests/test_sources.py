@@ -44,11 +44,15 @@ def test_bad_idx_named(tmp_path, magic, dims, body, kind, needle):
     assert str(path) in str(err.value)
 
 
-def test_truncated_gz_named(tmp_path, fashion_idx):
-    src = tmp_path / "src"
-    src.mkdir()
+def _copy_sources(fashion_idx: Path, dest: Path) -> Path:
+    dest.mkdir()
     for p in fashion_idx.glob("*.gz"):
-        shutil.copy(p, src / p.name)
+        shutil.copy(p, dest / p.name)
+    return dest
+
+
+def test_truncated_gz_named(tmp_path, fashion_idx):
+    src = _copy_sources(fashion_idx, tmp_path / "src")
     target = src / "train-labels-idx1-ubyte.gz"
     target.write_bytes(target.read_bytes()[:1000])
     spec, paths = sources.locate("fashion_mnist", src)
@@ -57,10 +61,7 @@ def test_truncated_gz_named(tmp_path, fashion_idx):
 
 
 def test_count_mismatch(tmp_path, fashion_idx):
-    src = tmp_path / "src"
-    src.mkdir()
-    for p in fashion_idx.glob("*.gz"):
-        shutil.copy(p, src / p.name)
+    src = _copy_sources(fashion_idx, tmp_path / "src")
     # labels of the test split next to train images: a plausible mix-up
     _write_idx(src / "train-labels-idx1-ubyte", 0x00000801, [5], bytes(5))
     (src / "train-labels-idx1-ubyte.gz").unlink()

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from pipeline.data.manifest import load_manifest
-from pipeline.data.stream import ShardSource, StreamPlan, TrainStream, epoch_assignment, make_train_loader
+from pipeline.data.stream import (
+    ShardSource,
+    StreamPlan,
+    TrainStream,
+    epoch_assignment,
+    make_train_loader,
+)
 from pipeline.errors import DataError
 
 
@@ -47,7 +53,7 @@ def test_epochs_reshuffle_and_seed_determinism(fashion_shards):
     a0 = _epoch_ids(fashion_shards, 2, 1, 64, epoch=0)
     a0_again = _epoch_ids(fashion_shards, 2, 1, 64, epoch=0)
     a1 = _epoch_ids(fashion_shards, 2, 1, 64, epoch=1)
-    for x, y in zip(a0, a0_again):
+    for x, y in zip(a0, a0_again, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a0[0][:5], a1[0][:5])
     assert set(a0[0].ravel()) != set(a1[0].ravel()), "shard-to-rank assignment changes per epoch (webdataset#502)"

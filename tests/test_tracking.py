@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_py
+from conftest import free_port, run_py
 from safetensors.numpy import save_file
 from wandb_records import RunLog, find_logs, parse_finished
 
@@ -448,12 +447,6 @@ def test_e2e_resumed_job_appends_to_the_same_run(fashion_shards: Path, tmp_path:
     assert [s for s, _ in first.column("eval/accuracy")] == [50]
     assert [s for s, _ in resumed.column("eval/accuracy")] == [100]
     assert min(s for s, _ in resumed.column("train/loss")) > max(s for s, _ in first.column("train/loss"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import read_jsonl, train_run
 from safetensors.torch import load_file
 
-from conftest import read_jsonl, train_run
 from pipeline.config import load_config
 from pipeline.model import build_model, load_trained
 

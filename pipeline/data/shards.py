@@ -214,7 +214,7 @@ def verify(directory: str | Path, check_hash: bool = True) -> list[str]:
     directory = Path(directory)
     manifest = load_manifest(directory)
     problems = []
-    for split_name, split in manifest.splits.items():
+    for split in manifest.splits.values():
         for shard in split.shards:
             path = directory / shard.url
             if not path.is_file():

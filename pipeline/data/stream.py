@@ -10,8 +10,8 @@ disjoint shards, so no training sample is seen twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -187,7 +187,7 @@ class TrainStream(IterableDataset):
         bs = self.plan.batch_size
         if not pool:
             return [], 0
-        x, y, idx = (np.concatenate(parts) for parts in zip(*pool))
+        x, y, idx = (np.concatenate(parts) for parts in zip(*pool, strict=True))
         order = rng.permutation(len(y))
         full = len(y) // bs * bs
         for start in range(0, full, bs):

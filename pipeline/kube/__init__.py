@@ -6,7 +6,13 @@ preflight.py runs inside the pods as the init container.
 """
 
 from pipeline.kube.build import build_spec
-from pipeline.kube.command import PodPaths, expand_env_refs, pod_command, pod_paths, preflight_command
+from pipeline.kube.command import (
+    PodPaths,
+    expand_env_refs,
+    pod_command,
+    pod_paths,
+    preflight_command,
+)
 from pipeline.kube.render import render, to_yaml
 from pipeline.kube.spec import FORMATS, Format, JobSpec, master_address
 

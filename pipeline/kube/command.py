@@ -8,8 +8,8 @@ so what runs locally is what the cluster runs, not a re-typed copy.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from pipeline.kube.spec import CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT, JobSpec
 

@@ -13,8 +13,8 @@ from pipeline.kube.command import (
 )
 from pipeline.kube.spec import (
     CONFIG_MOUNT,
-    HOME_DIR,
     DATA_MOUNT,
+    HOME_DIR,
     OUTPUT_MOUNT,
     PREFLIGHT_CONTAINER,
     TRAINER_CONTAINER,

@@ -11,7 +11,13 @@ from typing import Any
 import yaml
 
 from pipeline.kube.command import CONFIG_KEY, MANIFEST_KEY
-from pipeline.kube.pod import Obj, config_map_name, pod_spec, trainer_container, volume_mounts
+from pipeline.kube.pod import (
+    Obj,
+    config_map_name,
+    pod_spec,
+    trainer_container,
+    volume_mounts,
+)
 from pipeline.kube.spec import (
     PREFLIGHT_CONTAINER,
     REPLICATED_JOB,

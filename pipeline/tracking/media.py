@@ -35,7 +35,7 @@ def examples_table(examples: Examples, class_names: list[str]) -> Any:
 
     images, preds, labels = examples
     table = wandb.Table(columns=["image", "predicted", "true"])
-    for image, pred, label in zip(images, preds, labels):
+    for image, pred, label in zip(images, preds, labels, strict=True):
         pred_name, true_name = class_names[int(pred)], class_names[int(label)]
         caption = f"predicted {pred_name}, true {true_name}"
         table.add_data(wandb.Image(np.asarray(image, dtype=np.uint8), caption=caption), pred_name, true_name)

@@ -18,14 +18,26 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, save_config
 from pipeline.data.manifest import load_manifest
-from pipeline.data.stream import ShardSource, StreamPlan, TrainStream, load_split_tensors, make_train_loader, verify_shards
+from pipeline.data.stream import (
+    ShardSource,
+    StreamPlan,
+    TrainStream,
+    load_split_tensors,
+    make_train_loader,
+    verify_shards,
+)
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.model import build_model, save_trained, to_inputs
 from pipeline.tracking import Tracker
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.evaluation import EvalResult, evaluate
 from pipeline.training.optimizer import build_optimizer, build_scheduler
-from pipeline.training.outputs import MetricsLog, check_output_dir, write_json_atomic, write_plots
+from pipeline.training.outputs import (
+    MetricsLog,
+    check_output_dir,
+    write_json_atomic,
+    write_plots,
+)
 from pipeline.training.preemption import Preempted, StopSignal
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 
+
 def check_output_dir(out: Path, min_free: int) -> None:
     """Fail before training, not at the first checkpoint, when output_dir cannot take the run."""
     try:

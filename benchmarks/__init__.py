@@ -1,0 +1,1 @@
+"""Benchmarks: `python benchmarks/run.py [--quick] --data DIR --out FILE.json` (see run.py)."""

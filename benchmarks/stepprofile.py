@@ -1,0 +1,175 @@
+"""Where the time of one training step goes, for the CPU default config (configs/fashion_mnist.yaml,
+one process).
+
+1. The real trainer (`pipeline.training.loop.train`) runs a short job with its per-step pieces
+   timed from outside (this process wraps Trainer._epoch_batches / _step / _write_event /
+   _evaluate / _checkpoint with perf counters; the library is unchanged). Eval and checkpoint
+   costs are amortized per step at the config's eval.every_steps / checkpoint.every_steps.
+2. A replica of Trainer._step, on batches already taken from the loader, splits the compute into
+   input cast, forward, loss, backward, clipping (with its host sync), optimizer, scheduler +
+   zero_grad (CPU ops are synchronous, so perf counters are exact).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import ROOT, quiet, say
+
+CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
+
+
+def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
+    from pipeline.config import load_config
+    from pipeline.training import loop
+
+    Trainer = loop.Trainer
+    seconds, calls = defaultdict(float), defaultdict(int)
+    originals = {}
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+                calls[name] += 1
+        return wrapper
+
+    def timed_batches(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            gen = fn(*args, **kwargs)
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    return
+                finally:
+                    seconds["data"] += time.perf_counter() - start
+                calls["data"] += 1
+                yield item
+        return wrapper
+
+    for attr, name in (("_step", "compute"), ("_write_event", "logging"), ("_evaluate", "eval"), ("_checkpoint", "checkpoint")):
+        if hasattr(Trainer, attr):
+            originals[attr] = getattr(Trainer, attr)
+            setattr(Trainer, attr, timed(name, originals[attr]))
+    if hasattr(Trainer, "_epoch_batches"):
+        originals["_epoch_batches"] = Trainer._epoch_batches
+        Trainer._epoch_batches = timed_batches(originals["_epoch_batches"])
+    base = load_config(CONFIG, [f"data.dir={data_dir}"])
+    out = work / "profile-trainer"
+    shutil.rmtree(out, ignore_errors=True)
+    every = min(50, steps)
+    cfg = load_config(CONFIG, [f"data.dir={data_dir}", f"output_dir={out}", f"train.max_steps={steps}",
+                               f"eval.every_steps={every}", f"checkpoint.every_steps={every}", "wandb.mode=disabled",
+                               "train.progress_bar=false"])
+    try:
+        with quiet(work / "profile-trainer.log"):
+            start = time.perf_counter()
+            summary = loop.train(cfg)
+            wall = time.perf_counter() - start
+    finally:
+        for attr, fn in originals.items():
+            setattr(Trainer, attr, fn)
+    batch = cfg.train.batch_size
+    step_s = batch / summary["train_samples_per_s"]
+    per_step = {
+        "data (wait for the loader)": seconds["data"] / max(1, calls["data"]),
+        "compute (Trainer._step)": seconds["compute"] / max(1, calls["compute"]),
+        "logging, amortized": seconds["logging"] / steps,
+        "eval, amortized at eval.every_steps=%d" % base.eval.every_steps:
+            seconds["eval"] / max(1, calls["eval"]) / base.eval.every_steps,
+        "checkpoint, amortized at checkpoint.every_steps=%d" % base.checkpoint.every_steps:
+            seconds["checkpoint"] / max(1, calls["checkpoint"]) / base.checkpoint.every_steps,
+    }
+    per_step["other in-loop (progress bar, loss window, stop check)"] = max(
+        0.0, step_s - per_step["data (wait for the loader)"] - per_step["compute (Trainer._step)"] - seconds["logging"] / steps)
+    return {
+        "steps": steps, "batch_size": batch, "num_workers": cfg.data.num_workers,
+        "trainer_samples_per_s": summary["train_samples_per_s"], "step_seconds_from_trainer": step_s,
+        "per_step_seconds": per_step,
+        "eval_seconds_per_call": seconds["eval"] / max(1, calls["eval"]),
+        "checkpoint_seconds_per_call": seconds["checkpoint"] / max(1, calls["checkpoint"]),
+        "calls": dict(calls), "wall_s": wall,
+    }
+
+
+def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
+    from pipeline.config import load_config
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.stream import (
+        ShardSource,
+        StreamPlan,
+        TrainStream,
+        make_train_loader,
+    )
+    from pipeline.model import build_model, to_inputs
+    from pipeline.training.loop import build_accelerator
+    from pipeline.training.optimizer import build_optimizer, build_scheduler
+
+    cfg = load_config(CONFIG, [f"data.dir={data_dir}", "output_dir=unused"])
+    accelerator = build_accelerator(cfg)
+    manifest = load_manifest(data_dir)
+    stream = TrainStream(manifest, ShardSource(str(data_dir)), "train", StreamPlan(cfg.train.batch_size, 1, 0, 0), 0,
+                         cfg.data.shuffle_buffer)
+    batches = []
+    for item in make_train_loader(stream, pin_memory=False):
+        if isinstance(item, str):
+            raise RuntimeError(item)
+        if not isinstance(item, int):  # (x, y, idx); ints are skipped-sample counts
+            batches.append(item)
+        if len(batches) == warm + steps:
+            break
+    torch.manual_seed(0)
+    model = build_model(cfg.model, manifest.image_shape, manifest.num_classes)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, 10_000)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    device, clip = accelerator.device, cfg.train.grad_clip or float("inf")
+    regions = defaultdict(float)
+    for i, (x, y, _) in enumerate(batches):
+        t0 = time.perf_counter()
+        inputs, targets = to_inputs(x, device), y.to(device)
+        t1 = time.perf_counter()
+        with accelerator.autocast():
+            logits = model(inputs)
+        t2 = time.perf_counter()
+        loss = F.cross_entropy(logits.float(), targets)
+        t3 = time.perf_counter()
+        accelerator.backward(loss)
+        t4 = time.perf_counter()
+        float(accelerator.clip_grad_norm_(model.parameters(), clip))
+        t5 = time.perf_counter()
+        optimizer.step()
+        t6 = time.perf_counter()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        t7 = time.perf_counter()
+        if i >= warm:
+            for name, a, b in (("input cast (to_inputs)", t0, t1), ("forward", t1, t2), ("loss", t2, t3),
+                               ("backward", t3, t4), ("clip_grad_norm_ + host sync", t4, t5),
+                               ("optimizer.step (AdamW)", t5, t6), ("scheduler.step + zero_grad", t6, t7)):
+                regions[name] += b - a
+    return {name: s / steps for name, s in regions.items()}
+
+
+def run(data_dir: Path, work: Path, steps: int = 100, replica_steps: int = 30) -> dict:
+    say(f"profile: configs/fashion_mnist.yaml, real trainer for {steps} steps with its pieces timed")
+    pieces = _trainer_pieces(data_dir, work, steps)
+    say(f"profile: replica of the step, {replica_steps} steps split into regions")
+    regions = _step_regions(data_dir, replica_steps)
+    return {"config": str(CONFIG.relative_to(ROOT)), "trainer": pieces, "compute_regions_seconds": regions,
+            "torch_threads": torch.get_num_threads()}

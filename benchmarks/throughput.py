@@ -1,0 +1,130 @@
+"""Section 2: training samples/s of our trainer vs an in-memory floor, alternated A B A B.
+
+- ours: `pipeline.training.loop.train(cfg)` in this process, configs/cpu_test.yaml (LSTM 28->64,
+  Adam, cosine schedule, grad clip 1.0, data.num_workers 0) with the batch size under test,
+  wandb disabled, one evaluation and one checkpoint at the very end (both outside the trainer's
+  samples/s windows). samples/s = samples / seconds over the trainer's own log windows
+  (metrics.jsonl `train/samples_per_s`), skipping the first window (warm-up).
+- floor: the same model, optimizer, schedule, loss and clipping stepping over float tensors
+  already in memory (the whole train split, pre-shuffled): no loader, no Accelerate, no logging.
+  Same warm-up and measured step counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import ROOT, median, quiet, say
+
+CONFIG = ROOT / "configs" / "cpu_test.yaml"
+
+
+def _cfg(config: Path, data_dir: Path, out: Path, batch: int, total_steps: int, log_every: int, extra: list[str] = ()):
+    from pipeline.config import load_config
+
+    return load_config(config, [
+        f"data.dir={data_dir}", f"output_dir={out}", f"train.batch_size={batch}", f"train.max_steps={total_steps}",
+        f"train.log_every_steps={log_every}", f"eval.every_steps={total_steps}", f"checkpoint.every_steps={total_steps}",
+        "checkpoint.keep_last=1", "wandb.mode=disabled", "train.progress_bar=false", *extra,
+    ])
+
+
+def ours_once(data_dir: Path, work: Path, batch: int, warm_steps: int, steps: int, config: Path = CONFIG, extra=()) -> dict:
+    from pipeline.training.loop import train
+
+    out = work / f"ours-b{batch}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = _cfg(config, data_dir, out, batch, warm_steps + steps, warm_steps, list(extra))
+    with quiet(work / "trainer.log"):
+        summary = train(cfg)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    windows = [e for e in events if "train/samples_per_s" in e and e["step"] > warm_steps]
+    samples = seconds = 0.0
+    prev = warm_steps
+    for e in windows:
+        n = (e["step"] - prev) * batch
+        samples += n
+        seconds += n / e["train/samples_per_s"]
+        prev = e["step"]
+    return {"samples_per_s": samples / seconds, "summary_train_samples_per_s": summary["train_samples_per_s"],
+            "final_eval_accuracy": summary["final_eval_accuracy"], "steps": summary["steps"],
+            "eval_seconds_mean": summary.get("eval_seconds_mean")}
+
+
+class Floor:
+    """The same math as the trainer's step, over tensors already in memory."""
+
+    def __init__(self, data_dir: Path, config: Path = CONFIG):
+        from pipeline.data.manifest import load_manifest
+        from pipeline.data.stream import ShardSource, load_split_tensors
+
+        manifest = load_manifest(data_dir)
+        x, y = load_split_tensors(manifest, ShardSource(str(data_dir)), "train")
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        self.x = x[perm].float().div_(255.0).contiguous()
+        self.y = y[perm].contiguous()
+        self.image_shape, self.num_classes = manifest.image_shape, manifest.num_classes
+        self.config = config
+
+    def once(self, data_dir: Path, batch: int, warm_steps: int, steps: int) -> dict:
+        from pipeline.model import build_model
+        from pipeline.training.optimizer import build_optimizer, build_scheduler
+
+        cfg = _cfg(self.config, data_dir, Path("unused"), batch, warm_steps + steps, warm_steps)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, self.image_shape, self.num_classes)
+        model.train()
+        opt = build_optimizer(model, cfg.optim)
+        sched = build_scheduler(opt, cfg.schedule, warm_steps + steps)
+        clip = cfg.train.grad_clip
+        per_epoch = len(self.y) // batch
+        start = None
+        for i in range(warm_steps + steps):
+            if i == warm_steps:
+                start = time.perf_counter()
+            lo = (i % per_epoch) * batch
+            x, y = self.x[lo : lo + batch], self.y[lo : lo + batch]
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if clip is not None:
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                assert math.isfinite(norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        return {"samples_per_s": steps * batch / (time.perf_counter() - start)}
+
+
+def run(data_dir: Path, work: Path, batches: list[int], reps: int, steps: int, warm_steps: int = 10) -> dict:
+    floor = Floor(data_dir)
+    results = {}
+    for batch in batches:
+        pairs = []
+        for rep in range(reps):  # A B A B: floor, ours, floor, ours ...
+            say(f"throughput: batch {batch}, repetition {rep + 1}/{reps}: floor, then ours ({warm_steps}+{steps} steps each)")
+            f = floor.once(data_dir, batch, warm_steps, steps)
+            o = ours_once(data_dir, work, batch, warm_steps, steps)
+            pairs.append({"floor": f["samples_per_s"], "ours": o["samples_per_s"], "ratio": o["samples_per_s"] / f["samples_per_s"],
+                          "ours_summary_train_samples_per_s": o["summary_train_samples_per_s"]})
+        results[str(batch)] = {
+            "floor_samples_per_s": median([p["floor"] for p in pairs]),
+            "ours_samples_per_s": median([p["ours"] for p in pairs]),
+            "train_vs_floor": median([p["ratio"] for p in pairs]),
+            "pairs": pairs,
+            "steps_measured": steps,
+            "warmup_steps": warm_steps,
+        }
+    return {
+        "config": str(CONFIG.relative_to(ROOT)),
+        "by_batch": results,
+        "train_vs_floor": {b: r["train_vs_floor"] for b, r in results.items()},
+        "reps": reps,
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,119 @@
+"""Section 3: time to accuracy. The classic tutorial (benchmarks/classic_tutorial.py) runs one
+epoch and records its test accuracy; our trainer (configs/fashion_mnist.yaml) then runs until a
+rank-zero evaluation first reaches that accuracy, and is stopped there.
+
+Both are timed the same way, end to end: from launching the command (a fresh Python process)
+to the moment the accuracy is known (the baseline's RESULT line; the pipeline's eval event in
+metrics.jsonl, polled every 0.1 s). Each run's own clock is recorded too (the baseline's timer
+from dataset construction; the trainer's `time_s`, seconds since its training loop started).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.common import PY, ROOT, env_for_children, say
+
+
+def run_baseline(tv_root: Path, work: Path, timeout: float, max_batches: int | None = None) -> dict:
+    out_json = work / "baseline.json"
+    args = [PY, str(ROOT / "benchmarks" / "classic_tutorial.py"), "--root", str(tv_root), "--json", str(out_json)]
+    if max_batches:
+        args += ["--max-batches", str(max_batches)]
+    launch = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=ROOT, env=env_for_children(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    known_at = None
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            known_at = time.perf_counter() - launch
+    proc.wait(timeout=timeout)
+    if proc.returncode != 0 or known_at is None:
+        raise RuntimeError(f"classic tutorial baseline failed ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+    own = json.loads(out_json.read_text())
+    return {"accuracy": own["accuracy"], "seconds": known_at, "own_clock_seconds": own["seconds"],
+            "train_samples_per_s": own["train_samples_per_s"], "train_samples": own["train_samples"]}
+
+
+def _events(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            break
+    return out
+
+
+def run_until(args: list[str], metrics: Path, target: float, timeout: float, log: Path, env: dict | None = None) -> dict:
+    """Launch a trainer command; stop it (SIGTERM, then SIGKILL) once an eval event reaches `target`."""
+    metrics.unlink(missing_ok=True)
+    launch = time.perf_counter()
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env_for_children(env), stdout=sink, stderr=subprocess.STDOUT)
+        hit, evals, known_at = None, [], None
+        try:
+            while True:
+                evals = [e for e in _events(metrics) if "eval/accuracy" in e]
+                hit = next((e for e in evals if e["eval/accuracy"] >= target), None)
+                if hit is not None:
+                    known_at = time.perf_counter() - launch
+                    break
+                if proc.poll() is not None or time.perf_counter() - launch > timeout:
+                    break
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return {
+        "reached": hit is not None,
+        "seconds": known_at,
+        "own_clock_seconds": hit.get("time_s") if hit else None,
+        "step": hit["step"] if hit else None,
+        "accuracy": hit["eval/accuracy"] if hit else None,
+        "evals": [{"step": e["step"], "accuracy": e["eval/accuracy"], "time_s": e.get("time_s")} for e in evals],
+        "exit_code": proc.returncode,
+        "time_s_field_present": bool(evals) and all("time_s" in e for e in evals),
+    }
+
+
+def trainer_args(config: str, data_dir: Path, out: Path, overrides: list[str] = ()) -> list[str]:
+    return [PY, str(ROOT / "launch" / "train.py"), "--config", config, f"data.dir={data_dir}", f"output_dir={out}",
+            "wandb.mode=disabled", "train.progress_bar=false", *overrides]
+
+
+def run(data_dir: Path, work: Path, tv_root: Path, timeout: float = 1800, baseline_max_batches: int | None = None,
+        overrides: list[str] = ()) -> dict:
+    say("time to accuracy: classic tutorial baseline, one epoch (torchvision + DataLoader, LSTM 28->64, batch 64)")
+    base = run_baseline(tv_root, work, timeout, baseline_max_batches)
+    say(f"time to accuracy: baseline reached {base['accuracy']:.4f} in {base['seconds']:.1f} s; "
+        "now configs/fashion_mnist.yaml until it first evaluates at that accuracy")
+    out = work / "tta-pipeline"
+    shutil.rmtree(out, ignore_errors=True)
+    ours = run_until(trainer_args("configs/fashion_mnist.yaml", data_dir, out, list(overrides)), out / "metrics.jsonl",
+                     base["accuracy"], timeout, work / "tta-pipeline.log")
+    if not ours["reached"]:
+        tail = (work / "tta-pipeline.log").read_text()[-2000:]
+        raise RuntimeError(f"the pipeline never reached {base['accuracy']:.4f} (exit {ours['exit_code']}):\n{tail}")
+    return {
+        "baseline_epoch_accuracy": base["accuracy"],
+        "baseline_seconds": base["seconds"],
+        "pipeline_seconds_to_baseline_accuracy": ours["seconds"],
+        "tta_ratio": ours["seconds"] / base["seconds"],
+        "tta_ratio_own_clocks": ours["own_clock_seconds"] / base["own_clock_seconds"] if ours["own_clock_seconds"] else None,
+        "baseline": base,
+        "pipeline": {**ours, "config": "configs/fashion_mnist.yaml", "overrides": list(overrides)},
+        "timing": "seconds from launching the command to the moment the accuracy is known (both as fresh processes)",
+    }

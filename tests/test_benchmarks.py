@@ -1,0 +1,49 @@
+"""Smoke test of benchmarks/run.py --quick on a small budget: the JSON holds every key, with
+positive values. No timing is asserted (the numbers depend on the machine and its load)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_py
+
+
+@pytest.mark.slow
+def test_quick_benchmark_smoke(tmp_path, fashion_shards):
+    out = tmp_path / "quick.json"
+    proc = run_py("benchmarks/run.py", "--quick", "--data", str(fashion_shards), "--out", str(out),
+                  "--reps", "1", "--steps", "5", "--per-sample-samples", "512", "--work", str(tmp_path / "work"),
+                  check=True, timeout=600)
+    assert "Goals" in proc.stdout and "1. Loader" in proc.stdout and "2. Training samples/s" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["quick"] is True and r["sections"] == ["loader", "throughput"]
+    assert r["loader_speedup"] > 0
+    loader = r["loader"]
+    for name in ("ours", "ours_with_cast", "ours_read_blocks_only", "per_sample", "torchvision"):
+        assert loader[name]["samples_per_s"] > 0, name
+    assert loader["ours"]["samples"] == 59904  # full batches of 256 from the whole train split
+    assert loader["per_sample"]["samples"] == 512
+    assert loader["torchvision"]["samples"] == 60000
+    assert set(r["train_vs_floor"]) == {"64", "256"}
+    for batch, row in r["throughput"]["by_batch"].items():
+        assert row["train_vs_floor"] > 0 and row["floor_samples_per_s"] > 0 and row["ours_samples_per_s"] > 0, batch
+    assert set(r["goals"]) == {"loader_speedup", "loader_samples_per_s", "train_vs_floor_b64", "train_vs_floor_b256", "tta_ratio"}
+    assert r["goals"]["tta_ratio"]["met"] is None  # not measured in --quick
+    assert r["environment"]["torch"] and r["environment"]["cores"] >= 1
+
+
+def test_cuda_mode_fails_clearly_without_gpu(tmp_path, fashion_shards):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = run_py("benchmarks/run.py", "--device", "cuda", "--data", str(fashion_shards), "--out", str(tmp_path / "c.json"))
+    assert proc.returncode == 2
+    assert "no CUDA GPU is visible" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_missing_data_dir_is_one_line(tmp_path):
+    proc = run_py("benchmarks/run.py", "--quick", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q.json"))
+    assert proc.returncode == 2 and "prepare_data.py" in proc.stderr and "Traceback" not in proc.stderr
