@@ -8,12 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-
-# Before torch loads OpenMP: with the default (active) waiting, torch's threads spin and a
-# step runs ~25x slower whenever another process wants a core (a loader worker, a second
-# rank, a neighbour on a shared node). Passive waiting costs nothing measurable when idle.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pipeline.errors import run_cli
 
