@@ -120,34 +120,31 @@ def volume_mounts(spec: JobSpec, trainer: bool) -> list[Obj]:
     return mounts
 
 
-def preflight_container(spec: JobSpec, fmt: Format) -> Obj:
-    env = [e for e in trainer_env(spec, fmt) if e["name"] in (MASTER_ADDR_VAR, MASTER_PORT_VAR)]
-    return {
-        "name": PREFLIGHT_CONTAINER,
-        "image": spec.image,
-        "imagePullPolicy": "IfNotPresent",
-        "workingDir": WORKDIR,
-        "command": preflight_command(spec, pod_paths(spec)),
-        "env": env,
-        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-        "volumeMounts": volume_mounts(spec, trainer=False),
-        "securityContext": _security_context(),
-    }
-
-
-def trainer_container(spec: JobSpec, fmt: Format, name: str = TRAINER_CONTAINER) -> Obj:
+def _container(spec: JobSpec, name: str, command: list[str], env: list[Obj], resources_: Obj, trainer: bool) -> Obj:
+    """What the init and trainer containers share: image, workdir, mounts, hardening."""
+    ports = [{"name": "rendezvous", "containerPort": spec.port, "protocol": "TCP"}] if trainer else None
     return {
         "name": name,
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "workingDir": WORKDIR,
-        "command": pod_command(spec, pod_paths(spec)),
-        "env": trainer_env(spec, fmt),
-        "ports": [{"name": "rendezvous", "containerPort": spec.port, "protocol": "TCP"}],
-        "resources": resources(spec),
-        "volumeMounts": volume_mounts(spec, trainer=True),
+        "command": command,
+        "env": env,
+        **({"ports": ports} if ports else {}),
+        "resources": resources_,
+        "volumeMounts": volume_mounts(spec, trainer=trainer),
         "securityContext": _security_context(),
     }
+
+
+def preflight_container(spec: JobSpec, fmt: Format) -> Obj:
+    env = [e for e in trainer_env(spec, fmt) if e["name"] in (MASTER_ADDR_VAR, MASTER_PORT_VAR)]
+    small = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    return _container(spec, PREFLIGHT_CONTAINER, preflight_command(spec, pod_paths(spec)), env, small, trainer=False)
+
+
+def trainer_container(spec: JobSpec, fmt: Format, name: str = TRAINER_CONTAINER) -> Obj:
+    return _container(spec, name, pod_command(spec, pod_paths(spec)), trainer_env(spec, fmt), resources(spec), trainer=True)
 
 
 def pod_security_context() -> Obj:
