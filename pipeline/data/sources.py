@@ -30,7 +30,6 @@ FILES = {
     ("test", "images"): "t10k-images-idx3-ubyte",
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
-SPLIT_SIZES = {"train": 60000, "test": 10000}
 IMAGE_SHAPE = (28, 28)
 MIRRORS_ENV = "PIPELINE_DATA_MIRRORS"
 
@@ -69,13 +68,6 @@ def get_spec(name: str) -> DatasetSpec:
             local_dirs=["/usr/share/datasets/fashion-mnist"],
         )
     raise DataError(f"unknown dataset '{name}'; choose mnist or fashion_mnist")
-
-
-@dataclass
-class SourceFile:
-    path: Path
-    sha256: str  # of the file as stored (gz or raw)
-    bytes: int
 
 
 @dataclass
