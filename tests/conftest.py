@@ -94,10 +94,14 @@ def accelerate_cmd(num_processes: int) -> list[str]:
     return args
 
 
+def train_args(out: Path, shards: Path, *overrides: str, config: str = "configs/cpu_test.yaml") -> list[str]:
+    return ["launch/train.py", "--config", config, f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false", *overrides]
+
+
 def train_run(out: Path, shards: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
               config: str = "configs/cpu_test.yaml", check: bool = True, timeout: float = 600):
     """Run launch/train.py as a user would: plain python for one process, accelerate launch for more."""
-    args = ["launch/train.py", "--config", config, f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false", *overrides]
+    args = train_args(out, shards, *overrides, config=config)
     if resume:
         args += ["--resume", resume]
     if nproc == 1:

@@ -5,50 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, accelerate_cmd, read_jsonl, train_run
+from conftest import accelerate_cmd, read_jsonl, train_args, train_run
+from processes import kill_tree, start_session, train_ranks, wait_for_step
 from safetensors.torch import load_file
 from wandb_records import find_logs, parse_finished
 
 pytestmark = pytest.mark.slow
-
-
-def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
-    return ["launch/train.py", "--config", "configs/cpu_test.yaml", f"data.dir={shards}", f"output_dir={out}",
-            "train.progress_bar=false", *overrides]
-
-
-def _start(cmd: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Own session: the test can signal the launcher like a kubelet does, and clean up the whole tree.
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    metrics = out / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        if metrics.is_file() and any(e["step"] >= step for e in read_jsonl(metrics)[-3:]):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def _steps_of(out: Path) -> list[int]:
@@ -57,9 +25,9 @@ def _steps_of(out: Path) -> list[int]:
 
 def test_sigterm_checkpoints_current_step_and_resumes(tmp_path, fashion_shards):
     out = tmp_path / "run"
-    proc = _start([sys.executable, *_args(fashion_shards, out, "train.max_steps=400", "checkpoint.every_steps=1000",
+    proc = start_session([sys.executable, *train_args(out, fashion_shards, "train.max_steps=400", "checkpoint.every_steps=1000",
                                           "train.log_every_steps=1", "wandb.mode=offline", "wandb.media_every_evals=1000")])
-    _wait_for_step(out, 30, proc)
+    wait_for_step(out, 30, proc)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -82,14 +50,14 @@ def test_sigterm_checkpoints_current_step_and_resumes(tmp_path, fashion_shards):
 
 def test_sigterm_to_launcher_stops_all_ranks_at_the_same_step(tmp_path, fashion_shards):
     out = tmp_path / "ddp"
-    proc = _start([*accelerate_cmd(2), *_args(fashion_shards, out, "train.max_steps=2000", "checkpoint.every_steps=1000",
+    proc = start_session([*accelerate_cmd(2), *train_args(out, fashion_shards, "train.max_steps=2000", "checkpoint.every_steps=1000",
                                                "train.log_every_steps=1", "wandb.mode=disabled", "data.record_sample_ids=true")])
-    _wait_for_step(out, 20, proc)
+    wait_for_step(out, 20, proc)
     proc.send_signal(signal.SIGTERM)  # what the kubelet sends to the container's main process
     try:
         stdout, stderr = proc.communicate(timeout=60)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     assert proc.returncode != 0
     (stopped,) = _steps_of(out)
     assert stopped >= 20
@@ -109,11 +77,11 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, fashion_sha
     # Kill at several points; checkpoints every 7 steps mean a good share of wall time is inside
     # a checkpoint write, and the delays vary where the kill lands.
     for i, delay in enumerate((0.3, 0.55, 0.8)):
-        args = [sys.executable, *_args(fashion_shards, killed, *common)] + (["--resume", "auto"] if i else [])
-        proc = _start(args)
-        _wait_for_step(killed, 30 * (i + 1), proc)
+        args = [sys.executable, *train_args(killed, fashion_shards, *common)] + (["--resume", "auto"] if i else [])
+        proc = start_session(args)
+        wait_for_step(killed, 30 * (i + 1), proc)
         time.sleep(delay)
-        _kill_tree(proc)
+        kill_tree(proc)
     (killed / "checkpoints" / ".tmp-step-99999999").mkdir(parents=True, exist_ok=True)  # as a kill mid-write leaves
     (killed / "checkpoints" / ".tmp-step-99999999" / "model.safetensors").write_bytes(b"half")
     final = train_run(killed, fashion_shards, *common, resume="auto")
@@ -124,52 +92,19 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, fashion_sha
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights equal the uninterrupted run's, bit for bit"
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _is_train(pid: int) -> bool:
-    return any(c.endswith(b"launch/train.py") for c in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
-
-
-def _train_children(launcher: subprocess.Popen, count: int, timeout: float = 60) -> list[int]:
-    """PIDs of the training ranks under a launcher (torchrun puts them in sessions of their own,
-    so walk the parent links); DataLoader workers are forks of a rank and are left out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ranks = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            try:
-                p = pid
-                while p > 1 and p != launcher.pid:
-                    p = _parent(p)
-                parent = _parent(pid)
-                if pid != launcher.pid and p == launcher.pid and _is_train(pid) and (parent == launcher.pid or not _is_train(parent)):
-                    ranks.append(pid)
-            except (OSError, ValueError, IndexError):
-                continue
-        if len(ranks) >= count:
-            return sorted(ranks)
-        time.sleep(0.1)
-    raise AssertionError("training workers did not start")
-
-
 def test_one_rank_dying_ends_the_job_in_bounded_time(tmp_path, fashion_shards):
     out = tmp_path / "ddp"
-    proc = _start([*accelerate_cmd(2), *_args(fashion_shards, out, "train.max_steps=5000", "wandb.mode=disabled",
+    proc = start_session([*accelerate_cmd(2), *train_args(out, fashion_shards, "train.max_steps=5000", "wandb.mode=disabled",
                                                "train.log_every_steps=1")])
     try:
-        _wait_for_step(out, 10, proc)
-        victim = _train_children(proc, 2)[-1]
+        wait_for_step(out, 10, proc)
+        victim = train_ranks(proc.pid, 2)[-1]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=120)
         took = time.monotonic() - killed_at
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     assert proc.returncode != 0
     assert took < 60, f"the surviving rank took {took:.0f} s to exit"
     assert "launch/train.py FAILED" in stderr or "ChildFailedError" in stderr, stderr[-2000:]

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import ROOT
+from processes import train_ranks, wait_for_step
 
 from pipeline.kube import (
     PodPaths,
@@ -33,6 +34,7 @@ from pipeline.kube import (
 )
 from pipeline.kube.render import TRAINER_BUG_CODES
 from pipeline.kube.spec import JobSpec
+from pipeline.training.elastic import FRESH_STORE_VAR
 
 pytestmark = pytest.mark.slow
 
@@ -179,3 +181,21 @@ def test_killing_one_pod_fails_the_other_instead_of_hanging(fashion_shards, tmp_
     # Non-zero, and not a fail-fast code: the Job would replace the pods and resume.
     assert code != 0 and code not in TRAINER_BUG_CODES, pods[0].output()[-4000:]
     print(f"surviving pod exited {code} {time.monotonic() - start:.1f} s after its peer was killed")
+
+
+def test_a_crashed_trainer_restarts_both_pods_which_resume_and_finish(fashion_shards, tmp_path, pods_cleanup):
+    # Two elastic agents count restarts independently; the rendered env makes each round's store fresh.
+    spec, paths = _job(tmp_path, fashion_shards, [
+        "train.max_steps=600", "eval.every_steps=300", "checkpoint.every_steps=20", "train.log_every_steps=1",
+        "wandb.mode=disabled"], rendezvous="c10d", max_restarts=1)
+    pods = _start_pods(spec, paths, tmp_path)
+    pods_cleanup.extend(pods)
+    assert pods[1].env[FRESH_STORE_VAR] == "1"
+    out = Path(paths.output_dir)
+    wait_for_step(out, 30, pods[0].proc, timeout=240)
+    os.kill(train_ranks(pods[1].proc.pid, 1)[0], signal.SIGKILL)  # the trainer dies, its pod lives on
+    codes = [_wait(p.proc, 300, pods) for p in pods]
+    assert codes == [0, 0], "\n".join(f"--- pod {p.index}\n{p.output()[-4000:]}" for p in pods)
+    assert "resumed from" in pods[0].output()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed"] and summary["completed"] and summary["steps"] == 600 and summary["world_size"] == NODES

@@ -23,6 +23,7 @@ from pipeline.kube.spec import (
     JobSpec,
     master_address,
 )
+from pipeline.training.elastic import FRESH_STORE_VAR
 
 Obj = dict[str, Any]
 
@@ -72,6 +73,10 @@ def trainer_env(spec: JobSpec, fmt: Format) -> list[Obj]:
         # The image's working directory is read-only for the non-root user.
         {"name": "WANDB_DIR", "value": paths.output_dir},
     ]
+    if spec.rendezvous == "c10d":
+        # Read by the elastic agent: a fresh rendezvous store per round, so restarted workers on
+        # several nodes never read their predecessors' keys (see pipeline/training/elastic.py).
+        env.append({"name": FRESH_STORE_VAR, "value": "1"})
     if spec.wandb_entity:
         env.append({"name": "WANDB_ENTITY", "value": spec.wandb_entity})
     if spec.wandb_secret:

@@ -167,7 +167,7 @@ def read_meta(path: Path) -> CheckpointMeta:
         raise UserError(f"checkpoint {path} has an unreadable state.json ({err}); resume from an older one with --resume PATH") from None
 
 
-def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_cfg: dict[str, Any]) -> None:
+def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_cfg: dict[str, Any], world_size: int) -> None:
     if meta.fingerprint != fingerprint:
         raise UserError(
             f"checkpoint {path} was trained on dataset {meta.fingerprint[:12]}, but data.dir holds {fingerprint[:12]}; "
@@ -179,18 +179,28 @@ def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_c
             f"checkpoint {path} holds a model with different {', '.join('model.' + k for k in changed)} "
             f"({', '.join(f'{k}={meta.model.get(k)!r}' for k in changed)}); resume with the same model config or start a new output_dir"
         )
+    if meta.world_size != world_size:
+        # The data position (epoch, batch) and every rank's RNG state mean nothing in another world size.
+        raise UserError(
+            f"checkpoint {path} was written by {meta.world_size} process(es), but this launch has {world_size}; "
+            f"resume with --num_processes {meta.world_size} (the global batch and data order depend on it), "
+            "or start a new output_dir"
+        )
 
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> None:
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(load_file(path / "model.safetensors", device=str(accelerator.device)))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    # Everything is read into host memory and load_state_dict copies it onto the model's device:
+    # multi-process CPU runs place tensors on "cpu:0", a device safetensors rejects and torch.load
+    # cannot restore to, so files written by such a run are only readable this way.
+    unwrapped.load_state_dict(load_file(path / "model.safetensors", device="cpu"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True, map_location="cpu"))
     rng_file = path / "rng" / f"rank-{accelerator.process_index:05d}.pt"
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
+        rng = torch.load(rng_file, weights_only=True, map_location="cpu")
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

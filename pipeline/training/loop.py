@@ -30,6 +30,7 @@ from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.model import build_model, save_trained, to_inputs
 from pipeline.tracking import Tracker
 from pipeline.training import checkpoint as ckpt
+from pipeline.training.elastic import init_restartable_process_group
 from pipeline.training.evaluation import EvalResult, evaluate
 from pipeline.training.optimizer import build_optimizer, build_scheduler
 from pipeline.training.outputs import (
@@ -52,12 +53,14 @@ def build_accelerator(cfg: Config) -> Accelerator:
             "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (on the CPU accelerate would silently "
             "train in fp32); use bf16 or no"
         )
+    timeout = timedelta(seconds=cfg.train.dist_timeout_s)
+    init_restartable_process_group(timeout)
     # cpu=True without CUDA: otherwise `accelerate launch --multi_gpu` on a CPU machine starts N
     # independent world-size-1 runs, each training alone on all the data.
     return Accelerator(
         cpu=not cuda,
         mixed_precision=cfg.train.mixed_precision,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
 
 
@@ -142,7 +145,7 @@ class Trainer:
         self.resumed = resume_path is not None
         if resume_path is not None:
             meta = ckpt.read_meta(resume_path)
-            ckpt.check_compatible(meta, resume_path, self.manifest.fingerprint, self.model_desc)
+            ckpt.check_compatible(meta, resume_path, self.manifest.fingerprint, self.model_desc, self.world)
             ckpt.load_checkpoint(accelerator, resume_path, self.model, self.optimizer, self.scheduler)
             self.state = meta.state
             self.log(f"resumed from {resume_path} at step {self.state.step} "

@@ -1,0 +1,61 @@
+"""Process-group set-up that survives elastic restarts (`--max_restarts`).
+
+torch's elastic agent keeps one TCP store alive across restarts and hands it to every generation
+of workers without a per-restart prefix. The restarted workers then find the keys their dead
+predecessors wrote (gloo peer addresses, the NCCL unique id) and race them: sometimes they
+connect, sometimes they dial a dead port, sometimes they wait forever (pytorch/pytorch#135712).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from pipeline.errors import ConfigError
+
+# Makes the agent start a fresh store for every rendezvous round; read by the agent, not the workers.
+FRESH_STORE_VAR = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def _restarts_share_a_store(env: dict[str, str]) -> bool:
+    return (
+        "TORCHELASTIC_RUN_ID" in env
+        and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+        and int(env.get("WORLD_SIZE", "1")) > 1
+    )
+
+
+def init_restartable_process_group(timeout: timedelta, env: dict[str, str] | None = None) -> bool:
+    """Create the default process group in a namespace of its own restart, if restarts can collide.
+
+    Returns whether it did; otherwise Accelerate creates the group as usual. With one elastic
+    agent (one node) every worker of a generation carries the same TORCHELASTIC_RESTART_COUNT, so
+    it names the generation exactly. Agents on different nodes count restarts independently, so
+    there the only safe store is a fresh one per round, which only the launcher can ask for.
+    """
+    # torch is imported here so that the manifests' renderer can share FRESH_STORE_VAR without it.
+    import torch
+    import torch.distributed as dist
+
+    env = dict(os.environ) if env is None else env
+    if not _restarts_share_a_store(env) or dist.is_initialized():
+        return False
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"elastic restarts (--max_restarts {env['TORCHELASTIC_MAX_RESTARTS']}) across "
+            f"{env['GROUP_WORLD_SIZE']} nodes share torch's rendezvous store between worker generations, and restarted "
+            f"workers hang or fail joining it (pytorch/pytorch#135712); export {FRESH_STORE_VAR}=1 in the "
+            "environment of the launcher on every node (the manifests from launch/submit.py do), or launch with "
+            "--max_restarts 0"
+        )
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    generation = dist.PrefixStore(f"pipeline/restart-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(
+        backend="nccl" if torch.cuda.is_available() else "gloo",
+        store=generation,
+        rank=int(env["RANK"]),
+        world_size=int(env["WORLD_SIZE"]),
+        timeout=timeout,
+    )
+    return True
