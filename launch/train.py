@@ -23,9 +23,11 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config is reported before torch is even imported
     from pipeline.training.loop import train
 
-    train(load_config(args.config, args.overrides), resume=args.resume)
+    train(cfg, resume=args.resume)
     return 0
 
 
