@@ -40,6 +40,7 @@ class DataConfig(_Section):
         "raise", description="A corrupt shard at training time: stop naming it, or skip it (counted; ranks stay equal)"
     )
     hflip: bool = Field(False, description="Augment: mirror half the training images left-right (clothes are symmetric)")
+    shift: int = Field(0, ge=0, le=8, description="Augment: move each training image by up to N pixels each way (zero fill)")
     allow_pipe: bool = False
     record_sample_ids: bool = Field(
         False, description="Audit: write each rank's trained sample indices to output_dir/sample_ids/rank-N.npy"
@@ -78,6 +79,7 @@ class TrainConfig(_Section):
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Training loss only; eval reports plain cross-entropy")
     log_every_steps: int = Field(10, ge=1)
     dist_timeout_s: int = Field(900, ge=30, description="Process-group timeout; must exceed rank-zero eval time")
     progress_bar: bool = True

@@ -61,6 +61,8 @@ BAD_OVERRIDES = [
     (["train.max_steps.x=1"], "'max_steps' is a value, not a section"),
     (["data.num_workers=-1"], "data.num_workers"),
     (["schedule.name=linear"], "schedule.name"),
+    (["data.shift=9"], "data.shift"),
+    (["train.label_smoothing=1"], "train.label_smoothing"),
 ]
 
 

@@ -13,6 +13,8 @@ from pipeline.data.stream import (
     TrainStream,
     epoch_assignment,
     make_train_loader,
+    read_blocks,
+    shift_images,
 )
 from pipeline.errors import DataError
 
@@ -69,3 +71,37 @@ def test_too_few_shards_clear_error(fashion_shards):
     manifest = load_manifest(fashion_shards)
     with pytest.raises(DataError, match="at least 64"):
         StreamPlan(64, world_size=16, num_workers=4, seed=0).check(manifest, "train")
+
+
+def test_shift_images_moves_each_image_by_its_own_offset():
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 256, size=(200, 28, 28), dtype=np.uint8)  # no zeros: the fill is visible
+    out = shift_images(x, 2, np.random.default_rng(1))
+    assert out.shape == x.shape and out.dtype == np.uint8
+    padded = np.pad(x, ((0, 0), (2, 2), (2, 2)))
+    offsets = []
+    for i in range(len(x)):
+        (match,) = [(dy, dx) for dy in range(5) for dx in range(5) if np.array_equal(out[i], padded[i, dy:dy + 28, dx:dx + 28])]
+        offsets.append(match)
+    assert len(set(offsets)) == 25, "every offset in [-2, 2] x [-2, 2] occurs"
+
+
+def test_augmented_stream_yields_flipped_and_shifted_originals(fashion_shards):
+    manifest = load_manifest(fashion_shards)
+    source = ShardSource(str(fashion_shards))
+    originals = {}
+    for shard in manifest.split("train").shards:
+        for x, _, idx in read_blocks(source, shard):
+            originals.update(zip(idx.tolist(), x, strict=True))
+    plan = StreamPlan(128, 1, 0, 0)
+    stream = TrainStream(manifest, source, "train", plan, 0, shuffle_buffer=1024, hflip=True, shift=2)
+    seen_flip = set()
+    for _, (xb, _, ib) in zip(range(3), stream, strict=False):
+        for img, i in zip(xb.numpy(), ib.tolist(), strict=True):
+            candidates = []
+            for flip in (False, True):
+                base = np.pad(originals[i][:, ::-1] if flip else originals[i], 2)
+                candidates += [flip for dy in range(5) for dx in range(5) if np.array_equal(img, base[dy:dy + 28, dx:dx + 28])]
+            assert candidates, f"sample {i} is not a mirrored/shifted copy of its original"
+            seen_flip.update(candidates)
+    assert seen_flip == {False, True}

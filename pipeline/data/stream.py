@@ -128,7 +128,7 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: StreamPlan, rank: int,
-                 shuffle_buffer: int, on_error: str = "raise", hflip: bool = False):
+                 shuffle_buffer: int, on_error: str = "raise", hflip: bool = False, shift: int = 0):
         self.shards = manifest.split(split).shards
         self.source = source
         self.plan = plan
@@ -136,6 +136,7 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.on_error = on_error
         self.hflip = hflip
+        self.shift = shift
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -196,11 +197,24 @@ class TrainStream(IterableDataset):
             if self.hflip:
                 flip = rng.random(bs) < 0.5
                 xb[flip] = xb[flip, :, ::-1]
+            if self.shift:
+                xb = shift_images(xb, self.shift, rng)
             yield torch.from_numpy(xb), torch.from_numpy(y[sel]), torch.from_numpy(idx[sel])
         if not keep_tail or full == len(y):
             return [], 0
         rest = order[full:]
         return [(x[rest], y[rest], idx[rest])], len(rest)
+
+
+def shift_images(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image of a (n, h, w) batch moved by its own random offset in [-max_shift, max_shift]
+    along both axes, zero-filled: one gather from a padded copy, no per-image Python loop."""
+    n, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+    rows = (dy[:, None] + np.arange(h))[:, :, None]
+    cols = (dx[:, None] + np.arange(w))[:, None, :]
+    return padded[np.arange(n)[:, None, None], rows, cols]
 
 
 def make_train_loader(stream: TrainStream, pin_memory: bool) -> DataLoader:

@@ -198,7 +198,7 @@ class Trainer:
         inputs, targets = to_inputs(x, self.device), y.to(self.device, non_blocking=True)
         with self.accelerator.autocast():
             logits = self.model(inputs)
-        loss = F.cross_entropy(logits.float(), targets)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.train.label_smoothing)
         self.accelerator.backward(loss)
         norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
         # The norm is the same on every rank after the gradient all-reduce: all ranks stop together.
@@ -226,7 +226,8 @@ class Trainer:
         if self.main:
             self.test_x, self.test_y = load_split_tensors(self.manifest, self.source, "test")
         stream = TrainStream(self.manifest, self.source, "train", self.plan, accelerator.process_index,
-                             cfg.data.shuffle_buffer, on_error=cfg.data.on_error, hflip=cfg.data.hflip)
+                             cfg.data.shuffle_buffer, on_error=cfg.data.on_error, hflip=cfg.data.hflip,
+                             shift=cfg.data.shift)
         loader = make_train_loader(stream, pin_memory=self.device.type == "cuda")
         # A private generator: the loader's base seed must not consume the global RNG, or a
         # resumed run's dropout masks would differ from an uninterrupted run's.
