@@ -45,9 +45,9 @@ def init_restartable_process_group(timeout: timedelta, env: dict[str, str] | Non
         raise ConfigError(
             f"elastic restarts (--max_restarts {env['TORCHELASTIC_MAX_RESTARTS']}) across "
             f"{env['GROUP_WORLD_SIZE']} nodes share torch's rendezvous store between worker generations, and restarted "
-            f"workers hang or fail joining it (pytorch/pytorch#135712); export {FRESH_STORE_VAR}=1 in the "
-            "environment of the launcher on every node (the manifests from launch/submit.py do), or launch with "
-            "--max_restarts 0"
+            f"workers hang or fail joining it (pytorch/pytorch#135712); launch with --rdzv_backend c10d and export "
+            f"{FRESH_STORE_VAR}=1 in the launcher's environment on every node (the manifests from launch/submit.py "
+            "do), or launch with --max_restarts 0"
         )
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
     generation = dist.PrefixStore(f"pipeline/restart-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
