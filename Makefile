@@ -6,6 +6,9 @@ DATA ?= data/fashion_mnist
 CONFIG ?= configs/fashion_mnist.yaml
 FASHION_IDX := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
+# accelerate launch gives a GPU-less process one thread unless told otherwise; a single trainer
+# should use every core, as torch does when started with plain python.
+THREADS ?= $(shell nproc)
 
 .PHONY: setup data train cpu-test test test-fast bench bench-quick clean
 
@@ -27,7 +30,7 @@ data: setup | $(FASHION_IDX)
 
 train: data
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		launch/train.py --config $(CONFIG) data.dir=$(DATA) --resume auto
+		--num_cpu_threads_per_process $(THREADS) launch/train.py --config $(CONFIG) data.dir=$(DATA) --resume auto
 
 cpu-test: data
 	$(PY) launch/train.py --config configs/cpu_test.yaml data.dir=$(DATA)
