@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
+from pipeline.training.collectives import any_rank
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -135,9 +136,7 @@ class CheckpointWriteError(UserError):
 
 def _agree_or_fail(accelerator, failure: BaseException | None, tmp: Path, step: int, output_dir) -> None:
     """Collective: if any rank failed to write, every rank raises (none is left at a barrier)."""
-    flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
-    failed = accelerator.reduce(flag, reduction="sum").item() > 0 if accelerator.num_processes > 1 else failure is not None
-    if not failed:
+    if not any_rank(accelerator, failure is not None):
         return
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

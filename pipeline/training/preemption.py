@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import signal
 
-import torch
-
 from pipeline.errors import UserError
+from pipeline.training.collectives import any_rank
 
 
 class Preempted(UserError):
@@ -31,10 +30,7 @@ class StopSignal:
 
     def agreed(self, accelerator) -> bool:
         """True on every rank as soon as any rank got the signal (collective: call on all ranks)."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return any_rank(accelerator, self.received is not None)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
