@@ -331,8 +331,9 @@ class Trainer:
         if improved:
             state.best_accuracy = result.accuracy
         self.last_eval = result
-        self._write_event({"step": state.step, **result.metrics(), "eval/best_accuracy": state.best_accuracy})
-        self.tracker.log_eval(state.step, result.metrics(), result.confusion, self.manifest.class_names,
+        metrics = result.metrics()
+        self._write_event({"step": state.step, **metrics, "eval/best_accuracy": state.best_accuracy})
+        self.tracker.log_eval(state.step, metrics, result.confusion, self.manifest.class_names,
                               result.examples, final=state.step == self.total_steps)
         bar.set_postfix_str(f"eval acc {result.accuracy:.4f}")
         return improved
@@ -344,8 +345,7 @@ class Trainer:
                                    world_size=self.world, config=self.cfg.to_dict())
         path = ckpt.save_checkpoint(self.accelerator, self.out, self.model, self.optimizer, self.scheduler, meta,
                                     self.cfg.checkpoint.keep_last)
-        if self.main:
-            self.tracker.log_checkpoint(path, state.step, self.last_eval.accuracy if self.last_eval else None, improved)
+        self.tracker.log_checkpoint(path, state.step, self.last_eval.accuracy if self.last_eval else None, improved)
 
     def _finish(self, stopped_by: str | None, train_seconds: float, trained_samples: int,
                 skipped_samples: int, padded_passes: int) -> dict[str, Any]:
