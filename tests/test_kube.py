@@ -194,7 +194,7 @@ def test_job_wiring(config):
     js = job["spec"]
     assert js["completionMode"] == "Indexed" and js["completions"] == js["parallelism"] == 3
     assert pod["restartPolicy"] == "Never" and js["podReplacementPolicy"] == "Failed"
-    assert 0 < js["backoffLimit"] <= 2 * 3
+    assert js["backoffLimit"] == spec.restarts * spec.nodes == 3  # default restarts 1, three pods
     rules = js["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     fail_fast = {r["onExitCodes"]["containerName"]: r["onExitCodes"]["values"] for r in rules if r["action"] == "FailJob"}
@@ -525,4 +525,7 @@ def test_render_does_not_mutate_between_calls(config):
     spec = _spec(config)
     first = render(spec)
     again = copy.deepcopy(first)
+    for doc in first:  # a caller editing its documents must not reach the next rendering
+        for rule in doc.get("spec", {}).get("podFailurePolicy", {}).get("rules", []):
+            rule.get("onExitCodes", {}).get("values", []).append(99)
     assert render(spec) == again

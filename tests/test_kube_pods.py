@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 from processes import train_ranks, wait_for_step
 
 from pipeline.kube import (
@@ -40,12 +39,6 @@ pytestmark = pytest.mark.slow
 
 CONFIG = ROOT / "configs" / "cpu_test.yaml"
 NODES = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Pod:
@@ -127,7 +120,7 @@ def _wait(proc: subprocess.Popen, timeout: float, pods: list[Pod]) -> int:
 
 
 def _start_pods(spec: JobSpec, paths: PodPaths, tmp_path: Path) -> list[Pod]:
-    port = _free_port()
+    port = free_port()
     pods = [Pod(spec, i, paths, port, tmp_path) for i in range(NODES)]
     # Pod 1's init container starts first and must wait for the master rather than fail.
     waiting = pods[1].preflight()

@@ -11,10 +11,9 @@ import subprocess
 
 from pipeline.errors import UserError
 from pipeline.kube.render import JOBSET_API, TRAINJOB_API
-from pipeline.kube.spec import TRAINER_CONTAINER, TRAINJOB_CONTAINER, Format
+from pipeline.kube.spec import INSTANCE_LABEL, TRAINER_CONTAINER, TRAINJOB_CONTAINER, Format
 
 # Every rendered object carries this label = the job name (see JobSpec.labels).
-INSTANCE_LABEL = "app.kubernetes.io/instance"
 # Set by the Job controller on Indexed Job pods (JobSet's Jobs too).
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 

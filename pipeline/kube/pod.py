@@ -148,8 +148,8 @@ def preflight_container(spec: JobSpec, fmt: Format) -> Obj:
     return _container(spec, PREFLIGHT_CONTAINER, preflight_command(spec, pod_paths(spec)), env, small, trainer=False)
 
 
-def trainer_container(spec: JobSpec, fmt: Format, name: str = TRAINER_CONTAINER) -> Obj:
-    return _container(spec, name, pod_command(spec, pod_paths(spec)), trainer_env(spec, fmt), resources(spec), trainer=True)
+def trainer_container(spec: JobSpec, fmt: Format) -> Obj:
+    return _container(spec, TRAINER_CONTAINER, pod_command(spec, pod_paths(spec)), trainer_env(spec, fmt), resources(spec), trainer=True)
 
 
 def pod_security_context() -> Obj:

@@ -15,8 +15,6 @@ from pipeline.kube.pod import (
     Obj,
     config_map_name,
     pod_spec,
-    trainer_container,
-    volume_mounts,
 )
 from pipeline.kube.spec import (
     PREFLIGHT_CONTAINER,
@@ -36,8 +34,8 @@ PATCH_MANAGER = "lstm-pipeline.submit"
 # (ConfigError) and 1 for missing data (DataError); 2 from the trainer container is a launcher
 # usage error or a missing script. `accelerate launch` turns every worker failure, including a
 # peer lost to a node failure, into 1, so 1 from the trainer must stay retriable.
-PREFLIGHT_BUG_CODES = [1, 2]
-TRAINER_BUG_CODES = [2]
+PREFLIGHT_BUG_CODES = (1, 2)
+TRAINER_BUG_CODES = (2,)
 
 
 def _metadata(spec: JobSpec, name: str, queued: bool = False) -> Obj:
@@ -78,9 +76,9 @@ def _pod_failure_policy() -> Obj:
         # Preemption, node drain, eviction: not the job's fault, does not count against the limit.
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": PREFLIGHT_CONTAINER, "operator": "In",
-                                              "values": PREFLIGHT_BUG_CODES}},
+                                              "values": list(PREFLIGHT_BUG_CODES)}},
         {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In",
-                                              "values": TRAINER_BUG_CODES}},
+                                              "values": list(TRAINER_BUG_CODES)}},
     ]}
 
 
@@ -136,12 +134,12 @@ def trainjob(spec: JobSpec) -> Obj:
     Runtime patches can only amend the runtime's containers, not add one, so this rendering has
     no preflight init container: config errors surface in the trainer's log instead.
     """
-    container = trainer_container(spec, "trainjob", name=TRAINJOB_CONTAINER)
     pod = pod_spec(spec, "trainjob")
+    (container,) = pod["containers"]
     pod_patch: Obj = {
         "securityContext": pod["securityContext"],
         "volumes": pod["volumes"],
-        "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": volume_mounts(spec, trainer=True),
+        "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": container["volumeMounts"],
                         "securityContext": container["securityContext"]}],
     }
     if "tolerations" in pod:

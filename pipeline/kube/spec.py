@@ -1,7 +1,8 @@
 """What a submission asks for, checked before anything is rendered.
 
-Every renderer and the kubectl helpers read a `JobSpec`; nothing downstream re-validates,
-so each rule lives here once and names the flag the user has to change.
+Every renderer and the kubectl helpers read a `JobSpec`; each rule lives here once and names
+the flag the user has to change. `render` validates again because the format it is asked for
+decides the pod hostnames, whose length is one of the rules.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ WORKDIR = "/app"  # where the Dockerfile copies launch/ (train.py is run by rela
 HOME_DIR = "/home/app"  # the Dockerfile's HOME: on a scratch volume, the root filesystem is read-only
 
 TRAINER_CONTAINER = "trainer"
+INSTANCE_LABEL = "app.kubernetes.io/instance"  # selects every resource of one job (status, logs, delete)
 PREFLIGHT_CONTAINER = "preflight"
 # JobSet / TrainJob: the replicated job's name is part of every pod's hostname. Kubeflow's
 # torch-distributed runtime fixes both the replicated job and its container to "node".
@@ -79,7 +81,7 @@ class JobSpec:
     @property
     def labels(self) -> dict[str, str]:
         # Selector for the Service and for status/logs/delete, on every resource of the job.
-        return {"app.kubernetes.io/name": "lstm-pipeline", "app.kubernetes.io/instance": self.name}
+        return {"app.kubernetes.io/name": "lstm-pipeline", INSTANCE_LABEL: self.name}
 
 
 def pod_hostname(name: str, fmt: Format, index: int) -> str:
@@ -102,9 +104,9 @@ def slugify(text: str) -> str:
     return slug[:40].rstrip("-")
 
 
-def _check_label(value: str, what: str, flag: str, max_len: int = 63) -> None:
-    if len(value) > max_len:
-        raise UserError(f"{what} '{value}' is {len(value)} characters; at most {max_len} are allowed ({flag})")
+def _check_label(value: str, what: str, flag: str) -> None:
+    if len(value) > 63:
+        raise UserError(f"{what} '{value}' is {len(value)} characters; at most 63 are allowed ({flag})")
     if not _DNS_LABEL.match(value):
         raise UserError(
             f"{what} '{value}' is not a valid DNS label: use lowercase letters, digits and '-', "
