@@ -6,7 +6,7 @@ ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 # The image has no .git: the commit W&B records comes from this build argument.
-ARG PIPELINE_GIT_COMMIT=unknown
+ARG PIPELINE_GIT_COMMIT=
 ENV PIPELINE_GIT_COMMIT=${PIPELINE_GIT_COMMIT}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -140,7 +140,8 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Simulated:
         # wandb names run dirs by start second; a real restart is never this quick.
         time.sleep(1.1)
         resumed = Tracker.create(cfg, root / "out", True, config, resume_run_id=tracker.run_id)
-        confusions.update(drive(resumed, root, range(210, 301, 10), eval_every=50, ckpt_every=100, best_at=set(), final=True))
+        # Evals at 250, 300, 350: the resumed tracker's 1st, 2nd and 3rd, so 350 is final but not due for media.
+        confusions.update(drive(resumed, root, range(210, 351, 10), eval_every=50, ckpt_every=100, best_at=set(), final=True))
         resumed.finish(exit_code=0)
     logs = [parse_finished(p) for p in find_logs(root)]
     assert len(logs) == 2, [log.path for log in logs]
@@ -163,7 +164,8 @@ def test_config_has_resolved_config_launch_facts_and_provenance(simulated: Simul
     assert (config["world_size"], config["distributed_type"], config["dataset_fingerprint"]) == (2, "MULTI_GPU", "ab" * 32)
     versions = config["provenance"]["versions"]
     assert {"python", "torch", "accelerate", "wandb", "numpy"} <= versions.keys()
-    assert "commit" in config["provenance"]["git"]
+    git = config["provenance"]["git"]
+    assert isinstance(git["commit"], str) and len(git["commit"]) == 40 and "dirty" in git  # the tests run in a checkout
 
 
 def test_step_metric_and_summaries_are_defined(simulated: Simulated) -> None:
@@ -230,10 +232,11 @@ def test_resume_continues_the_same_run_upwards(simulated: Simulated) -> None:
     resumed = simulated.resumed
     assert simulated.resumed_id == simulated.first_id == resumed.run_id
     steps = [s for s, _ in resumed.column("train/loss")]
-    assert steps == list(range(210, 301, 10))
-    assert [s for s, _ in resumed.column("eval/accuracy")] == [250, 300]
-    # 250 is the resumed tracker's 1st eval (no media); 300 is final, so it has media anyway.
-    assert [s for s, _ in resumed.column("eval/confusion_matrix_table")] == [300]
+    assert steps == list(range(210, 351, 10))
+    assert [s for s, _ in resumed.column("eval/accuracy")] == [250, 300, 350]
+    # media_every_evals=2 counts from the resumed tracker's start: its 2nd eval (300) has media,
+    # and 350, its 3rd, has media only because it is the final evaluation.
+    assert [s for s, _ in resumed.column("eval/confusion_matrix_table")] == [300, 350]
     assert [set(a.aliases) for a in resumed.artifacts if a.type == "model"] == [{"latest", "step-300"}]
 
 
@@ -316,8 +319,16 @@ def test_log_model_best_and_off(wandb_root: Path, capsys: pytest.CaptureFixture[
     assert [json_step(a) for a in models] == [100, 300]
     assert log.exit.exit_code == 3 and log.preempting
 
-    off = Tracker(None, mode="offline", log_model="off")  # "off" returns before touching the run
-    off.log_checkpoint(wandb_root / "missing", 10, None, True)
+
+
+def test_log_model_off_logs_no_model_artifact(wandb_root: Path) -> None:
+    cfg = make_config(wandb_root, mode="offline", log_model="off")
+    tracker = Tracker.create(cfg, wandb_root / "out", True, run_config(cfg), None)
+    drive(tracker, wandb_root, range(10, 101, 10), eval_every=50, ckpt_every=50, best_at={50, 100})
+    tracker.finish(exit_code=0)
+    (log,) = [parse_finished(p) for p in find_logs(wandb_root)]
+    assert [s for s, _ in log.column("eval/accuracy")] == [50, 100], "the run itself was logged"
+    assert not [a for a in log.artifacts if a.type == "model"]
 
 
 def json_step(artifact: Any) -> int:

@@ -24,6 +24,8 @@ from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
 
+from pipeline.tracking import STEP_KEY
+
 MAGIC = b":W&B"
 MAGIC_VERSION = 0xBEE1
 FILE_HEADER = struct.Struct("<4sHB")
@@ -113,8 +115,6 @@ class RunLog:
     artifacts: list[pb.ArtifactRecord] = field(default_factory=list)
     exit: pb.RunExitRecord | None = None
     preempting: bool = False
-    console: list[str] = field(default_factory=list)
-    kinds: list[str] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
@@ -129,7 +129,7 @@ class RunLog:
         assert descriptor.get("_type") == "table-file", descriptor
         return json.loads((self.path.parent / "files" / descriptor["path"]).read_text())
 
-    def column(self, key: str, step_key: str = "trainer/global_step") -> list[tuple[Any, Any]]:
+    def column(self, key: str, step_key: str = STEP_KEY) -> list[tuple[Any, Any]]:
         """(step, value) for every history row holding `key`."""
         return [(row.get(step_key), row[key]) for row in self.rows_with(key)]
 
@@ -145,7 +145,6 @@ def parse(path: Path) -> RunLog:
     log = RunLog(path=Path(path))
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
-        log.kinds.append(kind)
         if kind == "run":
             log.run = record.run
             _update(log.config, record.run.config.update)
@@ -165,8 +164,6 @@ def parse(path: Path) -> RunLog:
             log.exit = record.exit
         elif kind == "preempting":
             log.preempting = True
-        elif kind == "output_raw":
-            log.console.append(record.output_raw.line)
     return log
 
 
