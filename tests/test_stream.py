@@ -95,13 +95,16 @@ def test_augmented_stream_yields_flipped_and_shifted_originals(fashion_shards):
             originals.update(zip(idx.tolist(), x, strict=True))
     plan = StreamPlan(128, 1, 0, 0)
     stream = TrainStream(manifest, source, "train", plan, 0, shuffle_buffer=1024, hflip=True, shift=2)
-    seen_flip = set()
+    seen_flip, seen_offsets = set(), set()
     for _, (xb, _, ib) in zip(range(3), stream, strict=False):
         for img, i in zip(xb.numpy(), ib.tolist(), strict=True):
             candidates = []
             for flip in (False, True):
                 base = np.pad(originals[i][:, ::-1] if flip else originals[i], 2)
-                candidates += [flip for dy in range(5) for dx in range(5) if np.array_equal(img, base[dy:dy + 28, dx:dx + 28])]
+                candidates += [(flip, (dy, dx)) for dy in range(5) for dx in range(5)
+                               if np.array_equal(img, base[dy:dy + 28, dx:dx + 28])]
             assert candidates, f"sample {i} is not a mirrored/shifted copy of its original"
-            seen_flip.update(candidates)
+            seen_flip.update(flip for flip, _ in candidates)
+            seen_offsets.update(offset for _, offset in candidates)
     assert seen_flip == {False, True}
+    assert len(seen_offsets - {(2, 2)}) >= 20, "images are moved, not only copied (offset (2, 2) is no shift)"
