@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import statistics
 import subprocess
@@ -27,16 +26,14 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-def rate_reps(fn: Callable[[], int], reps: int, warmup: bool = True) -> dict:
+def rate_reps(fn: Callable[[], int], reps: int) -> dict:
     """Warm up once, then `reps` timed repetitions; samples/s of each and their median."""
-    if warmup:
-        fn()
-    rates, counts = [], []
+    samples = fn()
+    rates = []
     for _ in range(reps):
         seconds, n = timed(fn)
         rates.append(n / seconds)
-        counts.append(n)
-    return {"samples_per_s": median(rates), "reps_samples_per_s": [round(r, 1) for r in rates], "samples": counts[0]}
+    return {"samples_per_s": median(rates), "reps_samples_per_s": [round(r, 1) for r in rates], "samples": samples}
 
 
 def say(message: str) -> None:
@@ -44,9 +41,9 @@ def say(message: str) -> None:
 
 
 @contextlib.contextmanager
-def quiet(log_path: Path | None = None):
-    """Silence the trainer's own prints (tqdm.write goes to sys.stdout) while it runs in-process."""
-    sink = open(log_path, "a") if log_path else io.StringIO()
+def quiet(log_path: Path):
+    """Send the trainer's own prints (tqdm.write goes to sys.stdout) to a log while it runs in-process."""
+    sink = open(log_path, "a")
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             yield

@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             from benchmarks import cuda
 
-            results["cuda"] = cuda.run(data, work, args.quick, steps)
+            results["cuda"] = cuda.run(data, work, args.quick, steps, tta_timeout=args.tta_timeout)
     results["seconds"] = time.perf_counter() - started
     results["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     results["goals"] = goals(results)

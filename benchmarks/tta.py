@@ -26,14 +26,16 @@ def run_baseline(tv_root: Path, work: Path, timeout: float, max_batches: int | N
     if max_batches:
         args += ["--max-batches", str(max_batches)]
     launch = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=ROOT, env=env_for_children(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    known_at = None
+    # One pipe: reading only stdout while stderr fills its pipe would block both processes.
+    proc = subprocess.Popen(args, cwd=ROOT, env=env_for_children(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    known_at, output = None, []
     for line in proc.stdout:
+        output.append(line)
         if line.startswith("RESULT "):
             known_at = time.perf_counter() - launch
     proc.wait(timeout=timeout)
     if proc.returncode != 0 or known_at is None:
-        raise RuntimeError(f"classic tutorial baseline failed ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        raise RuntimeError(f"classic tutorial baseline failed ({proc.returncode}): {''.join(output)[-3000:]}")
     own = json.loads(out_json.read_text())
     return {"accuracy": own["accuracy"], "seconds": known_at, "own_clock_seconds": own["seconds"],
             "train_samples_per_s": own["train_samples_per_s"], "train_samples": own["train_samples"]}
