@@ -153,7 +153,7 @@ def report(results: dict) -> str:
                            ["piece", "ms/step", "% of step"], rows))
         total = sum(pr["compute_regions_seconds"].values())
         rows = [[k, v * 1000, 100 * v / total] for k, v in pr["compute_regions_seconds"].items()]
-        parts.append(table("5b. The step's compute, replica of Trainer._step", ["region", "ms/step", "% of compute"], rows))
+        parts.append(table("5b. The step's compute, replica of train_step", ["region", "ms/step", "% of compute"], rows))
     if "cuda" in results:
         c = results["cuda"]
         rows = [[r["mixed_precision"], r.get("batch_size"), r.get("samples_per_s"), r.get("eval_seconds"), r.get("skipped")] for r in c["sweep"]]

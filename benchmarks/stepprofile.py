@@ -1,18 +1,18 @@
 """Where the time of one training step goes, for the CPU default config (configs/fashion_mnist.yaml,
 one process).
 
-1. The real trainer (`pipeline.training.loop.train`) runs a short job with its per-step pieces
-   timed from outside (this process wraps Trainer._epoch_batches / _step / _write_event /
-   _evaluate / _checkpoint with perf counters; the library is unchanged). Eval and checkpoint
-   costs are amortized per step at the config's eval.every_steps / checkpoint.every_steps.
-2. A replica of Trainer._step, on batches already taken from the loader, splits the compute into
+1. The real trainer (`pipeline.training.loop.train`) runs a short job for its throughput. Then a
+   `Trainer` built from the same config is driven through its public pieces, each timed:
+   the next batch from `trainer.batches`, `train_step(trainer.parts, batch)`, the metrics sink,
+   `trainer.evaluator` and `trainer.checkpointer.save`. Eval and checkpoint costs are amortized
+   per step at the config's eval.every_steps / checkpoint.every_steps.
+2. A replica of `train_step`, on batches already taken from the loader, splits the compute into
    input cast, forward, loss, backward, clipping (with its host sync), optimizer, scheduler +
    zero_grad (CPU ops are synchronous, so perf counters are exact).
 """
 
 from __future__ import annotations
 
-import functools
 import shutil
 import time
 from collections import defaultdict
@@ -26,68 +26,67 @@ from benchmarks.common import ROOT, quiet, say
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 
 
+def _timed_pieces(cfg, steps: int) -> tuple[dict, dict]:
+    """Seconds and calls of each public piece of a Trainer over `steps` steps."""
+    from pipeline.training.loop import Trainer
+    from pipeline.training.step import train_step
+
+    trainer = Trainer(cfg, None)
+    seconds, calls = defaultdict(float), defaultdict(int)
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        seconds[name] += time.perf_counter() - start
+        calls[name] += 1
+        return out
+
+    try:
+        trainer.parts.model.train()
+        batches = trainer.batches.epoch(0, 0, steps)
+        for step in range(1, steps + 1):
+            batch = timed("data", next, batches)
+            result = timed("compute", train_step, trainer.parts, batch)
+            trainer.window.add(result)
+            trainer.state.step = step
+            if step % cfg.train.log_every_steps == 0:
+                metrics = timed("logging", trainer.window.close, trainer.accelerator)
+                timed("logging", trainer.sink.train, step, metrics)
+            if step % cfg.eval.every_steps == 0:
+                timed("eval", trainer.evaluator, trainer.accelerator.unwrap_model(trainer.parts.model))
+            if step % cfg.checkpoint.every_steps == 0:
+                p = trainer.parts
+                timed("checkpoint", trainer.checkpointer.save, trainer.state, p.model, p.optimizer, p.scheduler)
+    finally:
+        trainer.bar.close()
+        trainer.tracker.finish()
+    return seconds, calls
+
+
 def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
     from pipeline.config import load_config
     from pipeline.training import loop
 
-    Trainer = loop.Trainer
-    seconds, calls = defaultdict(float), defaultdict(int)
-    originals = {}
-
-    def timed(name, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                seconds[name] += time.perf_counter() - start
-                calls[name] += 1
-        return wrapper
-
-    def timed_batches(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            gen = fn(*args, **kwargs)
-            while True:
-                start = time.perf_counter()
-                try:
-                    item = next(gen)
-                except StopIteration:
-                    return
-                finally:
-                    seconds["data"] += time.perf_counter() - start
-                calls["data"] += 1
-                yield item
-        return wrapper
-
-    for attr, name in (("_step", "compute"), ("_write_event", "logging"), ("_evaluate", "eval"), ("_checkpoint", "checkpoint")):
-        if hasattr(Trainer, attr):
-            originals[attr] = getattr(Trainer, attr)
-            setattr(Trainer, attr, timed(name, originals[attr]))
-    if hasattr(Trainer, "_epoch_batches"):
-        originals["_epoch_batches"] = Trainer._epoch_batches
-        Trainer._epoch_batches = timed_batches(originals["_epoch_batches"])
     base = load_config(CONFIG, [f"data.dir={data_dir}"])
-    out = work / "profile-trainer"
-    shutil.rmtree(out, ignore_errors=True)
     every = min(50, steps)
-    cfg = load_config(CONFIG, [f"data.dir={data_dir}", f"output_dir={out}", f"train.max_steps={steps}",
-                               f"eval.every_steps={every}", f"checkpoint.every_steps={every}", "wandb.mode=disabled",
-                               "train.progress_bar=false"])
-    try:
-        with quiet(work / "profile-trainer.log"):
-            start = time.perf_counter()
-            summary = loop.train(cfg)
-            wall = time.perf_counter() - start
-    finally:
-        for attr, fn in originals.items():
-            setattr(Trainer, attr, fn)
+    cfgs = {}
+    for name in ("profile-trainer", "profile-pieces"):
+        out = work / name
+        shutil.rmtree(out, ignore_errors=True)
+        cfgs[name] = load_config(CONFIG, [f"data.dir={data_dir}", f"output_dir={out}", f"train.max_steps={steps}",
+                                          f"eval.every_steps={every}", f"checkpoint.every_steps={every}",
+                                          "wandb.mode=disabled", "train.progress_bar=false"])
+    with quiet(work / "profile-trainer.log"):
+        start = time.perf_counter()
+        summary = loop.train(cfgs["profile-trainer"])
+        wall = time.perf_counter() - start
+        seconds, calls = _timed_pieces(cfgs["profile-pieces"], steps)
+    cfg = cfgs["profile-trainer"]
     batch = cfg.train.batch_size
     step_s = batch / summary["train_samples_per_s"]
     per_step = {
         "data (wait for the loader)": seconds["data"] / max(1, calls["data"]),
-        "compute (Trainer._step)": seconds["compute"] / max(1, calls["compute"]),
+        "compute (train_step)": seconds["compute"] / max(1, calls["compute"]),
         "logging, amortized": seconds["logging"] / steps,
         "eval, amortized at eval.every_steps=%d" % base.eval.every_steps:
             seconds["eval"] / max(1, calls["eval"]) / base.eval.every_steps,
@@ -95,7 +94,7 @@ def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
             seconds["checkpoint"] / max(1, calls["checkpoint"]) / base.checkpoint.every_steps,
     }
     per_step["other in-loop (progress bar, loss window, stop check)"] = max(
-        0.0, step_s - per_step["data (wait for the loader)"] - per_step["compute (Trainer._step)"] - seconds["logging"] / steps)
+        0.0, step_s - per_step["data (wait for the loader)"] - per_step["compute (train_step)"] - seconds["logging"] / steps)
     return {
         "steps": steps, "batch_size": batch, "num_workers": cfg.data.num_workers,
         "trainer_samples_per_s": summary["train_samples_per_s"], "step_seconds_from_trainer": step_s,

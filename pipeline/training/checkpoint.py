@@ -10,6 +10,10 @@ Layout of `output_dir/checkpoints/step-00000100/`:
 A checkpoint is written into `.tmp-step-...` and renamed when complete, so a crash mid-write
 leaves a temp dir that the next start removes, never a half checkpoint that looks whole.
 For multi-node runs `output_dir` must be a volume all nodes share.
+
+`Checkpointer` is the one object the trainer talks to: it decides when a step is saved, keeps
+the newest `keep_last`, tracks the best evaluation, cleans up partial writes, and resolves and
+checks what to resume. The free functions below it are its mechanics.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class TrainState:
     best_accuracy: Optional[float] = None
     wandb_run_id: Optional[str] = None
     skipped_steps: int = 0
+    best_step: Optional[int] = None  # the step whose evaluation gave best_accuracy
 
 
 @dataclass
@@ -49,6 +54,72 @@ class CheckpointMeta:
     model: dict[str, Any]
     world_size: int
     config: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpointer:
+    """The checkpoints of one output_dir. Methods marked collective run on every rank."""
+
+    def __init__(self, accelerator, output_dir: str | Path, every_steps: int, keep_last: int, *,
+                 fingerprint: str, model_desc: dict[str, Any], config: dict[str, Any]):
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.root = checkpoint_root(output_dir)
+        self.every_steps = every_steps
+        self.keep_last = keep_last
+        self.fingerprint = fingerprint
+        self.model_desc = model_desc
+        self.config = config
+
+    def clean_partial(self) -> list[Path]:
+        """Collective: the main process removes what a crash mid-write left; the others wait for it."""
+        removed = remove_partial(self.output_dir) if self.accelerator.is_main_process else []
+        self.accelerator.wait_for_everyone()
+        return removed
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """`auto`: newest complete checkpoint or None; a path: that checkpoint (must exist); None: fresh start."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise UserError(f"--resume {resume} is not a complete checkpoint directory (no state.json); "
+                            f"use --resume auto or one of {self.root}/step-*")
+        return path
+
+    def restore(self, path: Path, model, optimizer, scheduler) -> TrainState:
+        """Check that `path` fits this run, load it into the prepared objects, return its state."""
+        meta = read_meta(path)
+        check_compatible(meta, path, self.fingerprint, self.model_desc, self.accelerator.num_processes)
+        load_checkpoint(self.accelerator, path, model, optimizer, scheduler)
+        return meta.state
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.output_dir)
+        return found[-1] if found else None
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.every_steps == 0 or step == total_steps
+
+    @staticmethod
+    def record_eval(state: TrainState, accuracy: float) -> bool:
+        """Track the best evaluation in the state that checkpoints carry; True when this one is the new best."""
+        if state.best_accuracy is not None and accuracy <= state.best_accuracy:
+            return False
+        state.best_accuracy, state.best_step = accuracy, state.step
+        return True
+
+    @staticmethod
+    def is_best(state: TrainState) -> bool:
+        """Whether a checkpoint of this state holds the best model evaluated so far."""
+        return state.best_step == state.step
+
+    def save(self, state: TrainState, model, optimizer, scheduler) -> Path:
+        """Collective: every rank must call this at the same step; keeps the newest keep_last."""
+        meta = CheckpointMeta(state=state, fingerprint=self.fingerprint, model=self.model_desc,
+                              world_size=self.accelerator.num_processes, config=self.config)
+        return save_checkpoint(self.accelerator, self.output_dir, model, optimizer, scheduler, meta, self.keep_last)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -69,20 +140,6 @@ def remove_partial(output_dir: str | Path) -> list[Path]:
     for p in partial:
         shutil.rmtree(p, ignore_errors=True)
     return partial
-
-
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """`auto`: newest complete checkpoint or None; a path: that checkpoint (must exist)."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise UserError(f"--resume {resume} is not a complete checkpoint directory (no state.json); "
-                        f"use --resume auto or one of {checkpoint_root(output_dir)}/step-*")
-    return path
 
 
 def _rng_state() -> dict[str, Any]:

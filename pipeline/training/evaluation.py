@@ -57,3 +57,28 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         seconds=time.perf_counter() - start,
         examples=(images.numpy()[wrong], pred[wrong], true[wrong]),
     )
+
+
+class Evaluator:
+    """Rank-zero evaluation on a split held in memory; keeps the time each evaluation took."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, num_classes: int,
+                 device: torch.device, autocast):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+        self.device = device
+        self.autocast = autocast
+        self.seconds: list[float] = []
+        self.last: EvalResult | None = None
+
+    def __call__(self, model: torch.nn.Module) -> EvalResult:
+        """`model` is the unwrapped module: no collective runs, the other ranks are not involved."""
+        result = evaluate(model, self.images, self.labels, self.batch_size, self.device, self.autocast, self.num_classes)
+        self.seconds.append(result.seconds)
+        self.last = result
+        return result
+
+    @property
+    def mean_seconds(self) -> float | None:
+        return sum(self.seconds) / len(self.seconds) if self.seconds else None

@@ -1,0 +1,120 @@
+"""From step results to logged events: the window of steps between log lines, and one sink.
+
+Every event goes through `MetricsSink`, which writes the same row to metrics.jsonl and to W&B
+(under the same keys and the same global step) and updates the progress bar, so the three
+cannot drift apart.
+
+Train rows hold window figures, all over the steps since the previous row:
+  train/loss         mean training loss, averaged over steps and ranks
+  train/grad_norm    mean total gradient norm before clipping (steps with a finite norm)
+  train/lr           learning rate used by the row's step
+  train/samples_per_s  global samples per second, evaluation and checkpoint time excluded
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from pipeline.training.outputs import MetricsLog
+from pipeline.training.step import StepResult
+
+
+class StepWindow:
+    """Sums the steps since the last log line; the loss stays on the device until `close`."""
+
+    def __init__(self, device: torch.device, global_batch: int):
+        self.global_batch = global_batch
+        self.loss = torch.zeros((), device=device)
+        self.steps = 0
+        self.norm_sum, self.norm_count = 0.0, 0
+        self.lr = math.nan
+        self.start = time.perf_counter()
+        self.total_seconds, self.total_samples = 0.0, 0  # this process's training time, for throughput after a resume
+
+    def add(self, result: StepResult) -> None:
+        self.loss += result.loss
+        self.steps += 1
+        if math.isfinite(result.grad_norm):
+            self.norm_sum += result.grad_norm
+            self.norm_count += 1
+        self.lr = result.lr
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Evaluation and checkpoints inside this block stay out of samples/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
+
+    def close(self, accelerator) -> dict[str, float]:
+        """Collective (the loss is averaged over ranks): the window's metrics; starts the next window."""
+        mean_loss = accelerator.reduce(self.loss, reduction="mean").item() / self.steps
+        elapsed = time.perf_counter() - self.start
+        samples = self.steps * self.global_batch
+        self.total_seconds += elapsed
+        self.total_samples += samples
+        metrics = {
+            "train/loss": mean_loss,
+            "train/lr": self.lr,
+            "train/grad_norm": self.norm_sum / self.norm_count if self.norm_count else math.nan,
+            "train/samples_per_s": samples / elapsed,
+        }
+        self.loss.zero_()
+        self.steps, self.norm_sum, self.norm_count = 0, 0.0, 0
+        self.start = time.perf_counter()
+        return metrics
+
+    @property
+    def samples_per_s(self) -> float | None:
+        return self.total_samples / self.total_seconds if self.total_seconds else None
+
+
+class MetricsSink:
+    """One call per event; on processes other than the main one every call does nothing."""
+
+    def __init__(self, log: MetricsLog | None, tracker, bar, class_names: list[str]):
+        self.log = log
+        self.tracker = tracker
+        self.bar = bar
+        self.class_names = class_names
+        self.start = time.perf_counter()
+        self._postfix: dict[str, str] = {}
+
+    def begin(self) -> None:
+        """Training starts now: time_s counts from here."""
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def _row(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        # time_s: wall seconds since this process started training (time to accuracy).
+        row = {"step": step, **metrics, "time_s": round(self.elapsed(), 3)}
+        if self.log is not None:
+            self.log.write(row)
+        return row
+
+    def train(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.log is None:
+            return
+        self.tracker.log_train(step, self._row(step, metrics))
+        self._show(loss=f"{metrics['train/loss']:.4f}")
+
+    def eval(self, step: int, metrics: dict[str, Any], result, *, final: bool) -> None:
+        """`result` (an EvalResult) carries the media W&B shows beside the scalar row."""
+        if self.log is None:
+            return
+        row = self._row(step, metrics)
+        self.tracker.log_eval(step, row, result.confusion, self.class_names, result.examples, final=final)
+        self._show(**{"eval acc": f"{result.accuracy:.4f}"})
+
+    def _show(self, **items: str) -> None:
+        self._postfix.update(items)
+        self.bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in self._postfix.items()))
