@@ -139,3 +139,14 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, fashion_shards):
     assert good, "the last good checkpoint is kept"
     weights = load_file(good[-1] / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_config_dataset_must_match_the_prepared_data(tmp_path, fashion_shards):
+    out = tmp_path / "run"
+    proc = train_run(out, fashion_shards, NO_WANDB, "data.dataset=mnist", check=False)
+    assert proc.returncode == 2, proc.stderr
+    message = proc.stderr.replace("data.dataset=mnist", "<arg>")  # the echoed override alone proves nothing
+    assert message.startswith("error: data.dataset is mnist, but the prepared dataset") and "Traceback" not in message
+    assert "holds fashion_mnist" in message and "set data.dataset=fashion_mnist" in message
+    assert "--dataset mnist" in message, "says how to prepare the dataset the config asks for"
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pipeline.shards/v1"
@@ -109,6 +109,17 @@ def load_manifest(directory: str | Path, dataset_hint: str = "fashion_mnist") ->
     if fingerprint(manifest.dataset, manifest.splits) != manifest.fingerprint:
         raise DataError(f"{path}: the fingerprint does not match the shard list; the manifest was edited by hand")
     return manifest
+
+
+def check_dataset(manifest: Manifest, directory: str | Path, expected: str) -> None:
+    """The config's data.dataset must name what the directory holds: class names and reference
+    figures differ between MNIST and Fashion-MNIST though the shapes are the same."""
+    if manifest.dataset != expected:
+        raise ConfigError(
+            f"data.dataset is {expected}, but the prepared dataset in {directory} holds {manifest.dataset} (its "
+            f"{MANIFEST_NAME} says so). To train on it, set data.dataset={manifest.dataset}; to train on {expected}, "
+            f"point data.dir at a directory prepared with: {prepare_hint('DIR', expected)}"
+        )
 
 
 def manifest_json_schema() -> dict:
