@@ -181,8 +181,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
+        if e["type"] == "value_error" and not path:
+            # A cross-check of several keys: its message names them itself.
+            lines.append(msg.removeprefix("Value error, "))
+            continue
+        path = path or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against configs/*.yaml)"
         elif e["type"] == "missing":

@@ -117,3 +117,18 @@ def read_jsonl(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_in_process(out: Path, shards: Path, *overrides: str, resume: str | None = None,
+                     config: str = "configs/cpu_test.yaml") -> dict:
+    """The real trainer in this process (no interpreter start-up): for the many short runs that
+    compare one configuration with itself. Returns summary.json."""
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.training.loop import train
+
+    cfg = load_config(ROOT / config, [f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false",
+                                      "wandb.mode=disabled", *overrides])
+    train(cfg, resume=resume)
+    return json.loads((out / "summary.json").read_text())

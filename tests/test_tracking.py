@@ -441,6 +441,12 @@ def test_e2e_single_process_run_is_tracked(fashion_shards: Path, tmp_path: Path,
     assert log.exit is not None and log.exit.exit_code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert log.summary["eval/accuracy"]["last"] == pytest.approx(summary["final_eval_accuracy"])
+    # One sink: every metrics.jsonl event is one W&B history row at the same step, same keys, same values.
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"eval/best_accuracy", "time_s", "train/grad_norm"} <= {k for e in events for k in e}
+    for event in events:
+        rows = [row for row in log.history if row.get(STEP_KEY) == event["step"] and set(event) - {"step"} <= set(row)]
+        assert any(all(row[k] == pytest.approx(v) for k, v in event.items() if k != "step") for row in rows), event
     # Exactly one line tells the user the mode and where the run is.
     assert proc.stdout.count("wandb: offline (wandb.mode=offline in the config)") == 1
     assert files_containing(tmp_path, FAKE_KEY) == []

@@ -1,0 +1,66 @@
+"""Every recurrent cell and an epoch-based run: trains on the real shards, its loss falls, and a run
+stopped at a checkpoint then resumed equals the uninterrupted run bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_jsonl, train_in_process
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def _weights(out):
+    return load_file(out / "model" / "model.safetensors")
+
+
+def _stable(events):  # timings differ run to run; everything else must not
+    return [{k: v for k, v in e.items() if k not in ("train/samples_per_s", "eval/seconds", "time_s")} for e in events]
+
+
+def _straight_and_resumed(tmp_path, shards, stop_at: int, *overrides: str):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    full = train_in_process(straight, shards, *overrides)
+    train_in_process(split, shards, *overrides, f"train.stop_at_step={stop_at}")
+    checkpoint = json.loads((split / "checkpoints" / f"step-{stop_at:08d}" / "state.json").read_text())
+    resumed = train_in_process(split, shards, *overrides, resume="auto")
+    return full, resumed, checkpoint, straight, split
+
+
+@pytest.mark.parametrize("model", [
+    ["model.cell=gru"],
+    ["model.cell=rnn"],
+    ["model.cell=lstm", "model.bidirectional=true"],
+], ids=["gru", "rnn", "bidirectional-lstm"])
+def test_cell_trains_and_resumes_bit_identically(tmp_path, fashion_shards, model):
+    overrides = (*model, "model.hidden_size=32", "train.max_steps=80", "eval.every_steps=40",
+                 "checkpoint.every_steps=40", "train.log_every_steps=10")
+    full, resumed, _, straight, split = _straight_and_resumed(tmp_path, fashion_shards, 40, *overrides)
+    losses = [e["train/loss"] for e in read_jsonl(straight / "metrics.jsonl") if "train/loss" in e]
+    assert losses[-1] < 0.75 * losses[0], f"the loss does not fall: {losses}"
+    assert full["final_eval_accuracy"] > 0.5
+    a, b = _weights(straight), _weights(split)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert _stable(read_jsonl(straight / "metrics.jsonl")) == _stable(read_jsonl(split / "metrics.jsonl"))
+    assert resumed["resumed"] and resumed["steps"] == full["steps"] == 80
+
+
+def test_epoch_based_run_resumes_exactly_at_an_epoch_boundary(tmp_path, fashion_shards):
+    # No max_steps: the length comes from train.epochs. 60,000 samples in batches of 1000 on one
+    # rank: 60 steps per epoch, 120 in two epochs; the split run stops exactly at the boundary.
+    overrides = ("train.max_steps=null", "train.epochs=2", "train.batch_size=1000", "model.hidden_size=16",
+                 "schedule.warmup_steps=5", "eval.every_steps=30", "checkpoint.every_steps=30", "train.log_every_steps=10")
+    full, resumed, checkpoint, straight, split = _straight_and_resumed(tmp_path, fashion_shards, 60, *overrides)
+    assert full["steps"] == 120 and full["samples_seen"] == 120_000 and full["completed"]
+    assert full["train_state"]["epoch"] == 2 and full["train_state"]["step_in_epoch"] == 0
+    # The checkpoint at the boundary says: next is epoch 1, batch 0.
+    assert (checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]) == (1, 0)
+    epochs = {e["step"]: e["train/epoch"] for e in read_jsonl(straight / "metrics.jsonl") if "train/epoch" in e}
+    assert epochs[60] == 1.0 and epochs[120] == 2.0 and epochs[70] == pytest.approx(1 + 10 / 60)
+    a, b = _weights(straight), _weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resuming at the epoch boundary changed the run"
+    assert _stable(read_jsonl(straight / "metrics.jsonl")) == _stable(read_jsonl(split / "metrics.jsonl"))
+    assert resumed["steps"] == 120 and resumed["resumed"]

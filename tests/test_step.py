@@ -1,0 +1,106 @@
+"""The pieces of a step and an evaluation, each checked where its bug would show:
+autocast really computing in bf16, a non-finite gradient never applied, and the confusion
+matrix's orientation (rows true, columns predicted) in every place it is shown."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_py
+
+from pipeline.data.manifest import load_manifest
+from pipeline.data.stream import ShardSource, load_split_tensors
+from pipeline.training.evaluation import evaluate
+
+# Runs in a fresh process (Accelerate's precision is fixed per process): the trainer as built
+# from the config, forward hooks on its layers, one real train_step on a real batch.
+DTYPE_PROBE = """
+import json, sys
+from pipeline.config import load_config
+from pipeline.training.loop import Trainer
+from pipeline.training.step import train_step
+cfg = load_config("configs/cpu_test.yaml", sys.argv[1:])
+trainer = Trainer(cfg, None)
+model = trainer.accelerator.unwrap_model(trainer.parts.model)
+seen = {}
+def record(name):
+    def hook(module, inputs, out):
+        seen[name] = str((out[0] if isinstance(out, tuple) else out).dtype)
+    return hook
+for name in ("rnn", "head"):
+    getattr(model, name).register_forward_hook(record(name))
+train_step(trainer.parts, next(trainer.batches.epoch(0, 0, 1)))
+trainer.tracker.finish()
+print("DTYPES " + json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("precision,expected", [("bf16", "torch.bfloat16"), ("no", "torch.float32")])
+def test_mixed_precision_sets_the_dtype_layers_compute_in(tmp_path, fashion_shards, precision, expected):
+    proc = run_py("-c", DTYPE_PROBE, f"data.dir={fashion_shards}", f"output_dir={tmp_path / 'out'}", "wandb.mode=disabled",
+                  "train.progress_bar=false", f"train.mixed_precision={precision}", check=True)
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("DTYPES ")]
+    assert json.loads(line[len("DTYPES "):]) == {"rnn": expected, "head": expected}
+
+
+def test_non_finite_gradient_is_never_applied():
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model
+    from pipeline.training.step import StepParts, train_step
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=8), [28, 28], 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parts = StepParts(accelerator, model, optimizer, scheduler, grad_clip=1.0)
+    x, y = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,))
+    first = train_step(parts, (x, y))
+    assert first.finite and first.lr == 0.1 and scheduler.last_epoch == 1
+    with torch.no_grad():
+        accelerator.unwrap_model(model).head.weight[0, 0] = float("nan")  # every logit of class 0 is NaN now
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    second = train_step(parts, (x, y))
+    assert not second.finite and second.lr == 0.05
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=f"a non-finite update changed {k}")
+    assert scheduler.last_epoch == 1, "the schedule advanced on a withheld step"
+    assert all(p.grad is None for p in model.parameters())
+
+
+class AlwaysThree(torch.nn.Module):
+    """A classifier with a known bias: whatever the image, class 3."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), 10)
+        logits[:, 3] = 1.0
+        return logits
+
+
+def test_confusion_rows_are_true_classes_and_columns_predictions(fashion_shards, tmp_path):
+    manifest = load_manifest(fashion_shards)
+    images, labels = load_split_tensors(manifest, ShardSource(str(fashion_shards)), "test")
+    images, labels = images[:1500], labels[:1500]
+    result = evaluate(AlwaysThree(), images, labels, 500, torch.device("cpu"), contextlib.nullcontext, 10)
+    per_true = np.bincount(labels.numpy(), minlength=10)
+    assert (result.confusion[:, 3] == per_true).all(), "column 3 (predicted) holds every sample of each true class"
+    assert result.confusion.sum() == len(labels) and (np.delete(result.confusion, 3, axis=1) == 0).all()
+    assert result.per_class_accuracy == [1.0 if c == 3 else 0.0 for c in range(10)]
+    assert result.accuracy == pytest.approx(per_true[3] / len(labels))
+
+    # W&B's chart: Actual is the true class, Predicted the model's answer.
+    from pipeline.tracking import media
+
+    chart = media.confusion_chart(result.confusion, manifest.class_names, title="t")
+    cells = {(a, p): n for a, p, n in chart.table.data}
+    names = manifest.class_names
+    assert all(cells[(names[c], names[3])] == per_true[c] for c in range(10))
+    assert all(cells[(names[c], names[p])] == 0 for c in range(10) for p in range(10) if p != 3)
