@@ -103,6 +103,28 @@ def test_manifest_problems_refused(tmp_path, fashion_shards):
     assert proc.returncode == 1 and "no split 'test'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("url", ["../../../../etc/hostname", "/etc/hostname", "file:///etc/hostname",
+                                 "train/../../../../../etc/hostname"])
+def test_shard_url_leaving_the_dataset_is_refused(tmp_path, fashion_shards, url):
+    # The fingerprint is recomputed to match: only the url itself can give the manifest away.
+    data = _copy(fashion_shards, tmp_path / "data")
+    m = mf.load_manifest(data)
+    m.splits["train"].shards[0].url = url
+    m.fingerprint = mf.fingerprint(m.dataset, m.splits)
+    mf.write_manifest(m, data)
+    proc = train_run(tmp_path / "out", data, *SHORT, "data.verify=none", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"lists shard url '{url}' (split train)" in proc.stderr and "etc/hostname" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_shard_urls_inside_the_dataset_pass():
+    for url in ("train/train-00000.tar", "train/./a.tar", "train/../test/b.tar", "shard.tar"):
+        assert mf.unsafe_url_reason(url) is None, url
+    for url in ("..", ".", "", "a\\..\\b", "s3://bucket/x.tar", "pipe:cat /etc/passwd", "C:/x"):
+        assert mf.unsafe_url_reason(url), url
+
+
 def test_unwritable_output_dir_refused(tmp_path, fashion_shards):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,6 +20,29 @@ from pipeline.errors import ConfigError, DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pipeline.shards/v1"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class UnsafeManifest(DataError):
+    """A manifest that would make the reader open something outside the dataset."""
+
+    exit_code = 2
+
+
+def unsafe_url_reason(url: str) -> str | None:
+    """Why a shard url could reach outside its dataset directory (or data.base_url); None if it cannot."""
+    if not url or "\\" in url or "\x00" in url:
+        return "is empty or holds a backslash or NUL"
+    if _SCHEME.match(url):
+        return "has a scheme (only data.base_url may name one)"
+    if url.startswith("/"):
+        return "is an absolute path"
+    normal = posixpath.normpath(url)
+    if normal == ".":
+        return "names the dataset directory itself"
+    if normal == ".." or normal.startswith("../"):
+        return "leaves the dataset directory through '..'"
+    return None
 
 
 class _Strict(BaseModel):
@@ -106,6 +131,15 @@ def load_manifest(directory: str | Path, dataset_hint: str = "fashion_mnist") ->
         total = sum(s.num_samples for s in split.shards)
         if total != split.num_samples:
             raise DataError(f"{path}: split {name} says {split.num_samples} samples but its shards hold {total}")
+    for name, split in manifest.splits.items():
+        for shard in split.shards:
+            reason = unsafe_url_reason(shard.url)
+            if reason:
+                raise UnsafeManifest(
+                    f"{path} lists shard url {shard.url!r} (split {name}), which {reason}: shard urls must be relative "
+                    "paths that stay inside the dataset directory. Nothing was read. The manifest was edited or comes from "
+                    f"a source you should not trust; re-run {prepare_hint(directory, dataset_hint)} --force"
+                )
     if fingerprint(manifest.dataset, manifest.splits) != manifest.fingerprint:
         raise DataError(f"{path}: the fingerprint does not match the shard list; the manifest was edited by hand")
     return manifest
