@@ -18,10 +18,12 @@ checks what to resume. The free functions below it are its mechanics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -54,6 +56,9 @@ class CheckpointMeta:
     model: dict[str, Any]
     world_size: int
     config: dict[str, Any] = field(default_factory=dict)
+    # sha256 of every other file of the checkpoint (all ranks'), relative path -> hex digest;
+    # empty in checkpoints written before digests were recorded.
+    files: dict[str, str] = field(default_factory=dict)
 
 
 class Checkpointer:
@@ -77,16 +82,60 @@ class Checkpointer:
         return removed
 
     def resolve(self, resume: str | None) -> Path | None:
-        """`auto`: newest complete checkpoint or None; a path: that checkpoint (must exist); None: fresh start."""
+        """Collective. `auto`: the newest checkpoint that verifies, damaged newer ones moved aside
+        (None when there is none at all); a path: that checkpoint, which must verify; None: fresh start."""
         if resume is None:
             return None
         if resume == "auto":
-            return self.latest()
+            return self._on_main(self._newest_verified)
         path = Path(resume)
         if not (path / "state.json").is_file():
             raise UserError(f"--resume {resume} is not a complete checkpoint directory (no state.json); "
                             f"use --resume auto or one of {self.root}/step-*")
+        problem = self._on_main(lambda: verify_checkpoint(path))
+        if problem:
+            raise DamagedCheckpoint(
+                f"--resume {resume}: the checkpoint is damaged ({problem}); nothing was loaded or changed. Resume from "
+                f"another of {self.root}/step-*, or use --resume auto, which moves damaged checkpoints aside and takes "
+                "the newest one that verifies"
+            )
         return path
+
+    def _newest_verified(self) -> Path | None:
+        found = list_checkpoints(self.output_dir)
+        for path in reversed(found):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            aside = self.root / "damaged" / path.name
+            shutil.rmtree(aside, ignore_errors=True)
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(path, aside)
+            print(f"warning: checkpoint {path.name} failed verification ({problem}); moved to {aside} (kept for "
+                  "inspection), falling back to an older checkpoint", file=sys.stderr, flush=True)
+        if found:
+            raise DamagedCheckpoint(
+                f"--resume auto: none of the {len(found)} checkpoint(s) in {self.root} verifies; all were moved to "
+                f"{self.root / 'damaged'}. Start a new output_dir, or run without --resume to train from scratch here"
+            )
+        return None
+
+    def _on_main(self, fn):
+        """fn() on the main process, its result (or its error) handed to every rank: one decision, no rank left waiting."""
+        outcome: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            try:
+                outcome = [("ok", fn())]
+            except (UserError, OSError) as err:
+                outcome = [("error", err)]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(outcome, from_process=0)
+        kind, value = outcome[0]
+        if kind == "error":
+            raise value if isinstance(value, UserError) else UserError(f"checking the checkpoints in {self.root} failed: {value}")
+        return value
 
     def restore(self, path: Path, model, optimizer, scheduler) -> TrainState:
         """Check that `path` fits this run, load it into the prepared objects, return its state."""
@@ -172,9 +221,16 @@ def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, sched
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-            # state.json last: a directory without it is never taken for a checkpoint.
-            _write_json(tmp / "state.json", {**asdict(meta), "state": asdict(meta.state)})
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        failure = err
+    _agree_or_fail(accelerator, failure, tmp, meta.state.step, output_dir)
+    try:
+        if accelerator.is_main_process:
+            # Every rank's files are written now; state.json last, holding their digests: a
+            # directory without it is never taken for a checkpoint.
+            meta.files = file_digests(tmp)
+            _write_json(tmp / "state.json", {**asdict(meta), "state": asdict(meta.state)})
+    except OSError as err:
         failure = err
     _agree_or_fail(accelerator, failure, tmp, meta.state.step, output_dir)
     if accelerator.is_main_process:
@@ -189,6 +245,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, sched
 
 class CheckpointWriteError(UserError):
     exit_code = 4
+
+
+class DamagedCheckpoint(UserError):
+    exit_code = 2
 
 
 def _agree_or_fail(accelerator, failure: BaseException | None, tmp: Path, step: int, output_dir) -> None:
@@ -212,12 +272,40 @@ def _write_json(path: Path, payload: dict) -> None:
         os.fsync(f.fileno())
 
 
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` but state.json, by relative path."""
+    digests = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "state.json"):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digests[path.relative_to(directory).as_posix()] = h.hexdigest()
+    return digests
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with the checkpoint at `path` (a file missing, or not as it was saved); None if nothing.
+    A checkpoint written before digests were recorded can only be checked for its state.json."""
+    try:
+        meta = read_meta(path)
+    except UserError as err:
+        return f"state.json: {err}"
+    actual = file_digests(path) if meta.files else {}
+    for name, digest in meta.files.items():
+        if name not in actual:
+            return f"{name}: missing"
+        if actual[name] != digest:
+            return f"{name}: contents differ from the sha256 recorded when it was saved"
+    return None
+
+
 def read_meta(path: Path) -> CheckpointMeta:
     try:
         raw = json.loads((path / "state.json").read_text())
         return CheckpointMeta(
             state=TrainState(**raw["state"]), fingerprint=raw["fingerprint"], model=raw["model"],
-            world_size=raw["world_size"], config=raw.get("config", {}),
+            world_size=raw["world_size"], config=raw.get("config", {}), files=raw.get("files", {}),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"checkpoint {path} has an unreadable state.json ({err}); resume from an older one with --resume PATH") from None
