@@ -78,10 +78,19 @@ class TrainConfig(_Section):
     )
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a GPU is visible, else the CPU; cpu: the CPU even on a GPU machine"
+    )
+    gpu_rehearsal: bool = Field(
+        False, description="Let several ranks share a GPU over gloo, to rehearse a multi-GPU job on one GPU (slow; not for real training)"
+    )
     grad_clip: Optional[float] = Field(None, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Training loss only; eval reports plain cross-entropy")
     log_every_steps: int = Field(10, ge=1)
     dist_timeout_s: int = Field(900, ge=30, description="Process-group timeout; must exceed rank-zero eval time")
+    lease_timeout_s: int = Field(
+        300, ge=5, description="output_dir's lease is stale, and taken over, after this long without a heartbeat"
+    )
     progress_bar: bool = True
 
     @field_validator("mixed_precision", mode="before")

@@ -24,6 +24,7 @@ from pipeline.kube.spec import (
     master_address,
 )
 from pipeline.training.elastic import FRESH_STORE_VAR
+from pipeline.training.lease import JOB_ID_VAR
 
 Obj = dict[str, Any]
 
@@ -72,6 +73,9 @@ def trainer_env(spec: JobSpec, fmt: Format) -> list[Obj]:
         {"name": "WANDB_RUN_GROUP", "value": spec.name},
         # The image's working directory is read-only for the non-root user.
         {"name": "WANDB_DIR", "value": paths.output_dir},
+        # A replacement pod of this job continues in output_dir without waiting for the dead
+        # pod's lease to expire (pipeline/training/lease.py).
+        {"name": JOB_ID_VAR, "value": spec.name},
     ]
     if spec.rendezvous == "c10d":
         # Read by the elastic agent: a fresh rendezvous store per round, so restarted workers on

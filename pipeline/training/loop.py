@@ -10,6 +10,8 @@ metrics.jsonl, W&B and the progress bar at once.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -28,8 +30,10 @@ from pipeline.model import build_model, save_trained
 from pipeline.tracking import Tracker
 from pipeline.training.batches import TrainBatches
 from pipeline.training.checkpoint import Checkpointer, TrainState
+from pipeline.training.collectives import any_rank
 from pipeline.training.elastic import init_restartable_process_group
 from pipeline.training.evaluation import Evaluator
+from pipeline.training.lease import OutputDirBusy, OutputLease, job_identity
 from pipeline.training.metrics import MetricsSink, StepWindow
 from pipeline.training.optimizer import build_optimizer, build_scheduler
 from pipeline.training.outputs import MetricsLog, check_output_dir, write_json_atomic, write_plots
@@ -41,22 +45,39 @@ class Diverged(UserError):
     exit_code = 3
 
 
+def check_gpu_count(processes_per_node: int, visible_gpus: int, rehearsal: bool) -> None:
+    """NCCL refuses two ranks on one GPU, with a traceback from every rank; say so before it starts."""
+    if processes_per_node <= visible_gpus or rehearsal:
+        return
+    raise ConfigError(
+        f"{processes_per_node} processes per node were launched on CUDA, but this node has {visible_gpus} visible GPU(s), "
+        "and NCCL cannot give two ranks one GPU. Launch with --num_processes equal to the GPUs per node "
+        f"({visible_gpus} here; across nodes, --num_processes is the total), or set train.device=cpu to train on the CPU, "
+        "or set train.gpu_rehearsal=true to rehearse the multi-rank path with ranks sharing the GPU over gloo "
+        "(slow: a check before going to a cluster, not a way to train)"
+    )
+
+
 def build_accelerator(cfg: Config) -> Accelerator:
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    if cfg.train.device == "cuda" and not cuda:
+        raise ConfigError("train.device is cuda, but no CUDA GPU is visible; use train.device=auto or cpu")
     if cfg.train.mixed_precision == "fp16" and not cuda:
         raise ConfigError(
-            "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (on the CPU accelerate would silently "
+            "train.mixed_precision: fp16 needs a CUDA GPU and none is in use (on the CPU accelerate would silently "
             "train in fp32); use bf16 or no"
         )
+    rehearsal = cuda and cfg.train.gpu_rehearsal
+    if cuda:
+        check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(), rehearsal)
     timeout = timedelta(seconds=cfg.train.dist_timeout_s)
-    init_restartable_process_group(timeout)
+    # gloo reduces CUDA tensors and, unlike NCCL, lets ranks share a device.
+    init_restartable_process_group(timeout, "gloo" if rehearsal or not cuda else "nccl")
+    # Accelerate picks nccl for CUDA and gloo for the CPU itself; only a rehearsal overrides it.
+    handler = InitProcessGroupKwargs(timeout=timeout, **({"backend": "gloo"} if rehearsal else {}))
     # cpu=True without CUDA: otherwise `accelerate launch --multi_gpu` on a CPU machine starts N
     # independent world-size-1 runs, each training alone on all the data.
-    return Accelerator(
-        cpu=not cuda,
-        mixed_precision=cfg.train.mixed_precision,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
-    )
+    return Accelerator(cpu=not cuda, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[handler])
 
 
 def plan_steps(cfg: Config, plan: StreamPlan, manifest) -> tuple[int, list[int]]:
@@ -82,13 +103,37 @@ def load_training_manifest(cfg: Config, source: ShardSource) -> Manifest:
     return manifest
 
 
+def take_output_lease(accelerator: Accelerator, cfg: Config) -> OutputLease | None:
+    """Collective: the main process takes output_dir's lease before anything is written there;
+    every rank learns whether it got it, so a refused run ends on all ranks at once."""
+    lease, failure = None, None
+    if accelerator.is_main_process:
+        lease = OutputLease(cfg.output_dir, cfg.train.lease_timeout_s, job_identity())
+        try:
+            warning = lease.acquire()
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        except UserError as err:
+            failure = err
+        except OSError as err:
+            failure = UserError(f"output_dir {cfg.output_dir} is not writable ({err.strerror or err}); choose another "
+                                "output_dir or fix its permissions or volume mount")
+    if any_rank(accelerator, failure is not None):
+        raise failure or OutputDirBusy(f"output_dir {cfg.output_dir} cannot be used; the main process says why")
+    return lease
+
+
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train to the end (or to train.stop_at_step, or a SIGTERM); returns the summary on the main process."""
+    accelerator = build_accelerator(cfg)
+    lease = take_output_lease(accelerator, cfg)
     stop = StopSignal()
     try:
-        trainer = Trainer(cfg, resume)
+        trainer = Trainer(cfg, resume, accelerator)
     except BaseException:
         stop.restore()
+        if lease:
+            lease.release()
         raise
     exit_code, preempted = 1, False
     try:
@@ -101,18 +146,21 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     finally:
         stop.restore()
         trainer.tracker.finish(exit_code, preempted=preempted)
+        if lease:
+            lease.release()
 
 
 class Trainer:
     """Set-up in __init__ (data plan, model, optimizer, resume, tracker); the loop in run()."""
 
-    def __init__(self, cfg: Config, resume: str | None):
+    def __init__(self, cfg: Config, resume: str | None, accelerator: Accelerator | None = None):
         self.cfg = cfg
-        self.accelerator = accelerator = build_accelerator(cfg)
+        self.accelerator = accelerator = accelerator or build_accelerator(cfg)
         self.out = Path(cfg.output_dir)
         self.main = accelerator.is_main_process
         self.world = accelerator.num_processes
         self.device = accelerator.device
+        self.rehearsal = cfg.train.gpu_rehearsal and self.device.type == "cuda"
 
         self.source = ShardSource(cfg.data.dir, cfg.data.base_url)
         self.manifest = load_training_manifest(cfg, self.source)
@@ -143,6 +191,7 @@ class Trainer:
             "world_size": self.world,
             "distributed_type": accelerator.distributed_type.value,
             "mixed_precision": accelerator.mixed_precision,
+            "gpu_rehearsal": self.rehearsal,
             "dataset_fingerprint": self.manifest.fingerprint,
         }
         metrics_log = MetricsLog(self.out / "metrics.jsonl", self.state.step if self.resumed_from else None) if self.main else None
@@ -165,6 +214,9 @@ class Trainer:
                  f"mixed precision {accelerator.mixed_precision}); {self.steps_per_epoch[0]} steps per epoch of "
                  f"{cfg.train.batch_size} x {self.world} samples, {dropped} samples per epoch dropped to keep ranks equal; "
                  f"{self.total_steps} steps")
+        if self.rehearsal:
+            self.log(f"GPU rehearsal: {self.world} ranks share {torch.cuda.device_count()} GPU(s) over gloo; this checks "
+                     "the multi-rank path (evaluation, checkpoints, resume), its speed means nothing")
 
     def _build_parts(self) -> StepParts:
         cfg = self.cfg
