@@ -95,7 +95,9 @@ def accelerate_cmd(num_processes: int) -> list[str]:
 
 
 def train_args(out: Path, shards: Path, *overrides: str, config: str = "configs/cpu_test.yaml") -> list[str]:
-    return ["launch/train.py", "--config", config, f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false", *overrides]
+    # train.device=cpu: these are CPU runs (gloo between ranks) on a GPU machine too.
+    return ["launch/train.py", "--config", config, f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false",
+            "train.device=cpu", *overrides]
 
 
 def train_run(out: Path, shards: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
@@ -129,6 +131,6 @@ def train_in_process(out: Path, shards: Path, *overrides: str, resume: str | Non
     from pipeline.training.loop import train
 
     cfg = load_config(ROOT / config, [f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false",
-                                      "wandb.mode=disabled", *overrides])
+                                      "train.device=cpu", "wandb.mode=disabled", *overrides])
     train(cfg, resume=resume)
     return json.loads((out / "summary.json").read_text())

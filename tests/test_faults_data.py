@@ -158,7 +158,7 @@ def test_disk_too_small_refused_before_training(tmp_path, fashion_shards, small_
 def test_disk_full_mid_run_keeps_previous_checkpoint(tmp_path, fashion_shards, small_disk):
     disk = small_disk(24)
     out = disk / "out"
-    args = ["launch/train.py", "--config", "configs/cpu_test.yaml", f"data.dir={fashion_shards}", f"output_dir={out}",
+    args = ["launch/train.py", "--config", "configs/cpu_test.yaml", f"data.dir={fashion_shards}", f"output_dir={out}", "train.device=cpu",
             "train.progress_bar=false", "wandb.mode=disabled", "train.max_steps=3000", "checkpoint.every_steps=25",
             "eval.every_steps=1000"]
     proc = subprocess.Popen([sys.executable, *args],

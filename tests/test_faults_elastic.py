@@ -28,7 +28,7 @@ TWO_NODES_SHARED_STORE = {
 
 def test_restarts_across_nodes_on_a_shared_store_are_refused_up_front():
     with pytest.raises(ConfigError, match=f"export {FRESH_STORE_VAR}=1") as err:
-        init_restartable_process_group(timedelta(seconds=1), TWO_NODES_SHARED_STORE)
+        init_restartable_process_group(timedelta(seconds=1), "gloo", TWO_NODES_SHARED_STORE)
     assert "--max_restarts 1" in str(err.value) and "2 nodes" in str(err.value)
 
 
@@ -40,7 +40,7 @@ def test_restarts_across_nodes_on_a_shared_store_are_refused_up_front():
 ], ids=["plain", "fresh-store", "no-restarts", "one-process"])
 def test_launches_that_cannot_collide_are_left_to_accelerate(change):
     env = {k: v for k, v in {**TWO_NODES_SHARED_STORE, **change}.items() if v is not None}
-    assert init_restartable_process_group(timedelta(seconds=1), env) is False
+    assert init_restartable_process_group(timedelta(seconds=1), "gloo", env) is False
     assert not dist.is_initialized()
 
 

@@ -67,7 +67,10 @@ class Pod:
     def _process_env(self) -> dict[str, str]:
         bindir = str(Path(sys.executable).parent)  # `accelerate` and `python` of this venv, as on the image's PATH
         base = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-        return {**base, **self.env, "PATH": f"{bindir}{os.pathsep}{base.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+        # CUDA_VISIBLE_DEVICES empty: these pods are rendered with gpus_per_node=0, so they see no GPU
+        # even when the machine running the test has one.
+        return {**base, **self.env, "PATH": f"{bindir}{os.pathsep}{base.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+                "CUDA_VISIBLE_DEVICES": ""}
 
     def start(self, argv: list[str]) -> subprocess.Popen:
         with open(self.log, "ab") as log:

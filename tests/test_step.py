@@ -42,7 +42,7 @@ print("DTYPES " + json.dumps(seen))
 @pytest.mark.parametrize("precision,expected", [("bf16", "torch.bfloat16"), ("no", "torch.float32")])
 def test_mixed_precision_sets_the_dtype_layers_compute_in(tmp_path, fashion_shards, precision, expected):
     proc = run_py("-c", DTYPE_PROBE, f"data.dir={fashion_shards}", f"output_dir={tmp_path / 'out'}", "wandb.mode=disabled",
-                  "train.progress_bar=false", f"train.mixed_precision={precision}", check=True)
+                  "train.progress_bar=false", "train.device=cpu", f"train.mixed_precision={precision}", check=True)
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("DTYPES ")]
     assert json.loads(line[len("DTYPES "):]) == {"rnn": expected, "head": expected}
 

@@ -410,7 +410,7 @@ def test_scrub_redacts_secret_values_and_names() -> None:
 
 def train_args(shards: Path, out: Path, *overrides: str) -> list[str]:
     return [
-        "launch/train.py", "--config", "configs/cpu_test.yaml", f"data.dir={shards}", f"output_dir={out}",
+        "launch/train.py", "--config", "configs/cpu_test.yaml", f"data.dir={shards}", f"output_dir={out}", "train.device=cpu",
         "train.max_steps=100", "eval.every_steps=50", "checkpoint.every_steps=50", "wandb.mode=offline",
         "train.progress_bar=false", *overrides,
     ]

@@ -26,7 +26,7 @@ def _restarts_share_a_store(env: dict[str, str]) -> bool:
     )
 
 
-def init_restartable_process_group(timeout: timedelta, env: dict[str, str] | None = None) -> bool:
+def init_restartable_process_group(timeout: timedelta, backend: str, env: dict[str, str] | None = None) -> bool:
     """Create the default process group in a namespace of its own restart, if restarts can collide.
 
     Returns whether it did; otherwise Accelerate creates the group as usual. With one elastic
@@ -35,7 +35,6 @@ def init_restartable_process_group(timeout: timedelta, env: dict[str, str] | Non
     there the only safe store is a fresh one per round, which only the launcher can ask for.
     """
     # torch is imported here so that the manifests' renderer can share FRESH_STORE_VAR without it.
-    import torch
     import torch.distributed as dist
 
     env = dict(os.environ) if env is None else env
@@ -52,7 +51,7 @@ def init_restartable_process_group(timeout: timedelta, env: dict[str, str] | Non
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
     generation = dist.PrefixStore(f"pipeline/restart-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(
-        backend="nccl" if torch.cuda.is_available() else "gloo",
+        backend=backend,
         store=generation,
         rank=int(env["RANK"]),
         world_size=int(env["WORLD_SIZE"]),
