@@ -34,4 +34,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `... | head`: the reader has gone; nothing left to say
+        sys.stderr.close()
+        sys.exit(141)
     sys.exit(code or 0)

@@ -132,14 +132,14 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Simulated:
         )
         # A secret that slipped into a config value (a URL with credentials) must be scrubbed.
         config = run_config(cfg, data_url=f"https://user:{FAKE_KEY}@example.invalid/shards", hf_token="tok-12345678")
-        tracker = Tracker.create(cfg, root / "out", True, config, None)
+        tracker = Tracker.create(cfg.wandb, root / "out", True, config, None)
         confusions = drive(tracker, root, range(10, 201, 10), eval_every=50, ckpt_every=100, best_at={100})
         tracker.finish(exit_code=0)
         tracker.finish(exit_code=0)  # the trainer's finally may call it again
 
         # wandb names run dirs by start second; a real restart is never this quick.
         time.sleep(1.1)
-        resumed = Tracker.create(cfg, root / "out", True, config, resume_run_id=tracker.run_id)
+        resumed = Tracker.create(cfg.wandb, root / "out", True, config, resume_run_id=tracker.run_id)
         # Evals at 250, 300, 350: the resumed tracker's 1st, 2nd and 3rd, so 350 is final but not due for media.
         confusions.update(drive(resumed, root, range(210, 351, 10), eval_every=50, ckpt_every=100, best_at=set(), final=True))
         resumed.finish(exit_code=0)
@@ -255,7 +255,7 @@ def test_api_key_and_secrets_written_nowhere(simulated: Simulated) -> None:
 def test_disabled_mode_writes_nothing(wandb_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(wandb_root.rglob("*"))
     cfg = make_config(wandb_root, mode="disabled")
-    tracker = Tracker.create(cfg, wandb_root / "out", True, run_config(cfg), None)
+    tracker = Tracker.create(cfg.wandb, wandb_root / "out", True, run_config(cfg), None)
     assert not tracker.active and tracker.run_id is None
     drive(tracker, wandb_root / "elsewhere", range(10, 101, 10), eval_every=50, ckpt_every=1000, best_at=set())
     tracker.finish()
@@ -265,7 +265,7 @@ def test_disabled_mode_writes_nothing(wandb_root: Path, capsys: pytest.CaptureFi
 
 def test_non_main_process_gets_a_silent_noop(wandb_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = make_config(wandb_root, mode="offline")
-    tracker = Tracker.create(cfg, wandb_root / "out", False, run_config(cfg), None)
+    tracker = Tracker.create(cfg.wandb, wandb_root / "out", False, run_config(cfg), None)
     tracker.log_train(10, {"train/loss": 1.0})
     tracker.finish()
     assert not tracker.active and tracker.run_id is None
@@ -278,7 +278,7 @@ def test_unwritable_wandb_dir_warns_and_training_goes_on(wandb_root: Path, monke
     blocker.write_text("")
     monkeypatch.setenv("WANDB_DIR", str(blocker / "wandb"))
     cfg = make_config(wandb_root, mode="offline")
-    tracker = Tracker.create(cfg, wandb_root / "out", True, run_config(cfg), None)
+    tracker = Tracker.create(cfg.wandb, wandb_root / "out", True, run_config(cfg), None)
     assert not tracker.active
     drive(tracker, wandb_root, range(10, 101, 10), eval_every=50, ckpt_every=100, best_at={100})
     tracker.finish()
@@ -293,7 +293,7 @@ def test_failure_mid_run_warns_once_then_noop_and_run_still_finishes(wandb_root:
     staging.write_text("")
     monkeypatch.setenv("WANDB_DATA_DIR", str(staging))
     cfg = make_config(wandb_root, mode="offline", log_model="all")
-    tracker = Tracker.create(cfg, wandb_root / "out", True, run_config(cfg), None)
+    tracker = Tracker.create(cfg.wandb, wandb_root / "out", True, run_config(cfg), None)
     assert tracker.active
     drive(tracker, wandb_root, range(10, 201, 10), eval_every=50, ckpt_every=100, best_at={100})
     assert not tracker.active and tracker.run_id is not None  # the id still goes into checkpoints
@@ -308,7 +308,7 @@ def test_failure_mid_run_warns_once_then_noop_and_run_still_finishes(wandb_root:
 
 def test_log_model_best_and_off(wandb_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = make_config(wandb_root, mode=None, log_model="best")
-    tracker = Tracker.create(cfg, wandb_root / "out", True, run_config(cfg), None)
+    tracker = Tracker.create(cfg.wandb, wandb_root / "out", True, run_config(cfg), None)
     drive(tracker, wandb_root, range(10, 301, 10), eval_every=100, ckpt_every=100, best_at={100, 300})
     tracker.finish(exit_code=3, preempted=True)
     out = capsys.readouterr().out
@@ -323,7 +323,7 @@ def test_log_model_best_and_off(wandb_root: Path, capsys: pytest.CaptureFixture[
 
 def test_log_model_off_logs_no_model_artifact(wandb_root: Path) -> None:
     cfg = make_config(wandb_root, mode="offline", log_model="off")
-    tracker = Tracker.create(cfg, wandb_root / "out", True, run_config(cfg), None)
+    tracker = Tracker.create(cfg.wandb, wandb_root / "out", True, run_config(cfg), None)
     drive(tracker, wandb_root, range(10, 101, 10), eval_every=50, ckpt_every=50, best_at={50, 100})
     tracker.finish(exit_code=0)
     (log,) = [parse_finished(p) for p in find_logs(wandb_root)]
@@ -341,7 +341,7 @@ def test_online_without_network_falls_back_to_noop(wandb_root: Path, monkeypatch
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
     cfg = make_config(wandb_root)  # mode None + key -> online
     started = time.monotonic()
-    tracker = Tracker.create(cfg, wandb_root / "out", True, run_config(cfg), None)
+    tracker = Tracker.create(cfg.wandb, wandb_root / "out", True, run_config(cfg), None)
     assert time.monotonic() - started < 30
     assert not tracker.active
     tracker.log_train(10, {"train/loss": 1.0})

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.config import WandbConfig
 from pipeline.tracking import media, session
 from pipeline.tracking.provenance import provenance
 from pipeline.tracking.secrets import scrub
@@ -52,7 +52,7 @@ class Tracker:
     @classmethod
     def create(
         cls,
-        cfg: Config,
+        wandb_cfg: WandbConfig,
         output_dir: Path,
         is_main: bool,
         run_config: dict[str, Any],
@@ -61,7 +61,7 @@ class Tracker:
         if not is_main:
             return cls.noop()
         environ = os.environ
-        choice = session.resolve_mode(cfg.wandb.mode, environ)
+        choice = session.resolve_mode(wandb_cfg.mode, environ)
         if choice.mode == "disabled":
             _say(f"tracking disabled ({choice.reason})")
             return cls.noop()
@@ -71,7 +71,7 @@ class Tracker:
             session.check_writable(wandb_dir)
             config = {**run_config, "provenance": provenance()}
             # Name, notes, tags and config all end up on the server: scrub them all.
-            kwargs = scrub(session.init_kwargs(cfg.wandb, choice.mode, wandb_dir, config, resume_run_id, environ))
+            kwargs = scrub(session.init_kwargs(wandb_cfg, choice.mode, wandb_dir, config, resume_run_id, environ))
             import wandb
 
             run = wandb.init(**kwargs)
@@ -89,7 +89,7 @@ class Tracker:
             _say(f"offline ({choice.reason}){resumed}: run {run.id} in {session.sync_dir(run)}")
         else:
             _say(f"online ({choice.reason}){resumed}: {run.url}")
-        return cls(run, mode=choice.mode, media_every_evals=cfg.wandb.media_every_evals, log_model=cfg.wandb.log_model)
+        return cls(run, mode=choice.mode, media_every_evals=wandb_cfg.media_every_evals, log_model=wandb_cfg.log_model)
 
     @property
     def active(self) -> bool:

@@ -56,6 +56,8 @@ class CheckpointMeta:
     model: dict[str, Any]
     world_size: int
     config: dict[str, Any] = field(default_factory=dict)
+    # What evaluate/predict need beside the weights: image shape, class names, dataset, precision.
+    model_card: dict[str, Any] = field(default_factory=dict)
     # sha256 of every other file of the checkpoint (all ranks'), relative path -> hex digest;
     # empty in checkpoints written before digests were recorded.
     files: dict[str, str] = field(default_factory=dict)
@@ -65,7 +67,7 @@ class Checkpointer:
     """The checkpoints of one output_dir. Methods marked collective run on every rank."""
 
     def __init__(self, accelerator, output_dir: str | Path, every_steps: int, keep_last: int, *,
-                 fingerprint: str, model_desc: dict[str, Any], config: dict[str, Any]):
+                 fingerprint: str, model_desc: dict[str, Any], config: dict[str, Any], model_card: dict[str, Any]):
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.root = checkpoint_root(output_dir)
@@ -74,6 +76,7 @@ class Checkpointer:
         self.fingerprint = fingerprint
         self.model_desc = model_desc
         self.config = config
+        self.model_card = model_card
 
     def clean_partial(self) -> list[Path]:
         """Collective: the main process removes what a crash mid-write left; the others wait for it."""
@@ -167,7 +170,7 @@ class Checkpointer:
     def save(self, state: TrainState, model, optimizer, scheduler) -> Path:
         """Collective: every rank must call this at the same step; keeps the newest keep_last."""
         meta = CheckpointMeta(state=state, fingerprint=self.fingerprint, model=self.model_desc,
-                              world_size=self.accelerator.num_processes, config=self.config)
+                              world_size=self.accelerator.num_processes, config=self.config, model_card=self.model_card)
         return save_checkpoint(self.accelerator, self.output_dir, model, optimizer, scheduler, meta, self.keep_last)
 
 
@@ -306,6 +309,7 @@ def read_meta(path: Path) -> CheckpointMeta:
         return CheckpointMeta(
             state=TrainState(**raw["state"]), fingerprint=raw["fingerprint"], model=raw["model"],
             world_size=raw["world_size"], config=raw.get("config", {}), files=raw.get("files", {}),
+            model_card=raw.get("model_card", {}),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"checkpoint {path} has an unreadable state.json ({err}); resume from an older one with --resume PATH") from None

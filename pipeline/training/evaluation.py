@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -19,43 +20,66 @@ class EvalResult:
     per_class_accuracy: list[float]
     confusion: np.ndarray  # int64 [C, C], rows = true class, columns = prediction
     seconds: float
-    examples: tuple[np.ndarray, np.ndarray, np.ndarray]  # misclassified images, predictions, labels
+    examples: tuple[np.ndarray, np.ndarray, np.ndarray]  # the most confident mistakes: images, predictions, labels
+    examples_confidence: np.ndarray  # the probability the model gave each of those predictions
+    predictions: np.ndarray  # int64 [n], per sample, in the split's order
+    confidence: np.ndarray  # float32 [n], the predicted class's probability
 
     def metrics(self) -> dict[str, float]:
         out = {"eval/accuracy": self.accuracy, "eval/loss": self.loss, "eval/seconds": self.seconds}
         out.update({f"eval/acc_{c}": a for c, a in enumerate(self.per_class_accuracy)})
         return out
 
+    def per_class_report(self, class_names: list[str]) -> list[dict[str, float | int | str]]:
+        """Precision, recall, F1 and support per class, from the confusion matrix (0 where undefined)."""
+        tp = np.diag(self.confusion).astype(np.float64)
+        support = self.confusion.sum(axis=1)
+        predicted = self.confusion.sum(axis=0)
+        precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+        recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+        total = precision + recall
+        f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(tp), where=total > 0)
+        return [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                for name, p, r, f, n in zip(class_names, precision, recall, f1, support, strict=True)]
+
 
 @torch.no_grad()
+def logits_in_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+                      autocast=contextlib.nullcontext) -> torch.Tensor:
+    """float32 logits [n, C] on the CPU for uint8 images [n, H, W]; the one forward pass of evaluation and prediction."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for lo in range(0, len(images), batch_size):
+        with autocast():
+            out.append(model(to_inputs(images[lo : lo + batch_size], device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
              device: torch.device, autocast, num_classes: int, max_examples: int = 32) -> EvalResult:
     """`model` is the unwrapped module: no collective runs, the other ranks are not involved."""
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    preds = []
-    for lo in range(0, len(labels), batch_size):
-        x = to_inputs(images[lo : lo + batch_size], device)
-        y = labels[lo : lo + batch_size].to(device)
-        with autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        preds.append(logits.argmax(dim=1).cpu())
-    model.train(was_training)
-    pred = torch.cat(preds).numpy()
-    true = labels.numpy()
+    logits = logits_in_batches(model, images, batch_size, device, autocast)
+    loss = F.cross_entropy(logits.double(), labels, reduction="sum").item() / len(labels)
+    probs = torch.softmax(logits, dim=1)
+    confidence, pred_t = probs.max(dim=1)
+    pred, true = pred_t.numpy(), labels.numpy()
     confusion = np.bincount(true * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
     per_class = (np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)).tolist()
-    wrong = np.flatnonzero(pred != true)[:max_examples]
+    wrong = np.flatnonzero(pred != true)
+    wrong = wrong[np.argsort(-confidence.numpy()[wrong], kind="stable")][:max_examples]
     return EvalResult(
         accuracy=float((pred == true).mean()),
-        loss=float(loss_sum.item() / len(true)),
+        loss=loss,
         per_class_accuracy=per_class,
         confusion=confusion.astype(np.int64),
         seconds=time.perf_counter() - start,
         examples=(images.numpy()[wrong], pred[wrong], true[wrong]),
+        examples_confidence=confidence.numpy()[wrong],
+        predictions=pred.astype(np.int64),
+        confidence=confidence.numpy(),
     )
 
 

@@ -174,7 +174,7 @@ class Trainer:
         self.parts = self._build_parts()
         self.checkpointer = Checkpointer(
             accelerator, self.out, cfg.checkpoint.every_steps, cfg.checkpoint.keep_last, fingerprint=self.manifest.fingerprint,
-            model_desc=cfg.model.model_dump(), config=cfg.to_dict())
+            model_desc=cfg.model.model_dump(), config=cfg.to_dict(), model_card=self._model_card())
         self.resumed_from = self._restore(resume)
         self.state: TrainState = self.resumed_from[1] if self.resumed_from else TrainState()
         if self.main:
@@ -197,7 +197,7 @@ class Trainer:
         metrics_log = MetricsLog(self.out / "metrics.jsonl", self.state.step if self.resumed_from else None) if self.main else None
         self.window = StepWindow(self.device, cfg.train.batch_size * self.world)
         # Last: nothing after it may fail, or the W&B run would be left unfinished.
-        self.tracker = Tracker.create(cfg, self.out, self.main, {**cfg.to_dict(), **self.run_info}, self.state.wandb_run_id)
+        self.tracker = Tracker.create(cfg.wandb, self.out, self.main, {**cfg.to_dict(), **self.run_info}, self.state.wandb_run_id)
         self.bar = tqdm(total=self.total_steps, initial=self.state.step, dynamic_ncols=True, desc="train",
                         disable=not self.main or not cfg.train.progress_bar or None)
         self.sink = MetricsSink(metrics_log, self.tracker, self.bar, self.manifest.class_names)
@@ -228,6 +228,13 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
         model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
         return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing)
+
+    def _model_card(self) -> dict[str, Any]:
+        """Saved beside the weights (model/config.json, checkpoints): what evaluate and predict need."""
+        m = self.manifest
+        return {"image_shape": m.image_shape, "num_classes": m.num_classes, "class_names": m.class_names,
+                "dataset": m.dataset, "dataset_fingerprint": m.fingerprint,
+                "mixed_precision": self.accelerator.mixed_precision}
 
     def _restore(self, resume: str | None) -> tuple[Path, TrainState] | None:
         removed = self.checkpointer.clean_partial()
@@ -341,11 +348,8 @@ class Trainer:
         if skipped_samples:
             self.log(f"data.on_error=skip: {skipped_samples} unreadable samples skipped; "
                      f"{padded_passes} epoch pass(es) restarted to keep ranks equal")
-        save_trained(self.accelerator.unwrap_model(self.parts.model), self.out / "model", {
-            "image_shape": self.manifest.image_shape, "num_classes": self.manifest.num_classes,
-            "class_names": self.manifest.class_names, "dataset": self.manifest.dataset,
-            "dataset_fingerprint": self.manifest.fingerprint,
-        })
+        save_trained(self.accelerator.unwrap_model(self.parts.model), self.out / "model",
+                     {**self._model_card(), "wandb_run_id": self.tracker.run_id, "steps": state.step})
         summary = self._summary(skipped_samples)
         write_json_atomic(self.out / "summary.json", summary)
         write_plots(self.out / "plots", self.sink.log.read(), last.confusion if last else None, self.manifest.class_names)

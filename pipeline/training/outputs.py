@@ -91,13 +91,23 @@ def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.nda
     plt.close(fig)
 
     if confusion is not None:
-        fig, ax = plt.subplots(figsize=(7, 6))
-        ax.imshow(confusion, cmap="Blues")
-        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-        ax.set_yticks(range(len(class_names)), class_names)
-        for (i, j), v in np.ndenumerate(confusion):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > confusion.max() / 2 else "black")
-        ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (final evaluation)")
-        fig.tight_layout()
-        fig.savefig(plots_dir / "confusion.png", dpi=100)
-        plt.close(fig)
+        plot_confusion(plots_dir / "confusion.png", confusion, class_names, title="Confusion matrix (final evaluation)")
+
+
+def plot_confusion(path: Path, confusion: np.ndarray, class_names: list[str], title: str) -> None:
+    """Rows are the true class, columns the prediction, as everywhere in the pipeline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    for (i, j), v in np.ndenumerate(confusion):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > confusion.max() / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

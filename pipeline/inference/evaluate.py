@@ -1,0 +1,174 @@
+"""Evaluate a trained model on a prepared split: the trainer's evaluation, written out for people.
+
+`output/eval.json` (accuracy, loss, per-class precision/recall/F1/support, confusion matrix),
+`predictions.csv` (index, true, predicted, confidence per sample), `confusion.png` and
+`most_confident_mistakes.png`; a short table on stdout; optionally a W&B run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.manifest import load_manifest
+from pipeline.data.stream import ShardSource, load_split_tensors
+from pipeline.errors import UserError
+from pipeline.inference.models import TrainedModel, UnusableModel, load_trained_model
+from pipeline.training.evaluation import EvalResult, evaluate
+from pipeline.training.outputs import plot_confusion, write_json_atomic
+
+OUTPUTS = ("eval.json", "predictions.csv", "confusion.png", "most_confident_mistakes.png")
+
+
+class OutputExists(UserError):
+    exit_code = 2
+
+
+def default_out(model_path: Path, split: str) -> Path:
+    """RUN/eval-test for RUN/model; RUN/eval-test-step-00000100 for RUN/checkpoints/step-00000100."""
+    if model_path.parent.name == "checkpoints":
+        return model_path.parent.parent / f"eval-{split}-{model_path.name}"
+    return model_path.parent / f"eval-{split}"
+
+
+def check_fits(trained: TrainedModel, manifest, data_dir: str) -> None:
+    """The data must be what the model reads and predicts: same image shape, same classes."""
+    if list(manifest.image_shape) != list(trained.image_shape):
+        raise UnusableModel(f"{data_dir} holds images of shape {manifest.image_shape}, but the model in {trained.source} "
+                            f"reads {trained.image_shape}; evaluate it on data prepared the same way")
+    if manifest.num_classes != trained.num_classes:
+        raise UnusableModel(f"{data_dir} has {manifest.num_classes} classes, but the model in {trained.source} predicts "
+                            f"{trained.num_classes}; evaluate it on the dataset it was trained for ({trained.dataset})")
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not force:
+        raise OutputExists(f"{out} already holds an evaluation ({', '.join(existing)}); pass --force to replace it, "
+                        "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def autocast_for(trained: TrainedModel, device: torch.device, precision: str):
+    """The trainer evaluates under its mixed precision; the same choice reproduces its numbers."""
+    precision = trained.mixed_precision if precision == "auto" else precision
+    if precision == "no":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def run(model_path: str, data_dir: str, split: str = "test", out: str | None = None, batch_size: int = 1000,
+        precision: str = "auto", force: bool = False, device: torch.device | None = None) -> dict[str, Any]:
+    trained = load_trained_model(model_path)
+    manifest = load_manifest(data_dir, trained.dataset or "fashion_mnist")
+    check_fits(trained, manifest, data_dir)
+    out_dir = Path(out) if out else default_out(Path(model_path), split)
+    prepare_out(out_dir, force)
+    device = device or torch.device("cpu")
+    images, labels = load_split_tensors(manifest, ShardSource(data_dir), split)
+    model = trained.model.to(device)
+    result = evaluate(model, images, labels, batch_size, device, autocast_for(trained, device, precision),
+                      trained.num_classes, max_examples=25)
+    report = _report(result, trained, manifest, data_dir, split, len(labels))
+    write_json_atomic(out_dir / "eval.json", report)
+    _write_predictions(out_dir / "predictions.csv", result, labels.numpy(), trained.class_names)
+    plot_confusion(out_dir / "confusion.png", result.confusion, trained.class_names,
+                   title=f"Confusion matrix, {manifest.dataset} {split}")
+    plot_mistakes(out_dir / "most_confident_mistakes.png", result, trained.class_names)
+    return {"report": report, "result": result, "out": out_dir, "trained": trained}
+
+
+def _report(result: EvalResult, trained: TrainedModel, manifest, data_dir: str, split: str, samples: int) -> dict[str, Any]:
+    return {
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "samples": samples,
+        "per_class": result.per_class_report(trained.class_names),
+        "confusion": result.confusion.tolist(),
+        "confusion_axes": "rows: true class, columns: predicted class (class_names order)",
+        "class_names": trained.class_names,
+        "model": str(trained.source),
+        "model_kind": trained.kind,
+        "data": str(data_dir),
+        "dataset": manifest.dataset,
+        "dataset_fingerprint": manifest.fingerprint,
+        "split": split,
+        "seconds": result.seconds,
+    }
+
+
+def _write_predictions(path: Path, result: EvalResult, labels: np.ndarray, class_names: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "true", "predicted", "confidence", "true_class", "predicted_class"])
+        for i, (t, p, c) in enumerate(zip(labels, result.predictions, result.confidence, strict=True)):
+            writer.writerow([i, int(t), int(p), f"{c:.6f}", class_names[int(t)], class_names[int(p)]])
+    os.replace(tmp, path)
+
+
+def plot_mistakes(path: Path, result: EvalResult, class_names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, preds, labels = result.examples
+    cols = 5
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, pred, label, conf in zip(axes.ravel(), images, preds, labels, result.examples_confidence, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{class_names[int(pred)]} {conf:.2f}\ntrue: {class_names[int(label)]}", fontsize=8)
+    fig.suptitle("Most confident mistakes (predicted, confidence; true class)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_table(report: dict[str, Any], out_dir: Path) -> None:
+    rows = report["per_class"]
+    width = max(len(r["class"]) for r in rows)
+    print(f"{report['dataset']} {report['split']}: accuracy {report['accuracy']:.4f}, loss {report['loss']:.4f} "
+          f"on {report['samples']} samples ({report['model']})")
+    print(f"{'class':<{width}}  precision  recall     f1  support")
+    for r in rows:
+        print(f"{r['class']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:5.4f}  {r['support']:7d}")
+    print(f"written: {', '.join(str(out_dir / name) for name in OUTPUTS)}")
+
+
+def track(outcome: dict[str, Any], mode: str, into_training_run: bool) -> str | None:
+    """Log the evaluation to W&B: a run of its own (job type eval) that names the training run, or,
+    asked for, the training run itself. Returns the run id; tracking failures only warn."""
+    from pipeline.config import WandbConfig
+    from pipeline.tracking import Tracker
+
+    trained, report, result = outcome["trained"], outcome["report"], outcome["result"]
+    resume = trained.wandb_run_id if into_training_run else None
+    if into_training_run and not resume:
+        raise UserError(f"--wandb-into-training-run: {trained.source} records no W&B run id (it was trained with "
+                        "W&B disabled); drop the flag to log a run of its own")
+    wandb_cfg = WandbConfig(mode=mode, job_type="eval", tags=["eval"], log_model="off",
+                            name=None if resume else f"eval-{report['dataset']}-{report['split']}")
+    config = {"evaluation": {k: report[k] for k in ("model", "model_kind", "data", "dataset", "dataset_fingerprint", "split")},
+              "training_run_id": trained.wandb_run_id}
+    tracker = Tracker.create(wandb_cfg, outcome["out"], True, config, resume)
+    prefix = f"evaluate/{report['split']}"
+    metrics = {f"{prefix}/accuracy": report["accuracy"], f"{prefix}/loss": report["loss"]}
+    metrics.update({f"{prefix}/f1_{row['class']}": row["f1"] for row in report["per_class"]})
+    tracker.log_eval(int(trained.card.get("steps") or 0), metrics, result.confusion, trained.class_names, result.examples,
+                     final=True)
+    run_id = tracker.run_id
+    tracker.finish(0)
+    return run_id

@@ -1,0 +1,127 @@
+"""A trained classifier back from disk: a run's `model/` directory or one of its checkpoints.
+
+Everything that can be wrong with what the user pointed at (not a model directory, a damaged
+weights file, weights that do not fit the description) becomes one UserError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+from pipeline.model import SequenceClassifier, build_model
+
+
+class UnusableModel(UserError):
+    exit_code = 2
+
+
+@dataclass
+class TrainedModel:
+    model: SequenceClassifier  # eval mode, on the CPU
+    image_shape: list[int]
+    class_names: list[str]
+    dataset: str | None
+    source: Path  # what the user pointed at
+    kind: str  # "model" (a run's model/) or "checkpoint"
+    card: dict[str, Any] = field(default_factory=dict)  # everything recorded beside the weights
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def mixed_precision(self) -> str:
+        return self.card.get("mixed_precision", "no")
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.card.get("wandb_run_id")
+
+
+HINT = "pass a run's model directory (RUN/model) or one of its checkpoints (RUN/checkpoints/step-N)"
+
+
+def load_trained_model(path: str | Path) -> TrainedModel:
+    path = Path(path)
+    if not path.is_dir():
+        raise UnusableModel(f"{path} is not a directory; {HINT}")
+    if (path / "config.json").is_file():
+        return _from_model_dir(path)
+    if (path / "state.json").is_file():
+        return _from_checkpoint(path)
+    raise UnusableModel(f"{path} holds neither config.json (a model directory) nor state.json (a checkpoint); {HINT}")
+
+
+def _from_model_dir(path: Path) -> TrainedModel:
+    card = _read_json(path / "config.json")
+    try:
+        model_cfg = ModelConfig(**card["model"])
+        image_shape, num_classes = list(card["image_shape"]), int(card["num_classes"])
+        class_names = list(card.get("class_names") or [str(i) for i in range(num_classes)])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UnusableModel(f"{path / 'config.json'} is not a model description of this pipeline ({err}); {HINT}") from None
+    weights = path / "model.safetensors"
+    recorded = card.get("weights_sha256")
+    if recorded and weights.is_file() and hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
+        raise UnusableModel(f"{weights} is damaged: its sha256 differs from the one recorded in config.json when it was "
+                            "saved; re-copy the run's model directory or use one of its checkpoints")
+    model = _with_weights(build_model(model_cfg, image_shape, num_classes), weights)
+    return TrainedModel(model, image_shape, class_names, card.get("dataset"), path, "model", card)
+
+
+def _from_checkpoint(path: Path) -> TrainedModel:
+    from pipeline.training.checkpoint import read_meta, verify_checkpoint
+
+    problem = verify_checkpoint(path)
+    if problem:
+        raise UnusableModel(f"checkpoint {path} is damaged ({problem}); use another checkpoint or the run's model directory")
+    meta = read_meta(path)
+    card = dict(meta.model_card)
+    if not card:  # written before checkpoints carried a model card: the config and the weights tell
+        from pipeline.data.sources import get_spec
+
+        dataset = meta.config.get("data", {}).get("dataset", "fashion_mnist")
+        card = {"image_shape": [28, 28], "num_classes": 10, "class_names": get_spec(dataset).class_names, "dataset": dataset,
+                "mixed_precision": meta.config.get("train", {}).get("mixed_precision", "no")}
+    card["wandb_run_id"] = card.get("wandb_run_id") or meta.state.wandb_run_id
+    model = _with_weights(build_model(ModelConfig(**meta.model), card["image_shape"], card["num_classes"]), path / "model.safetensors")
+    return TrainedModel(model, list(card["image_shape"]), list(card["class_names"]), card.get("dataset"), path, "checkpoint", card)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UnusableModel(f"{path} cannot be read as JSON ({err}); {HINT}") from None
+    if not isinstance(raw, dict):
+        raise UnusableModel(f"{path} is not a model description of this pipeline; {HINT}")
+    return raw
+
+
+def _with_weights(model: SequenceClassifier, weights: Path) -> SequenceClassifier:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights.is_file():
+        raise UnusableModel(f"{weights} is missing; {HINT}")
+    try:
+        state = load_file(weights, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UnusableModel(f"{weights} is damaged and cannot be read ({err}); re-copy it or use a checkpoint of the run") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise UnusableModel(f"{weights} does not fit the model its directory describes ({first}); the weights and "
+                            "config.json come from different runs") from None
+    if not all(torch.isfinite(v).all() for v in state.values()):
+        raise UnusableModel(f"{weights} holds non-finite weights (NaN or inf); use an earlier checkpoint of the run")
+    return model.eval()
