@@ -124,6 +124,12 @@ class WandbConfig(_Section):
     media_every_evals: int = Field(1, ge=1)
     log_model: Literal["off", "best", "all"] = "all"
 
+    @field_validator("log_model", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False (log_model: off in a file, or wandb.log_model=off).
+        return "off" if value is False else value
+
 
 class Config(_Section):
     output_dir: str

@@ -30,6 +30,10 @@ def test_overrides_typed():
     assert cfg.optim.lr == 0.003 and cfg.wandb.tags == ["a", "b"]
 
 
+def test_bare_off_is_log_model_off():
+    assert load_config(GOOD, ["wandb.log_model=off"]).wandb.log_model == "off"
+
+
 def test_yaml_bare_no_is_mixed_precision_no(tmp_path):
     raw = yaml.safe_load(GOOD.read_text())
     raw["train"]["mixed_precision"] = False  # what `mixed_precision: no` parses to
