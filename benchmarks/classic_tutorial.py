@@ -38,7 +38,9 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--max-batches", type=int, default=None, help="stop the epoch early (smoke tests only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the same script on the GPU it is compared on")
     args = p.parse_args()
+    device = torch.device(args.device)
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -47,7 +49,7 @@ def main() -> None:
     train_loader = DataLoader(train_dataset, batch_size=64, shuffle=True)
     test_loader = DataLoader(test_dataset, batch_size=64, shuffle=False)
 
-    model = RNN()
+    model = RNN().to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 
@@ -56,7 +58,7 @@ def main() -> None:
     for i, (images, labels) in enumerate(train_loader):
         if args.max_batches is not None and i >= args.max_batches:
             break
-        images = images.reshape(-1, 28, 28)
+        images, labels = images.reshape(-1, 28, 28).to(device), labels.to(device)
         loss = criterion(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
@@ -68,7 +70,7 @@ def main() -> None:
     correct = total = 0
     with torch.no_grad():
         for images, labels in test_loader:
-            pred = model(images.reshape(-1, 28, 28)).argmax(1)
+            pred = model(images.reshape(-1, 28, 28).to(device)).argmax(1).cpu()
             correct += (pred == labels).sum().item()
             total += len(labels)
     accuracy = correct / total

@@ -1,19 +1,23 @@
-"""Section 5 (`--device cuda`, GPU machines): our trainer's samples/s at batch 256..4096 in fp32,
-bf16 and fp16 (configs/fashion_mnist.yaml), its rank-zero evaluation time, and the time to a
-0.90 test accuracy on Fashion-MNIST. Fails with a clear message where CUDA is absent.
+"""The precision sweep (`--device cuda`, or `--device cpu --sections precision`): for each mixed
+precision, in a fresh process (benchmarks/precision_sweep.py; Accelerate allows one precision per
+process), the in-memory floor and our trainer (configs/fashion_mnist.yaml) at each batch size and
+their ratio; on CUDA also the rank-zero evaluation time and, unless --quick, time to accuracy
+against the classic tutorial script run on the same GPU. Fails with a clear message where CUDA
+is asked for and absent.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from benchmarks import throughput, tta
-from benchmarks.common import ROOT, say
+from benchmarks import tta
+from benchmarks.common import PY, ROOT, run_checked, say
 
-BATCHES = (256, 512, 1024, 2048, 4096)
-PRECISIONS = ("no", "bf16", "fp16")
+BATCHES = {"cuda": (256, 1024, 4096), "cpu": (64, 256)}
+PRECISIONS = {"cuda": ("no", "bf16", "fp16"), "cpu": ("no", "bf16")}  # fp16 on a CPU is refused by the trainer
 
 
 class NoCuda(SystemExit):
@@ -31,26 +35,28 @@ def require_cuda() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def run(data_dir: Path, work: Path, quick: bool, steps: int, target: float = 0.90, tta_timeout: float = 1800) -> dict:
-    name = require_cuda()
-    config = ROOT / "configs" / "fashion_mnist.yaml"
-    sweep = []
-    for precision in PRECISIONS:
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            sweep.append({"mixed_precision": precision, "skipped": "bf16 not supported by this GPU"})
+def sweep(data_dir: Path, work: Path, device: str, steps: int, batches: tuple[int, ...] | None = None) -> list[dict]:
+    rows: list[dict] = []
+    for precision in PRECISIONS[device]:
+        if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+            rows.append({"mixed_precision": precision, "skipped": "bf16 not supported by this GPU"})
             continue
-        for batch in BATCHES:
-            say(f"cuda: {precision}, batch {batch}")
-            r = throughput.ours_once(data_dir, work, batch, 10, steps, config=config,
-                                     extra=[f"train.mixed_precision={precision}"])
-            sweep.append({"mixed_precision": precision, "batch_size": batch, "samples_per_s": r["samples_per_s"],
-                          "eval_seconds": r["eval_seconds_mean"], "final_eval_accuracy": r["final_eval_accuracy"]})
-    result = {"device_name": name, "config": str(config.relative_to(ROOT)), "sweep": sweep}
-    if not quick:
-        say(f"cuda: time to {target} test accuracy (configs/fashion_mnist.yaml, bf16)")
-        out = work / "cuda-tta"
+        say(f"{device}: precision {precision} in a fresh process")
+        out = work / f"sweep-{device}-{precision}.json"
+        run_checked([PY, str(ROOT / "benchmarks" / "precision_sweep.py"), "--device", device, "--precision", precision,
+                     "--data", str(data_dir), "--work", str(work), "--out", str(out), "--steps", str(steps),
+                     "--batches", ",".join(str(b) for b in batches or BATCHES[device])], timeout=3600)
+        rows.extend(json.loads(out.read_text()))
+    return rows
+
+
+def run(data_dir: Path, work: Path, quick: bool, steps: int, tta_timeout: float = 1800, device: str = "cuda",
+        tv_root: Path | None = None) -> dict:
+    name = require_cuda() if device == "cuda" else "cpu"
+    result = {"device": device, "device_name": name, "config": "configs/fashion_mnist.yaml",
+              "sweep": sweep(data_dir, work, device, steps)}
+    if not quick and device == "cuda" and tv_root is not None:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "no"
-        r = tta.run_until(tta.trainer_args("configs/fashion_mnist.yaml", data_dir, out, [f"train.mixed_precision={precision}"]),
-                          out / "metrics.jsonl", target, tta_timeout, work / "cuda-tta.log")
-        result["time_to_target"] = {"target": target, "mixed_precision": precision, **r}
+        result["tta"] = tta.run(data_dir, work, tv_root, tta_timeout, overrides=[f"train.mixed_precision={precision}"],
+                                device="cuda")
     return result

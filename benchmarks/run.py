@@ -11,7 +11,9 @@ Sections (--quick runs 1 and 2 with fewer repetitions, in under 3 minutes on 2 C
   3. tta         time to the classic tutorial's one-epoch accuracy (configs/fashion_mnist.yaml)
   4. scaling     1 process x 256 vs 2 gloo processes x 128, same steps
   5. profile     where a step of configs/fashion_mnist.yaml spends its time
-  cuda (--device cuda only) samples/s at batch 256..4096 in fp32/bf16/fp16, eval time, time to 0.90
+  6. precision  each mixed precision in a fresh process: floor vs trainer at batch 256..4096 on CUDA
+                (64, 256 on the CPU); on CUDA also time to the tutorial's accuracy on the same GPU.
+                --device cuda runs loader + precision by default
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-SECTIONS = ("loader", "throughput", "tta", "scaling", "profile")
+SECTIONS = ("loader", "throughput", "tta", "scaling", "profile", "precision")
 GOALS = {
     "loader_speedup": (">=", 100.0),
     "loader_samples_per_s": (">=", 300_000.0),
@@ -154,13 +156,19 @@ def report(results: dict) -> str:
         total = sum(pr["compute_regions_seconds"].values())
         rows = [[k, v * 1000, 100 * v / total] for k, v in pr["compute_regions_seconds"].items()]
         parts.append(table("5b. The step's compute, replica of train_step", ["region", "ms/step", "% of compute"], rows))
-    if "cuda" in results:
-        c = results["cuda"]
-        rows = [[r["mixed_precision"], r.get("batch_size"), r.get("samples_per_s"), r.get("eval_seconds"), r.get("skipped")] for r in c["sweep"]]
-        parts.append(table(f"CUDA ({c['device_name']}), {c['config']}", ["precision", "batch", "samples/s", "eval s", "note"], rows))
-        if "time_to_target" in c:
-            tt = c["time_to_target"]
-            parts.append(f"time to {tt['target']}: {tt['seconds']} s from launch (reached: {tt['reached']}, step {tt['step']})")
+    for device in ("cpu", "cuda"):
+        if device not in results:
+            continue
+        c = results[device]
+        rows = [[r["mixed_precision"], r.get("batch_size"), r.get("floor_samples_per_s"), r.get("samples_per_s"),
+                 r.get("train_vs_floor"), r.get("eval_seconds"), r.get("skipped")] for r in c["sweep"]]
+        parts.append(table(f"6. Precision sweep on {device} ({c['device_name']}), {c['config']}, each precision in a fresh process",
+                           ["precision", "batch", "floor samples/s", "trainer samples/s", "trainer / floor", "eval s", "note"], rows))
+        if "tta" in c:
+            t = c["tta"]
+            parts.append(f"time to the tutorial's accuracy on {device}: tutorial {t['baseline_seconds']:.1f} s "
+                         f"({t['baseline_epoch_accuracy']:.4f}), ours {t['pipeline_seconds_to_baseline_accuracy']:.1f} s; "
+                         f"ratio {t['tta_ratio']:.2f}")
     rows = [[k, g["value"], g["goal"], {True: "met", False: "MISSED", None: "not measured"}[g["met"]]] for k, g in results["goals"].items()]
     parts.append(table("Goals", ["metric", "value", "goal", ""], rows))
     return "\n\n".join(parts)
@@ -182,9 +190,9 @@ def main(argv=None) -> int:
         except cuda.NoCuda as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    default_sections = ("loader", "throughput") if args.quick else SECTIONS
+    default_sections = ("loader", "throughput") if args.quick else SECTIONS[:-1]
     if args.device == "cuda":
-        default_sections = ("loader",)
+        default_sections = ("loader", "precision")
     sections = tuple(s.strip() for s in args.sections.split(",")) if args.sections else default_sections
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -227,10 +235,11 @@ def main(argv=None) -> int:
             from benchmarks import stepprofile
 
             results["profile"] = stepprofile.run(data, work, args.profile_steps)
-        if args.device == "cuda":
-            from benchmarks import cuda
+        if "precision" in sections:
+            from benchmarks import cuda, loader
 
-            results["cuda"] = cuda.run(data, work, args.quick, steps, tta_timeout=args.tta_timeout)
+            results[args.device] = cuda.run(data, work, args.quick, steps, args.tta_timeout, args.device,
+                                            loader.torchvision_root(work / "torchvision"))
     results["seconds"] = time.perf_counter() - started
     results["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     results["goals"] = goals(results)

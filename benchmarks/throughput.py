@@ -59,19 +59,22 @@ def ours_once(data_dir: Path, work: Path, batch: int, warm_steps: int, steps: in
 
 
 class Floor:
-    """The same math as the trainer's step, over tensors already in memory."""
+    """The same math as the trainer's step, over tensors already in memory (on `device`), under the
+    same autocast (and, for fp16, a GradScaler)."""
 
-    def __init__(self, data_dir: Path, config: Path = CONFIG):
+    def __init__(self, data_dir: Path, config: Path = CONFIG, device: str = "cpu", precision: str = "no"):
         from pipeline.data.manifest import load_manifest
         from pipeline.data.stream import ShardSource, load_split_tensors
 
         manifest = load_manifest(data_dir)
         x, y = load_split_tensors(manifest, ShardSource(str(data_dir)), "train")
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        self.x = x[perm].float().div_(255.0).contiguous()
-        self.y = y[perm].contiguous()
+        self.device = torch.device(device)
+        self.x = x[perm].to(self.device).float().div_(255.0).contiguous()
+        self.y = y[perm].to(self.device).contiguous()
         self.image_shape, self.num_classes = manifest.image_shape, manifest.num_classes
         self.config = config
+        self.precision = precision
 
     def once(self, data_dir: Path, batch: int, warm_steps: int, steps: int) -> dict:
         from pipeline.model import build_model
@@ -79,27 +82,44 @@ class Floor:
 
         cfg = _cfg(self.config, data_dir, Path("unused"), batch, warm_steps + steps, warm_steps)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, self.image_shape, self.num_classes)
+        model = build_model(cfg.model, self.image_shape, self.num_classes).to(self.device)
         model.train()
         opt = build_optimizer(model, cfg.optim)
         sched = build_scheduler(opt, cfg.schedule, warm_steps + steps)
         clip = cfg.train.grad_clip
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         per_epoch = len(self.y) // batch
         start = None
         for i in range(warm_steps + steps):
             if i == warm_steps:
+                _sync(self.device)
                 start = time.perf_counter()
             lo = (i % per_epoch) * batch
             x, y = self.x[lo : lo + batch], self.y[lo : lo + batch]
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(opt)
             if clip is not None:
                 norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-                assert math.isfinite(norm)
-            opt.step()
+                assert math.isfinite(norm) or scaler
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        _sync(self.device)
         return {"samples_per_s": steps * batch / (time.perf_counter() - start)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run(data_dir: Path, work: Path, batches: list[int], reps: int, steps: int, warm_steps: int = 10) -> dict:

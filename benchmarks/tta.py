@@ -20,9 +20,10 @@ from pathlib import Path
 from benchmarks.common import PY, ROOT, env_for_children, say
 
 
-def run_baseline(tv_root: Path, work: Path, timeout: float, max_batches: int | None = None) -> dict:
+def run_baseline(tv_root: Path, work: Path, timeout: float, max_batches: int | None = None, device: str = "cpu") -> dict:
     out_json = work / "baseline.json"
-    args = [PY, str(ROOT / "benchmarks" / "classic_tutorial.py"), "--root", str(tv_root), "--json", str(out_json)]
+    args = [PY, str(ROOT / "benchmarks" / "classic_tutorial.py"), "--root", str(tv_root), "--json", str(out_json),
+            "--device", device]
     if max_batches:
         args += ["--max-batches", str(max_batches)]
     launch = time.perf_counter()
@@ -97,14 +98,14 @@ def trainer_args(config: str, data_dir: Path, out: Path, overrides: list[str] = 
 
 
 def run(data_dir: Path, work: Path, tv_root: Path, timeout: float = 1800, baseline_max_batches: int | None = None,
-        overrides: list[str] = ()) -> dict:
-    say("time to accuracy: classic tutorial baseline, one epoch (torchvision + DataLoader, LSTM 28->64, batch 64)")
-    base = run_baseline(tv_root, work, timeout, baseline_max_batches)
+        overrides: list[str] = (), device: str = "cpu", config: str = "configs/fashion_mnist.yaml") -> dict:
+    say(f"time to accuracy on {device}: classic tutorial baseline, one epoch (torchvision + DataLoader, LSTM 28->64, batch 64)")
+    base = run_baseline(tv_root, work, timeout, baseline_max_batches, device)
     say(f"time to accuracy: baseline reached {base['accuracy']:.4f} in {base['seconds']:.1f} s; "
-        "now configs/fashion_mnist.yaml until it first evaluates at that accuracy")
+        f"now {config} until it first evaluates at that accuracy")
     out = work / "tta-pipeline"
     shutil.rmtree(out, ignore_errors=True)
-    ours = run_until(trainer_args("configs/fashion_mnist.yaml", data_dir, out, list(overrides)), out / "metrics.jsonl",
+    ours = run_until(trainer_args(config, data_dir, out, [f"train.device={device}", *overrides]), out / "metrics.jsonl",
                      base["accuracy"], timeout, work / "tta-pipeline.log")
     if not ours["reached"]:
         tail = (work / "tta-pipeline.log").read_text()[-2000:]
@@ -116,6 +117,7 @@ def run(data_dir: Path, work: Path, tv_root: Path, timeout: float = 1800, baseli
         "tta_ratio": ours["seconds"] / base["seconds"],
         "tta_ratio_own_clocks": ours["own_clock_seconds"] / base["own_clock_seconds"] if ours["own_clock_seconds"] else None,
         "baseline": base,
-        "pipeline": {**ours, "config": "configs/fashion_mnist.yaml", "overrides": list(overrides)},
+        "pipeline": {**ours, "config": config, "overrides": list(overrides)},
+        "device": device,
         "timing": "seconds from launching the command to the moment the accuracy is known (both as fresh processes)",
     }
