@@ -33,7 +33,13 @@ class DataConfig(_Section):
     base_url: Optional[str] = Field(
         None, description="Read shards from BASE_URL/<url> (http(s)://, pipe:) instead of data.dir"
     )
-    num_workers: int = Field(0, ge=0, le=64)
+    placement: Literal["auto", "stream", "device"] = Field(
+        "auto",
+        description="device: hold the train split in the training device's memory and draw batches there (no loader); "
+        "stream: read shards through DataLoader workers; auto: device when the split takes at most a quarter of the "
+        "free memory of every rank's device (and data.on_error is raise)",
+    )
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers per rank (data.placement stream)")
     shuffle_buffer: int = Field(4096, ge=0)
     verify: Literal["none", "size", "sha256"] = "size"
     on_error: Literal["raise", "skip"] = Field(
@@ -154,6 +160,11 @@ class Config(_Section):
             raise ValueError(
                 f"eval.every_steps ({self.eval.every_steps}) is larger than train.max_steps "
                 f"({self.train.max_steps}): the run would never evaluate before the end"
+            )
+        if self.data.placement == "device" and self.data.on_error == "skip":
+            raise ValueError(
+                "data.placement device reads and checks every shard before training, so there is nothing to skip later; "
+                "data.on_error skip needs data.placement stream (or auto)"
             )
         if self.data.base_url and self.data.base_url.startswith("pipe:") and not self.data.allow_pipe:
             raise ValueError("data.base_url is a pipe: URL, which runs shell commands; set data.allow_pipe: true")

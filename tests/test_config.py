@@ -70,6 +70,8 @@ BAD_OVERRIDES = [
     (["schedule.name=linear"], "schedule.name: Input should be 'constant', 'cosine' or 'onecycle'"),
     (["data.shift=9"], "data.shift: Input should be less than or equal to 8"),
     (["train.label_smoothing=1"], "train.label_smoothing: Input should be less than 1"),
+    (["data.placement=device", "data.on_error=skip"], "data.on_error skip needs data.placement stream (or auto)"),
+    (["data.placement=disk"], "data.placement: Input should be 'auto', 'stream' or 'device'"),
 ]
 
 
@@ -93,7 +95,8 @@ def test_bad_overrides(overrides, needle):
     stderr = _train_cli("--config", str(GOOD), *overrides)
     assert needle in stderr
     # a bad value names the file it was loaded with (blanked above); a malformed argument names the argument
-    assert "invalid config <arg> with overrides <arg>: " in stderr or "command-line override '<arg>'" in stderr
+    echoed = " ".join(["<arg>"] * len(overrides))
+    assert f"invalid config <arg> with overrides {echoed}: " in stderr or "command-line override '<arg>'" in stderr
 
 
 BAD_FILES = [

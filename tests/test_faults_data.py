@@ -48,12 +48,12 @@ def _all_shards_bad_for_rank0_epoch0(data: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1])
-def test_corrupt_shard_raise_names_it(tmp_path, fashion_shards, workers):
+@pytest.mark.parametrize("placement,workers", [("stream", 0), ("stream", 1), ("device", 0)])
+def test_corrupt_shard_raise_names_it(tmp_path, fashion_shards, placement, workers):
     data = _copy(fashion_shards, tmp_path / "data")
     name = _all_shards_bad_for_rank0_epoch0(data)
     proc = train_run(tmp_path / "out", data, *SHORT, "train.max_steps=300", f"data.num_workers={workers}",
-                     "train.batch_size=256", check=False)
+                     f"data.placement={placement}", "train.batch_size=256", check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert name in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") < 10, "one clear message, not a wall of text"

@@ -217,6 +217,12 @@ def shift_images(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.
     return padded[np.arange(n)[:, None, None], rows, cols]
 
 
+def save_sample_ids(output_dir: Path, rank: int, batches: list[np.ndarray]) -> None:
+    """Audit: the sample ids this rank trained on, one row per step, as output_dir/sample_ids/rank-N.npy."""
+    (output_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+    np.save(output_dir / "sample_ids" / f"rank-{rank:05d}.npy", np.stack(batches))
+
+
 def make_train_loader(stream: TrainStream, pin_memory: bool) -> DataLoader:
     # batch_size=None: the stream already batches; the loader only runs workers.
     return DataLoader(

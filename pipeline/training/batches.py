@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.data.stream import TrainStream, make_train_loader
+from pipeline.data.stream import TrainStream, make_train_loader, save_sample_ids
 from pipeline.errors import DataError
 
 
@@ -65,7 +65,5 @@ class TrainBatches:
             self.padded_passes += 1
 
     def save_sample_ids(self, output_dir: Path) -> None:
-        if self.sample_ids is None:
-            return
-        (output_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
-        np.save(output_dir / "sample_ids" / f"rank-{self.rank:05d}.npy", np.stack(self.sample_ids))
+        if self.sample_ids is not None:
+            save_sample_ids(output_dir, self.rank, self.sample_ids)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, save_config
 from pipeline.data.manifest import Manifest, check_dataset, load_manifest
+from pipeline.data.resident import ResidentBatches, choose_placement
 from pipeline.data.stream import ShardSource, StreamPlan, TrainStream, load_split_tensors, verify_shards
 from pipeline.errors import ConfigError, UserError
 from pipeline.model import build_model, save_trained
@@ -164,7 +165,9 @@ class Trainer:
 
         self.source = ShardSource(cfg.data.dir, cfg.data.base_url)
         self.manifest = load_training_manifest(cfg, self.source)
-        self.plan = StreamPlan(cfg.train.batch_size, self.world, cfg.data.num_workers, cfg.train.seed)
+        self.placement = self._choose_placement()
+        workers = cfg.data.num_workers if self.placement == "stream" else 0  # resident data needs no loader
+        self.plan = StreamPlan(cfg.train.batch_size, self.world, workers, cfg.train.seed)
         self.plan.check(self.manifest, "train")
         self.total_steps, self.steps_per_epoch = plan_steps(cfg, self.plan, self.manifest)
         if cfg.train.max_steps is None and cfg.eval.every_steps > self.total_steps:
@@ -180,11 +183,7 @@ class Trainer:
         if self.main:
             save_config(cfg, self.out / "config.yaml")
 
-        self.batches = TrainBatches(
-            TrainStream(self.manifest, self.source, "train", self.plan, accelerator.process_index, cfg.data.shuffle_buffer,
-                        on_error=cfg.data.on_error, hflip=cfg.data.hflip, shift=cfg.data.shift),
-            rank=accelerator.process_index, seed=cfg.train.seed, on_error=cfg.data.on_error, data_dir=cfg.data.dir,
-            pin_memory=self.device.type == "cuda", record_sample_ids=cfg.data.record_sample_ids)
+        self.batches = self._build_batches()
         self.evaluator = Evaluator(*load_split_tensors(self.manifest, self.source, "test"), cfg.eval.batch_size,
                                    self.manifest.num_classes, self.device, accelerator.autocast) if self.main else None
         self.run_info = {
@@ -192,6 +191,7 @@ class Trainer:
             "distributed_type": accelerator.distributed_type.value,
             "mixed_precision": accelerator.mixed_precision,
             "gpu_rehearsal": self.rehearsal,
+            "data_placement": self.placement,
             "dataset_fingerprint": self.manifest.fingerprint,
         }
         metrics_log = MetricsLog(self.out / "metrics.jsonl", self.state.step if self.resumed_from else None) if self.main else None
@@ -228,6 +228,24 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
         model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
         return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing)
+
+    def _choose_placement(self) -> str:
+        """Where the train split lives; the same on every rank, since steps per epoch depend on it."""
+        placement, why = choose_placement(self.cfg.data.placement, self.cfg.data.on_error, self.manifest, self.device)
+        if any_rank(self.accelerator, placement == "stream") and placement != "stream":
+            placement, why = "stream", "auto: another rank's device has too little free memory"
+        self.log(f"data placement {placement} ({why})")
+        return placement
+
+    def _build_batches(self) -> TrainBatches | ResidentBatches:
+        cfg, rank = self.cfg, self.accelerator.process_index
+        if self.placement == "device":
+            return ResidentBatches(self.manifest, self.source, "train", self.plan, rank, self.device, hflip=cfg.data.hflip,
+                                   shift=cfg.data.shift, record_sample_ids=cfg.data.record_sample_ids)
+        stream = TrainStream(self.manifest, self.source, "train", self.plan, rank, cfg.data.shuffle_buffer,
+                             on_error=cfg.data.on_error, hflip=cfg.data.hflip, shift=cfg.data.shift)
+        return TrainBatches(stream, rank=rank, seed=cfg.train.seed, on_error=cfg.data.on_error, data_dir=cfg.data.dir,
+                            pin_memory=self.device.type == "cuda", record_sample_ids=cfg.data.record_sample_ids)
 
     def _model_card(self) -> dict[str, Any]:
         """Saved beside the weights (model/config.json, checkpoints): what evaluate and predict need."""
