@@ -22,6 +22,7 @@ CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 
 
 def sweep(device: str, precision: str, data: Path, work: Path, batches: list[int], steps: int, warm: int = 10) -> list[dict]:
+    work.mkdir(parents=True, exist_ok=True)
     floor = throughput.Floor(data, CONFIG, device=device, precision=precision)
     rows = []
     for batch in batches:
@@ -45,7 +46,6 @@ def main() -> None:
     p.add_argument("--batches", default="256,1024,4096")
     p.add_argument("--steps", type=int, default=100)
     args = p.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
     rows = sweep(args.device, args.precision, args.data, args.work / f"sweep-{args.precision}",
                  [int(b) for b in args.batches.split(",")], args.steps)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")

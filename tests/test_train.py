@@ -50,13 +50,13 @@ def test_cpu_test_mode_end_to_end(tmp_path, fashion_shards):
 def test_two_process_gloo_run(tmp_path, fashion_shards):
     out = tmp_path / "ddp"
     train_run(out, fashion_shards, NO_WANDB, "train.max_steps=240", "eval.every_steps=40", "checkpoint.every_steps=120",
-              "data.record_sample_ids=true", "data.num_workers=1", nproc=2)
+              "data.record_sample_ids=true", "data.placement=stream", "data.num_workers=1", nproc=2)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
     r0 = np.load(out / "sample_ids" / "rank-00000.npy")
     r1 = np.load(out / "sample_ids" / "rank-00001.npy")
     assert r0.shape == r1.shape == (240, 128), "both ranks take the same steps"
-    steps_per_epoch = 234  # 60000 // (2 ranks * 128), per-worker tails dropped
+    steps_per_epoch = 234  # 60000 // (2 ranks * 128): the workers' partial batches are merged
     first_epoch = np.concatenate([r0[:steps_per_epoch].ravel(), r1[:steps_per_epoch].ravel()])
     assert len(np.unique(first_epoch)) == len(first_epoch), "the ranks' samples within an epoch are disjoint"
     evals = [e["step"] for e in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in e]
@@ -90,8 +90,9 @@ def test_grad_clip_bounds_applied_norm(tmp_path, fashion_shards):
 
 
 def test_exact_resume_bit_identical(tmp_path, fashion_shards):
-    common = (NO_WANDB, "train.max_steps=200", "model.num_layers=2", "model.dropout=0.2", "data.num_workers=1",
-              "checkpoint.every_steps=100")
+    common = (NO_WANDB, "train.max_steps=200", "model.num_layers=2", "model.dropout=0.2", "data.placement=stream",
+              "data.num_workers=2", "data.hflip=true", "train.batch_size=512",  # 117 steps per epoch: the resumed
+              "checkpoint.every_steps=100")  # run crosses an epoch, with persistent workers and merged tails
     straight, split = tmp_path / "straight", tmp_path / "split"
     train_run(straight, fashion_shards, *common)
     train_run(split, fashion_shards, *common, "train.stop_at_step=100")

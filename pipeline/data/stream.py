@@ -2,14 +2,18 @@
 
 Per epoch, the shard list is permuted with a seed shared by all ranks, then split by rank
 (round-robin) and by DataLoader worker. Each worker unpacks its blocks into a window,
-shuffles the window with a seeded generator and emits full batches only. The steps of an
-epoch are the minimum over ranks of full batches, so no rank waits at an all-reduce that a
-shorter rank never reaches (webdataset/webdataset#188). Within an epoch the ranks read
-disjoint shards, so no training sample is seen twice.
+shuffles the window with a seeded generator and emits full batches, then its remainder as one
+partial batch; `merge_partial_batches` in the rank's process joins the workers' partial
+batches into full ones, so at most one partial batch per rank is dropped per epoch, whatever
+the worker count. The steps of an epoch are the minimum over ranks of full batches, so no rank
+waits at an all-reduce that a shorter rank never reaches (webdataset/webdataset#188). Within an
+epoch the ranks read disjoint shards, so no training sample is seen twice. Workers persist
+across epochs; the epoch reaches them through shared memory.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +109,8 @@ class StreamPlan:
     def steps_in_epoch(self, manifest: Manifest, split: str, epoch: int) -> int:
         shards = manifest.split(split).shards
         assign = epoch_assignment(len(shards), self.seed, epoch, self.world_size, self.num_workers)
-        per_rank = [
-            sum(sum(shards[i].num_samples for i in worker) // self.batch_size for worker in rank)
-            for rank in assign
-        ]
+        # The workers' partial batches are merged: a rank loses less than one batch per epoch.
+        per_rank = [sum(shards[i].num_samples for worker in rank for i in worker) // self.batch_size for rank in assign]
         steps = min(per_rank)
         if steps == 0:
             raise DataError(
@@ -137,10 +139,15 @@ class TrainStream(IterableDataset):
         self.on_error = on_error
         self.hflip = hflip
         self.shift = shift
-        self.epoch = 0
+        # Shared memory: persistent DataLoader workers hold their own copy of this object.
+        self._epoch = multiprocessing.RawValue("q", 0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -184,7 +191,8 @@ class TrainStream(IterableDataset):
         yield from self._drain(pool, rng, keep_tail=False)
 
     def _drain(self, pool, rng, keep_tail: bool):
-        """Shuffle the window, emit its full batches, carry the remainder (< batch) on."""
+        """Shuffle the window, emit its full batches; carry the remainder (< batch) on, or, at the
+        end of the worker's data, emit it as one partial batch for the rank to merge."""
         bs = self.plan.batch_size
         if not pool:
             return [], 0
@@ -192,18 +200,23 @@ class TrainStream(IterableDataset):
         order = rng.permutation(len(y))
         full = len(y) // bs * bs
         for start in range(0, full, bs):
-            sel = order[start : start + bs]
-            xb = x[sel]  # fancy indexing copies: safe to flip in place
-            if self.hflip:
-                flip = rng.random(bs) < 0.5
-                xb[flip] = xb[flip, :, ::-1]
-            if self.shift:
-                xb = shift_images(xb, self.shift, rng)
-            yield torch.from_numpy(xb), torch.from_numpy(y[sel]), torch.from_numpy(idx[sel])
-        if not keep_tail or full == len(y):
+            yield self._batch(x, y, idx, order[start : start + bs], rng)
+        if full == len(y):
             return [], 0
         rest = order[full:]
+        if not keep_tail:
+            yield self._batch(x, y, idx, rest, rng)
+            return [], 0
         return [(x[rest], y[rest], idx[rest])], len(rest)
+
+    def _batch(self, x, y, idx, sel, rng):
+        xb = x[sel]  # fancy indexing copies: safe to flip in place
+        if self.hflip:
+            flip = rng.random(len(sel)) < 0.5
+            xb[flip] = xb[flip, :, ::-1]
+        if self.shift:
+            xb = shift_images(xb, self.shift, rng)
+        return torch.from_numpy(xb), torch.from_numpy(y[sel]), torch.from_numpy(idx[sel])
 
 
 def shift_images(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -223,14 +236,34 @@ def save_sample_ids(output_dir: Path, rank: int, batches: list[np.ndarray]) -> N
     np.save(output_dir / "sample_ids" / f"rank-{rank:05d}.npy", np.stack(batches))
 
 
+def merge_partial_batches(items: Iterator, batch_size: int) -> Iterator:
+    """The loader's items with the workers' partial batches joined into full ones (in the order
+    they arrive, which the DataLoader keeps fixed); other items (counts, messages) pass through.
+    What is left at the end, less than one batch, is dropped."""
+    pending: list[tuple[torch.Tensor, ...]] = []
+    held = 0
+    for item in items:
+        if isinstance(item, (int, str)) or len(item[1]) == batch_size:
+            yield item
+            continue
+        pending.append(item)
+        held += len(item[1])
+        if held >= batch_size:
+            joined = [torch.cat(parts) for parts in zip(*pending, strict=True)]
+            yield tuple(t[:batch_size] for t in joined)
+            rest = tuple(t[batch_size:] for t in joined)
+            pending, held = ([rest], len(rest[1])) if len(rest[1]) else ([], 0)
+
+
 def make_train_loader(stream: TrainStream, pin_memory: bool) -> DataLoader:
-    # batch_size=None: the stream already batches; the loader only runs workers.
+    # batch_size=None: the stream already batches; the loader only runs workers. Workers persist:
+    # starting them again every epoch cost as much as the epoch's tail.
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=stream.plan.num_workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=stream.plan.num_workers > 0,
         prefetch_factor=4 if stream.plan.num_workers else None,
     )
 

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.data.stream import TrainStream, make_train_loader, save_sample_ids
+from pipeline.data.stream import TrainStream, make_train_loader, merge_partial_batches, save_sample_ids
 from pipeline.errors import DataError
 
 
@@ -49,7 +49,7 @@ class TrainBatches:
         self.stream.set_epoch(epoch)
         while True:
             produced = 0
-            for item in self.loader:
+            for item in merge_partial_batches(self.loader, self.stream.plan.batch_size):
                 if isinstance(item, str):  # a worker hit bad data in raise mode: its message
                     raise DataError(item)
                 if isinstance(item, int):  # skip mode: samples lost to an unreadable shard
