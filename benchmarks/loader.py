@@ -5,7 +5,7 @@ what the trainer's loader hands its step (the step casts to float itself: `pipel
 timed in sections 2 and 5; "ours + cast" shows the loader with that cast added).
 
 - ours: the trainer's code path (TrainStream, world 1, workers 0, batch 256, shuffle window as
-  in configs/fashion_mnist.yaml, through make_train_loader).
+  in configs/fashion_mnist.yaml, through make_train_loader and merge_partial_batches).
 - per-sample: the same images written one sample per tar member pair (`.npy` + `.cls`) with
   wds.TarWriter, read back with `wds.WebDataset(urls, shardshuffle=False).decode()`,
   `.to_tuple("npy", "cls").batched(256)`, then torch.from_numpy.
@@ -57,6 +57,7 @@ def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size
         StreamPlan,
         TrainStream,
         make_train_loader,
+        merge_partial_batches,
     )
     from pipeline.model import to_inputs
 
@@ -70,7 +71,7 @@ def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size
         stream.set_epoch(epoch[0])
         epoch[0] += 1
         n = 0
-        for item in loader:
+        for item in merge_partial_batches(loader, batch_size):  # as TrainBatches reads it
             if isinstance(item, str):  # the stream's in-band error message
                 raise RuntimeError(item)
             if isinstance(item, int):  # skipped-sample counts (data.on_error=skip)
