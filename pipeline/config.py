@@ -67,6 +67,10 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
+    fused: bool = Field(
+        False, description="Fused optimizer kernels; with them a non-finite update is skipped on the device, so "
+        "the step never waits for the host (the GPU recipe's choice)"
+    )
 
 
 class ScheduleConfig(_Section):

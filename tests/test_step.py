@@ -104,3 +104,68 @@ def test_confusion_rows_are_true_classes_and_columns_predictions(fashion_shards,
     names = manifest.class_names
     assert all(cells[(names[c], names[3])] == per_true[c] for c in range(10))
     assert all(cells[(names[c], names[p])] == 0 for c in range(10) for p in range(10) if p != 3)
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host (.item(), float(), bool(): a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_step_reads_nothing_back_from_the_device(fused):
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from pipeline.config import ModelConfig, OptimConfig
+    from pipeline.model import build_model
+    from pipeline.training.optimizer import build_optimizer
+    from pipeline.training.step import StepParts, train_step
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=8), [28, 28], 10)
+    optimizer = build_optimizer(model, OptimConfig(name="adam", fused=fused))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer, lambda step: 1.0), grad_clip=1.0)
+    batch = (torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,)))
+    train_step(parts, batch)  # warm-up: lazy state creation may read values once
+    with HostReads() as reads:
+        result = train_step(parts, batch)
+    # Fused: not one value comes back. Unfused: the finite check, and foreach Adam's own reads of its step counts.
+    assert (reads.count == 0) == fused, reads.count
+    assert bool(result.finite)
+
+
+def test_fused_optimizer_skips_a_non_finite_update_on_the_device():
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from pipeline.config import ModelConfig, OptimConfig
+    from pipeline.model import build_model
+    from pipeline.training.optimizer import build_optimizer
+    from pipeline.training.step import StepParts, train_step
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=8), [28, 28], 10)
+    optimizer = build_optimizer(model, OptimConfig(name="adamw", fused=True))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer, lambda step: 1.0))
+    batch = (torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,)))
+    assert bool(train_step(parts, batch).finite)
+    with torch.no_grad():
+        accelerator.unwrap_model(model).head.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not bool(train_step(parts, batch).finite)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=f"a non-finite update changed {k}")
+    step = optimizer.optimizer.state[next(iter(accelerator.unwrap_model(model).parameters()))]["step"]
+    assert int(step) == 1, "the skipped step is not counted in Adam's bias correction"

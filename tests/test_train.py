@@ -130,10 +130,12 @@ def test_resume_refuses_other_model_or_data(tmp_path, fashion_shards):
     assert proc.returncode == 1 and "trained on dataset" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, fashion_shards):
+@pytest.mark.parametrize("fused", [False, True])  # the host decides the skip / the fused kernel skips on the device
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, fashion_shards, fused):
     out = tmp_path / "nan"
     proc = train_run(out, fashion_shards, NO_WANDB, "optim.name=sgd", "optim.lr=1e38", "train.grad_clip=null",
-                     "schedule.warmup_steps=0", "train.max_steps=50", "checkpoint.every_steps=2", check=False)
+                     "schedule.warmup_steps=0", "train.max_steps=50", "checkpoint.every_steps=2", f"optim.fused={fused}",
+                     check=False)
     assert proc.returncode == 3, proc.stderr
     assert "non-finite loss" in proc.stderr and "Traceback" not in proc.stderr
     good = sorted((out / "checkpoints").glob("step-*"))

@@ -286,22 +286,30 @@ class Trainer:
 
     def _count(self, result: StepResult, batch_size: int) -> None:
         state = self.state
-        if not result.finite:
-            if self.accelerator.scaler is None:  # the gradient is the same on every rank: all stop here together
-                raise self._diverged(result)
-            state.skipped_steps += 1  # fp16: the scaler skipped this step and lowered its scale
         state.step += 1
         state.step_in_epoch += 1
         state.samples_seen += batch_size * self.world
-        self.window.add(result)
+        self.window.add(result, state.step)
         self.bar.update(1)
+
+    def _check_finite(self) -> None:
+        """At log boundaries and before checkpoints: the device's count of non-finite steps. Their
+        updates were not applied; without fp16's scaler one means the run diverged."""
+        count, first = self.window.take_nonfinite()
+        if not count:
+            return
+        if self.accelerator.scaler is None:  # the gradient is the same on every rank: all stop here together
+            raise self._diverged(first)
+        self.state.skipped_steps += count  # fp16: the scaler skipped these and lowered its scale
 
     def _after_step(self, stop: StopSignal) -> None:
         """The decisions between two steps: log, evaluate, roll the epoch over, stop, checkpoint."""
         cfg, state = self.cfg, self.state
         final = state.step == self.total_steps
         epoch_steps = self.steps_per_epoch[state.epoch]
-        if state.step % cfg.train.log_every_steps == 0 or final:
+        boundary = state.step % cfg.train.log_every_steps == 0 or final
+        if boundary:
+            self._check_finite()
             self.sink.train(state.step, {**self.window.close(self.accelerator),
                                          "train/epoch": state.epoch + state.step_in_epoch / epoch_steps,
                                          "train/skipped_steps": state.skipped_steps})
@@ -311,14 +319,17 @@ class Trainer:
             if state.step_in_epoch == epoch_steps:  # a checkpoint below then resumes at the next epoch
                 state.epoch += 1
                 state.step_in_epoch = 0
-            self.stopped_by = self._stop_reason(stop)
+            self.stopped_by = self._stop_reason(stop, boundary)
             if self.checkpointer.due(state.step, self.total_steps) or self.stopped_by:
+                self._check_finite()
                 self._checkpoint()
 
-    def _stop_reason(self, stop: StopSignal) -> str | None:
+    def _stop_reason(self, stop: StopSignal, boundary: bool) -> str | None:
         if self.state.step == self.cfg.train.stop_at_step:
             return "train.stop_at_step"
-        if stop.agreed(self.accelerator):  # collective: every rank asks after every step
+        # Collective: every rank votes at the same log boundaries, not after every step, so the
+        # step does not wait for the slowest rank's host; a SIGTERM stops within one log window.
+        if boundary and stop.agreed(self.accelerator):
             return "SIGTERM"
         return None
 
@@ -336,12 +347,12 @@ class Trainer:
         last = self.evaluator.last if self.evaluator else None
         self.tracker.log_checkpoint(path, state.step, last.accuracy if last else None, self.checkpointer.is_best(state))
 
-    def _diverged(self, result: StepResult) -> Diverged:
+    def _diverged(self, step: int) -> Diverged:
         last_good = self.checkpointer.latest()
         return Diverged(
-            f"non-finite loss or gradient norm at step {self.state.step + 1} (loss {result.loss.item():.4g}, lr "
-            f"{result.lr:.3g}); training stopped before the update. The last good checkpoint is "
-            f"{last_good or 'none (no checkpoint was written yet)'}. Lower optim.lr or set train.grad_clip"
+            f"non-finite loss or gradient norm at step {step}; its update was not applied and training stopped at step "
+            f"{self.state.step}. The last good checkpoint is {last_good or 'none (no checkpoint was written yet)'}. "
+            "Lower optim.lr or set train.grad_clip"
         )
 
     # -- the end ----------------------------------------------------------------------------

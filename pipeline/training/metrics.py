@@ -31,18 +31,31 @@ class StepWindow:
         self.global_batch = global_batch
         self.loss = torch.zeros((), device=device)
         self.steps = 0
-        self.norm_sum, self.norm_count = 0.0, 0
+        # Device tensors, read once per window: the step itself never waits for the device.
+        self.norm_sum = torch.zeros((), device=device)
+        self.norm_count = torch.zeros((), device=device, dtype=torch.long)
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.long)
+        self.first_nonfinite = torch.full((), -1, device=device, dtype=torch.long)
         self.lr = math.nan
         self.start = time.perf_counter()
         self.total_seconds, self.total_samples = 0.0, 0  # this process's training time, for throughput after a resume
 
-    def add(self, result: StepResult) -> None:
+    def add(self, result: StepResult, step: int) -> None:
         self.loss += result.loss
         self.steps += 1
-        if math.isfinite(result.grad_norm):
-            self.norm_sum += result.grad_norm
-            self.norm_count += 1
+        self.norm_sum += torch.where(result.finite, result.grad_norm.float(), 0.0)
+        self.norm_count += result.finite
+        bad = ~result.finite
+        self.nonfinite += bad
+        self.first_nonfinite.copy_(torch.where((self.first_nonfinite < 0) & bad, step, self.first_nonfinite))
         self.lr = result.lr
+
+    def take_nonfinite(self) -> tuple[int, int]:
+        """(count, first step) of non-finite steps not taken yet; reads the device once."""
+        count, first = (int(v) for v in torch.stack([self.nonfinite, self.first_nonfinite]).tolist())
+        self.nonfinite.zero_()
+        self.first_nonfinite.fill_(-1)
+        return count, first
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -60,14 +73,17 @@ class StepWindow:
         samples = self.steps * self.global_batch
         self.total_seconds += elapsed
         self.total_samples += samples
+        norm_sum, norm_count = self.norm_sum.item(), int(self.norm_count)
         metrics = {
             "train/loss": mean_loss,
             "train/lr": self.lr,
-            "train/grad_norm": self.norm_sum / self.norm_count if self.norm_count else math.nan,
+            "train/grad_norm": norm_sum / norm_count if norm_count else math.nan,
             "train/samples_per_s": samples / elapsed,
         }
         self.loss.zero_()
-        self.steps, self.norm_sum, self.norm_count = 0, 0.0, 0
+        self.norm_sum.zero_()
+        self.norm_count.zero_()
+        self.steps = 0
         self.start = time.perf_counter()
         return metrics
 

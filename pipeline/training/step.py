@@ -3,6 +3,11 @@
 `train_step` makes no decisions about logging, evaluation, checkpoints or stopping; the loop
 reads its `StepResult` and decides. The only rule it enforces itself is the one that cannot
 wait for the loop: a non-finite gradient is never applied.
+
+Nothing in it waits for the device: the gradient norm and the finite flag stay device tensors
+that the loop reads at log boundaries. The skip of a non-finite update happens on the device
+too where the optimizer can do it (fp16's GradScaler; fused optimizers read `found_inf`);
+only an unfused optimizer without a scaler needs the host to decide, one sync per step.
 """
 
 from __future__ import annotations
@@ -29,12 +34,18 @@ class StepParts:
     label_smoothing: float = 0.0
 
 
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether a non-finite update can be withheld without asking the host."""
+        return self.accelerator.scaler is not None or bool(_base(self.optimizer).defaults.get("fused"))
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss of the batch, detached, on the device
-    grad_norm: float  # total gradient norm before clipping (the same on every rank after the all-reduce)
+    grad_norm: torch.Tensor  # total gradient norm before clipping, on the device (the same on every rank)
+    finite: torch.Tensor  # bool on the device; False: inf/nan gradient, no update applied
     lr: float  # the learning rate this step's update used
-    finite: bool  # False: the gradient was inf/nan and no update was applied (with fp16 the scaler skipped it)
 
 
 def train_step(parts: StepParts, batch: tuple[torch.Tensor, ...]) -> StepResult:
@@ -46,14 +57,20 @@ def train_step(parts: StepParts, batch: tuple[torch.Tensor, ...]) -> StepResult:
     loss = F.cross_entropy(logits.float(), targets, label_smoothing=parts.label_smoothing)
     accelerator.backward(loss)
     clip = parts.grad_clip if parts.grad_clip is not None else math.inf
-    norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+    norm = accelerator.clip_grad_norm_(model.parameters(), clip).detach()
     lr = optimizer.param_groups[0]["lr"]
-    finite = math.isfinite(norm)
-    scaler = accelerator.scaler
-    if finite or scaler is not None:
-        # With fp16 the scaler itself skips a non-finite step and lowers its scale; the schedule
-        # still advances, as it does in every trainer that uses GradScaler.
+    finite = torch.isfinite(norm)
+    if accelerator.scaler is None and parts.skips_on_device:
+        _base(optimizer).found_inf = (~finite).float()  # read by the fused kernel: skip, on the device
+    if parts.skips_on_device or bool(finite):  # the host decides only for an unfused optimizer
+        # With fp16 the scaler itself skips a non-finite step and lowers its scale. The schedule
+        # advances on a skipped step, as in every trainer that uses GradScaler; without a scaler
+        # the run stops at the next log boundary anyway.
         optimizer.step()
         parts.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss.detach(), grad_norm=norm, lr=lr, finite=finite)
+    return StepResult(loss=loss.detach(), grad_norm=norm, finite=finite, lr=lr)
+
+
+def _base(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
