@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ def check_fits(trained: TrainedModel, manifest, data_dir: str) -> None:
     if manifest.num_classes != trained.num_classes:
         raise UnusableModel(f"{data_dir} has {manifest.num_classes} classes, but the model in {trained.source} predicts "
                             f"{trained.num_classes}; evaluate it on the dataset it was trained for ({trained.dataset})")
+    if trained.dataset and manifest.dataset != trained.dataset:
+        # Allowed (a model can be tried on a sibling dataset), but its class names are not the data's.
+        print(f"warning: the model was trained on {trained.dataset} and {data_dir} holds {manifest.dataset}; class "
+              "indices are compared as they are, under the model's class names", file=sys.stderr, flush=True)
 
 
 def prepare_out(out: Path, force: bool) -> None:

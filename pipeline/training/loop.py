@@ -129,15 +129,10 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     accelerator = build_accelerator(cfg)
     lease = take_output_lease(accelerator, cfg)
     stop = StopSignal()
-    try:
-        trainer = Trainer(cfg, resume, accelerator)
-    except BaseException:
-        stop.restore()
-        if lease:
-            lease.release()
-        raise
+    trainer: Trainer | None = None
     exit_code, preempted = 1, False
     try:
+        trainer = Trainer(cfg, resume, accelerator)
         summary = trainer.run(stop)
         exit_code = 0
         return summary
@@ -146,8 +141,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         raise
     finally:
         stop.restore()
-        trainer.tracker.finish(exit_code, preempted=preempted)
-        if lease:
+        if trainer is not None:
+            trainer.tracker.finish(exit_code, preempted=preempted)
+        if lease is not None:
             lease.release()
 
 
