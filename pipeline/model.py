@@ -47,19 +47,19 @@ def build_model(cfg: ModelConfig, image_shape: list[int], num_classes: int) -> S
 
 def save_trained(model: SequenceClassifier, directory, extra: dict) -> None:
     """Final weights as safetensors beside the config needed to rebuild the module."""
-    import hashlib
     import json
     from pathlib import Path
 
     from safetensors.torch import save_file
+
+    from pipeline.files import sha256_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "model.safetensors"
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, weights)
     # The digest lets evaluate/predict tell a damaged copy from the weights that were saved.
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    card = {"model": model.cfg.model_dump(), **extra, "weights_sha256": digest}
+    card = {"model": model.cfg.model_dump(), **extra, "weights_sha256": sha256_file(weights)}
     (directory / "config.json").write_text(json.dumps(card, indent=2) + "\n")
 
 

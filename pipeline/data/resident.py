@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.manifest import Manifest
-from pipeline.data.stream import ShardSource, StreamPlan, epoch_assignment, read_blocks, save_sample_ids
+from pipeline.data.stream import ShardSource, StreamPlan, epoch_assignment, load_split_arrays, save_sample_ids
 
 # The train split goes to the device only if it takes at most this share of the free memory
 # there: the model, its activations at large batches and the evaluation need the rest.
@@ -53,18 +53,6 @@ def free_memory(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def load_split_arrays(manifest: Manifest, source: ShardSource, split: str) -> tuple[np.ndarray, ...]:
-    """(images uint8 [n, H, W], labels int64 [n], sample ids int64 [n], shard start offsets [shards + 1])."""
-    xs, ys, ids, offsets = [], [], [], [0]
-    for shard in manifest.split(split).shards:
-        for x, y, idx in read_blocks(source, shard):
-            xs.append(x)
-            ys.append(y.astype(np.int64))
-            ids.append(idx.astype(np.int64))
-        offsets.append(offsets[-1] + shard.num_samples)
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids), np.asarray(offsets)
 
 
 class ResidentBatches:

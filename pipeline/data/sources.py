@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.files import sha256_file
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -129,14 +130,6 @@ def parse_idx(path: Path, kind: str, num_classes: int = 10) -> np.ndarray:
     return array
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _md5_file(path: Path) -> str:
     h = hashlib.md5()
     h.update(path.read_bytes())
@@ -237,6 +230,6 @@ def load_split(paths: dict[tuple[str, str], Path], split: str, num_classes: int)
 
 def describe_sources(paths: dict[tuple[str, str], Path]) -> dict[str, dict]:
     return {
-        p.name: {"sha256": _sha256_file(p), "bytes": p.stat().st_size}
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(paths.values(), key=lambda p: p.name)
     }

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.manifest import Manifest, ShardEntry
 from pipeline.data.shards import iter_tar_blocks
 from pipeline.errors import DataError
+from pipeline.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,13 @@ def verify_shards(manifest: Manifest, source: ShardSource, split: str, mode: str
     """Fail before training on missing or resized shards ('size'), or on changed bytes ('sha256')."""
     if mode == "none" or source.base_url:
         return
-    import hashlib
-
     for shard in manifest.split(split).shards:
         path = Path(source.location(shard))
         if not path.is_file():
             raise DataError(f"shard {path} listed in the manifest is missing; re-run the preparation with --force")
         if path.stat().st_size != shard.bytes:
             raise DataError(f"shard {path} is {path.stat().st_size} bytes, the manifest says {shard.bytes}; it is damaged")
-        if mode == "sha256" and hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
+        if mode == "sha256" and sha256_file(path) != shard.sha256:
             raise DataError(f"shard {path} does not match its sha256 in the manifest; it is damaged")
 
 
@@ -268,12 +267,21 @@ def make_train_loader(stream: TrainStream, pin_memory: bool) -> DataLoader:
     )
 
 
-def load_split_tensors(manifest: Manifest, source: ShardSource, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole split in memory, in manifest order (evaluation: 10k x 784 bytes)."""
-    xs, ys = [], []
+def load_split_arrays(manifest: Manifest, source: ShardSource, split: str) -> tuple[np.ndarray, ...]:
+    """The whole split in memory, in manifest order: (images uint8 [n, H, W], labels int64 [n],
+    sample ids int64 [n], shard start offsets [shards + 1])."""
+    xs, ys, ids, offsets = [], [], [], [0]
     for shard in manifest.split(split).shards:
-        for x, y, _ in read_blocks(source, shard):
+        for x, y, idx in read_blocks(source, shard):
             xs.append(x)
-            ys.append(y)
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+            ys.append(y.astype(np.int64))
+            ids.append(idx.astype(np.int64))
+        offsets.append(offsets[-1] + shard.num_samples)
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids), np.asarray(offsets)
+
+
+def load_split_tensors(manifest: Manifest, source: ShardSource, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of the whole split (evaluation: 10k x 784 bytes)."""
+    x, y, _, _ = load_split_arrays(manifest, source, split)
+    return torch.from_numpy(x), torch.from_numpy(y)
 

@@ -18,7 +18,6 @@ checks what to resume. The free functions below it are its mechanics.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
+from pipeline.files import sha256_file
 from pipeline.training.collectives import any_rank
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -279,11 +279,7 @@ def file_digests(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory` but state.json, by relative path."""
     digests = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "state.json"):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests[path.relative_to(directory).as_posix()] = h.hexdigest()
+        digests[path.relative_to(directory).as_posix()] = sha256_file(path)
     return digests
 
 
