@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import sys
@@ -60,15 +59,6 @@ def prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def autocast_for(trained: TrainedModel, device: torch.device, precision: str):
-    """The trainer evaluates under its mixed precision; the same choice reproduces its numbers."""
-    precision = trained.mixed_precision if precision == "auto" else precision
-    if precision == "no":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def run(model_path: str, data_dir: str, split: str = "test", out: str | None = None, batch_size: int = 1000,
         precision: str = "auto", force: bool = False, device: torch.device | None = None) -> dict[str, Any]:
     trained = load_trained_model(model_path)
@@ -79,7 +69,7 @@ def run(model_path: str, data_dir: str, split: str = "test", out: str | None = N
     device = device or torch.device("cpu")
     images, labels = load_split_tensors(manifest, ShardSource(data_dir), split)
     model = trained.model.to(device)
-    result = evaluate(model, images, labels, batch_size, device, autocast_for(trained, device, precision),
+    result = evaluate(model, images, labels, batch_size, device, trained.autocast(device, precision),
                       trained.num_classes, max_examples=25)
     report = _report(result, trained, manifest, data_dir, split, len(labels))
     write_json_atomic(out_dir / "eval.json", report)

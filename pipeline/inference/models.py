@@ -6,7 +6,7 @@ weights file, weights that do not fit the description) becomes one UserError nam
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +16,7 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.files import sha256_file
 from pipeline.model import SequenceClassifier, build_model
 
 
@@ -45,6 +46,15 @@ class TrainedModel:
     def wandb_run_id(self) -> str | None:
         return self.card.get("wandb_run_id")
 
+    def autocast(self, device: torch.device, precision: str = "auto"):
+        """The trainer evaluates under its mixed precision; the same choice reproduces its numbers
+        (evaluate and predict both use this). `precision` auto: the one the model was trained with."""
+        precision = self.mixed_precision if precision == "auto" else precision
+        if precision == "no":
+            return contextlib.nullcontext
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast(device.type, dtype=dtype)
+
 
 HINT = "pass a run's model directory (RUN/model) or one of its checkpoints (RUN/checkpoints/step-N)"
 
@@ -70,7 +80,7 @@ def _from_model_dir(path: Path) -> TrainedModel:
         raise UnusableModel(f"{path / 'config.json'} is not a model description of this pipeline ({err}); {HINT}") from None
     weights = path / "model.safetensors"
     recorded = card.get("weights_sha256")
-    if recorded and weights.is_file() and hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
+    if recorded and weights.is_file() and sha256_file(weights) != recorded:
         raise UnusableModel(f"{weights} is damaged: its sha256 differs from the one recorded in config.json when it was "
                             "saved; re-copy the run's model directory or use one of its checkpoints")
     model = _with_weights(build_model(model_cfg, image_shape, num_classes), weights)

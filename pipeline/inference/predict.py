@@ -16,7 +16,8 @@ from pipeline.training.evaluation import logits_in_batches
 
 def predict(trained: TrainedModel, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Probabilities [n, classes] for uint8 images [n, H, W], computed as the trainer's evaluation does."""
-    logits = logits_in_batches(trained.model, torch.from_numpy(images), batch_size, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    logits = logits_in_batches(trained.model, torch.from_numpy(images), batch_size, cpu, trained.autocast(cpu))
     return torch.softmax(logits, dim=1).numpy()
 
 
