@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -134,7 +135,7 @@ def test_the_step_reads_nothing_back_from_the_device(fused):
     model = build_model(ModelConfig(hidden_size=8), [28, 28], 10)
     optimizer = build_optimizer(model, OptimConfig(name="adam", fused=fused))
     model, optimizer = accelerator.prepare(model, optimizer)
-    parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer, lambda step: 1.0), grad_clip=1.0)
+    parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer.optimizer, lambda step: 1.0), grad_clip=1.0)
     batch = (torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,)))
     train_step(parts, batch)  # warm-up: lazy state creation may read values once
     with HostReads() as reads:
@@ -158,7 +159,7 @@ def test_fused_optimizer_skips_a_non_finite_update_on_the_device():
     model = build_model(ModelConfig(hidden_size=8), [28, 28], 10)
     optimizer = build_optimizer(model, OptimConfig(name="adamw", fused=True))
     model, optimizer = accelerator.prepare(model, optimizer)
-    parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer, lambda step: 1.0))
+    parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer.optimizer, lambda step: 1.0))
     batch = (torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,)))
     assert bool(train_step(parts, batch).finite)
     with torch.no_grad():
@@ -169,3 +170,33 @@ def test_fused_optimizer_skips_a_non_finite_update_on_the_device():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=f"a non-finite update changed {k}")
     step = optimizer.optimizer.state[next(iter(accelerator.unwrap_model(model).parameters()))]["step"]
     assert int(step) == 1, "the skipped step is not counted in Adam's bias correction"
+
+
+@pytest.mark.parametrize("log_every", [7, 600])  # windows shorter than one fold, and spanning three
+def test_step_window_counts_what_each_window_saw(log_every):
+    """Loss and norm means over a window, non-finite steps counted and the first one named, however
+    the window's steps were folded into the device sums."""
+    from accelerate import Accelerator
+
+    from pipeline.training.metrics import StepWindow
+    from pipeline.training.step import StepResult
+
+    bad_steps = {5, 300, 301, 513}
+    window, accelerator = StepWindow(torch.device("cpu"), global_batch=4), Accelerator(cpu=True)
+    seen, start = [], 1
+    for step in range(1, 601):
+        finite = step not in bad_steps
+        window.add(StepResult(loss=torch.tensor(float(step)), grad_norm=torch.tensor(2.0 * step if finite else math.inf),
+                              finite=torch.tensor(finite), lr=0.1), step)
+        if step % log_every == 0 or step == 600:
+            count, first = window.take_nonfinite()
+            in_window = sorted(s for s in bad_steps if start <= s <= step)
+            assert (count, first) == (len(in_window), in_window[0] if in_window else -1), step
+            row = window.close(accelerator)
+            steps = range(start, step + 1)
+            assert row["train/loss"] == pytest.approx(sum(steps) / len(steps))
+            good = [2.0 * s for s in steps if s not in bad_steps]
+            assert row["train/grad_norm"] == pytest.approx(sum(good) / len(good))
+            seen.append(step)
+            start = step + 1
+    assert seen[-1] == 600

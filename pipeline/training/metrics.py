@@ -25,13 +25,20 @@ from pipeline.training.step import StepResult
 
 
 class StepWindow:
-    """Sums the steps since the last log line; the loss stays on the device until `close`."""
+    """Sums the steps since the last log line; the loss stays on the device until `close`.
+
+    `add` only keeps the step's device tensors; they are folded into the sums a batch of steps at
+    a time. Folding every step cost eight tiny tensor operations, about 3% of a small model's step.
+    """
+
+    FOLD_EVERY = 256  # bounds the tensors held when log lines are far apart
 
     def __init__(self, device: torch.device, global_batch: int):
         self.global_batch = global_batch
-        self.loss = torch.zeros((), device=device)
         self.steps = 0
+        self.pending: list[tuple[StepResult, int]] = []
         # Device tensors, read once per window: the step itself never waits for the device.
+        self.loss = torch.zeros((), device=device)
         self.norm_sum = torch.zeros((), device=device)
         self.norm_count = torch.zeros((), device=device, dtype=torch.long)
         self.nonfinite = torch.zeros((), device=device, dtype=torch.long)
@@ -41,17 +48,30 @@ class StepWindow:
         self.total_seconds, self.total_samples = 0.0, 0  # this process's training time, for throughput after a resume
 
     def add(self, result: StepResult, step: int) -> None:
-        self.loss += result.loss
+        self.pending.append((result, step))
         self.steps += 1
-        self.norm_sum += torch.where(result.finite, result.grad_norm.float(), 0.0)
-        self.norm_count += result.finite
-        bad = ~result.finite
-        self.nonfinite += bad
-        self.first_nonfinite.copy_(torch.where((self.first_nonfinite < 0) & bad, step, self.first_nonfinite))
         self.lr = result.lr
+        if len(self.pending) >= self.FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self.pending:
+            return
+        results = [r for r, _ in self.pending]
+        finite = torch.stack([r.finite for r in results])
+        self.loss += torch.stack([r.loss.float() for r in results]).sum()
+        self.norm_sum += torch.where(finite, torch.stack([r.grad_norm.float() for r in results]), 0.0).sum()
+        self.norm_count += finite.sum()
+        bad = ~finite
+        self.nonfinite += bad.sum()
+        # Steps arrive one after another, so the first bad one is an offset from the first pending step.
+        first_here = torch.where(bad.any(), bad.int().argmax() + self.pending[0][1], -1)  # argmax: the first True
+        self.first_nonfinite.copy_(torch.where(self.first_nonfinite < 0, first_here, self.first_nonfinite))
+        self.pending.clear()
 
     def take_nonfinite(self) -> tuple[int, int]:
         """(count, first step) of non-finite steps not taken yet; reads the device once."""
+        self._fold()
         count, first = (int(v) for v in torch.stack([self.nonfinite, self.first_nonfinite]).tolist())
         self.nonfinite.zero_()
         self.first_nonfinite.fill_(-1)
@@ -68,6 +88,7 @@ class StepWindow:
 
     def close(self, accelerator) -> dict[str, float]:
         """Collective (the loss is averaged over ranks): the window's metrics; starts the next window."""
+        self._fold()
         mean_loss = accelerator.reduce(self.loss, reduction="mean").item() / self.steps
         elapsed = time.perf_counter() - self.start
         samples = self.steps * self.global_batch

@@ -66,9 +66,12 @@ def train_step(parts: StepParts, batch: tuple[torch.Tensor, ...]) -> StepResult:
         # With fp16 the scaler itself skips a non-finite step and lowers its scale. The schedule
         # advances on a skipped step, as in every trainer that uses GradScaler; without a scaler
         # the run stops at the next log boundary anyway.
-        optimizer.step()
+        (optimizer if accelerator.scaler is not None else _base(optimizer)).step()
         parts.scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    # Accelerate's optimizer wrapper adds nothing here without a scaler or gradient accumulation,
+    # and costs ~0.1 ms a step (accelerate 1.15 looks up an optional package on disk in every
+    # step() and inspects zero_grad's signature every call): 4% of a small model's CPU step.
+    _base(optimizer).zero_grad(set_to_none=True)
     return StepResult(loss=loss.detach(), grad_norm=norm, finite=finite, lr=lr)
 
 
