@@ -47,7 +47,7 @@ def _timed_pieces(cfg, steps: int) -> tuple[dict, dict]:
         for step in range(1, steps + 1):
             batch = timed("data", next, batches)
             result = timed("compute", train_step, trainer.parts, batch)
-            trainer.window.add(result)
+            trainer.window.add(result, step)
             trainer.state.step = step
             if step % cfg.train.log_every_steps == 0:
                 metrics = timed("logging", trainer.window.close, trainer.accelerator)
@@ -137,6 +137,7 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     scheduler = build_scheduler(optimizer, cfg.schedule, 10_000)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    base_optimizer = optimizer.optimizer
     device, clip = accelerator.device, cfg.train.grad_clip or float("inf")
     regions = defaultdict(float)
     for i, (x, y, _) in enumerate(batches):
@@ -152,10 +153,10 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
         t4 = time.perf_counter()
         float(accelerator.clip_grad_norm_(model.parameters(), clip))
         t5 = time.perf_counter()
-        optimizer.step()
+        base_optimizer.step()  # as train_step: past Accelerate's wrapper when there is no scaler
         t6 = time.perf_counter()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        base_optimizer.zero_grad(set_to_none=True)
         t7 = time.perf_counter()
         if i >= warm:
             for name, a, b in (("input cast (to_inputs)", t0, t1), ("forward", t1, t2), ("loss", t2, t3),

@@ -47,3 +47,13 @@ def test_cuda_mode_fails_clearly_without_gpu(tmp_path, fashion_shards):
 def test_missing_data_dir_is_one_line(tmp_path):
     proc = run_py("benchmarks/run.py", "--quick", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q.json"))
     assert proc.returncode == 2 and "prepare_data.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_step_profile_smoke(tmp_path, fashion_shards):
+    """The profile drives a real Trainer through its public pieces: it breaks when their signatures move."""
+    out = tmp_path / "p.json"
+    run_py("benchmarks/run.py", "--sections", "profile", "--profile-steps", "4", "--data", str(fashion_shards),
+           "--out", str(out), "--work", str(tmp_path / "work"), check=True, timeout=600)
+    r = json.loads(out.read_text())["profile"]
+    assert r["trainer"]["calls"]["compute"] == 4 and r["trainer"]["per_step_seconds"]["compute (train_step)"] > 0
