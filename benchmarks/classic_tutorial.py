@@ -55,6 +55,7 @@ def main() -> None:
 
     model.train()
     seen = 0
+    loop_start = time.perf_counter()  # the training clock: first batch to test accuracy, as the trainer's time_s
     for i, (images, labels) in enumerate(train_loader):
         if args.max_batches is not None and i >= args.max_batches:
             break
@@ -75,10 +76,12 @@ def main() -> None:
             total += len(labels)
     accuracy = correct / total
     seconds = time.perf_counter() - start
+    training_seconds = time.perf_counter() - loop_start
     print(f"RESULT accuracy={accuracy:.6f} seconds={seconds:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"accuracy": accuracy, "seconds": seconds, "train_seconds": train_s, "train_samples": seen,
+            json.dump({"accuracy": accuracy, "seconds": seconds, "training_seconds": training_seconds,
+                       "train_seconds": train_s, "train_samples": seen,
                        "train_samples_per_s": seen / train_s, "torch_threads": torch.get_num_threads()}, f, indent=2)
 
 

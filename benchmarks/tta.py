@@ -1,11 +1,15 @@
 """Section 3: time to accuracy. The classic tutorial (benchmarks/classic_tutorial.py) runs one
-epoch and records its test accuracy; our trainer (configs/fashion_mnist.yaml) then runs until a
-rank-zero evaluation first reaches that accuracy, and is stopped there.
+epoch and records its test accuracy; each of our configs (the speed recipe
+configs/fashion_mnist_fast.yaml, then the quality config configs/fashion_mnist.yaml) then runs
+until a rank-zero evaluation first reaches that accuracy, and is stopped there.
 
-Both are timed the same way, end to end: from launching the command (a fresh Python process)
-to the moment the accuracy is known (the baseline's RESULT line; the pipeline's eval event in
-metrics.jsonl, polled every 0.1 s). Each run's own clock is recorded too (the baseline's timer
-from dataset construction; the trainer's `time_s`, seconds since its training loop started).
+Two clocks, the same for both sides:
+- end to end: from launching the command (a fresh Python process) to the moment the accuracy is
+  known (the baseline's RESULT line; the pipeline's eval event in metrics.jsonl, polled every
+  0.1 s). Start-up (imports, data, model) counts here.
+- training: from the first training batch to the accuracy being known, evaluations included (the
+  baseline's `training_seconds`; the trainer's `time_s`).
+`tta_ratio` is the speed recipe's end-to-end ratio; `tta_ratio_training_clocks` its training one.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def run_baseline(tv_root: Path, work: Path, timeout: float, max_batches: int | N
         raise RuntimeError(f"classic tutorial baseline failed ({proc.returncode}): {''.join(output)[-3000:]}")
     own = json.loads(out_json.read_text())
     return {"accuracy": own["accuracy"], "seconds": known_at, "own_clock_seconds": own["seconds"],
+            "training_seconds": own["training_seconds"],
             "train_samples_per_s": own["train_samples_per_s"], "train_samples": own["train_samples"]}
 
 
@@ -83,7 +88,7 @@ def run_until(args: list[str], metrics: Path, target: float, timeout: float, log
     return {
         "reached": hit is not None,
         "seconds": known_at,
-        "own_clock_seconds": hit.get("time_s") if hit else None,
+        "training_seconds": hit.get("time_s") if hit else None,
         "step": hit["step"] if hit else None,
         "accuracy": hit["eval/accuracy"] if hit else None,
         "evals": [{"step": e["step"], "accuracy": e["eval/accuracy"], "time_s": e.get("time_s")} for e in evals],
@@ -97,27 +102,37 @@ def trainer_args(config: str, data_dir: Path, out: Path, overrides: list[str] = 
             "wandb.mode=disabled", "train.progress_bar=false", *overrides]
 
 
+CONFIGS = ("configs/fashion_mnist_fast.yaml", "configs/fashion_mnist.yaml")  # the first is the speed recipe
+
+
 def run(data_dir: Path, work: Path, tv_root: Path, timeout: float = 1800, baseline_max_batches: int | None = None,
-        overrides: list[str] = (), device: str = "cpu", config: str = "configs/fashion_mnist.yaml") -> dict:
+        overrides: list[str] = (), device: str = "cpu", configs: tuple[str, ...] = CONFIGS) -> dict:
     say(f"time to accuracy on {device}: classic tutorial baseline, one epoch (torchvision + DataLoader, LSTM 28->64, batch 64)")
     base = run_baseline(tv_root, work, timeout, baseline_max_batches, device)
-    say(f"time to accuracy: baseline reached {base['accuracy']:.4f} in {base['seconds']:.1f} s; "
-        f"now {config} until it first evaluates at that accuracy")
-    out = work / "tta-pipeline"
-    shutil.rmtree(out, ignore_errors=True)
-    ours = run_until(trainer_args(config, data_dir, out, [f"train.device={device}", *overrides]), out / "metrics.jsonl",
-                     base["accuracy"], timeout, work / "tta-pipeline.log")
-    if not ours["reached"]:
-        tail = (work / "tta-pipeline.log").read_text()[-2000:]
-        raise RuntimeError(f"the pipeline never reached {base['accuracy']:.4f} (exit {ours['exit_code']}):\n{tail}")
+    runs = {}
+    for config in configs:
+        say(f"time to accuracy: baseline reached {base['accuracy']:.4f} in {base['seconds']:.1f} s; "
+            f"now {config} until it first evaluates at that accuracy")
+        out, log = work / f"tta-{Path(config).stem}", work / f"tta-{Path(config).stem}.log"
+        shutil.rmtree(out, ignore_errors=True)
+        ours = run_until(trainer_args(config, data_dir, out, [f"train.device={device}", *overrides]), out / "metrics.jsonl",
+                         base["accuracy"], timeout, log)
+        if not ours["reached"]:
+            raise RuntimeError(f"{config} never reached {base['accuracy']:.4f} (exit {ours['exit_code']}):\n"
+                               f"{log.read_text()[-2000:]}")
+        runs[config] = {**ours, "overrides": list(overrides), "tta_ratio": ours["seconds"] / base["seconds"],
+                        "tta_ratio_training_clocks": ours["training_seconds"] / base["training_seconds"]}
+    recipe = runs[configs[0]]
     return {
         "baseline_epoch_accuracy": base["accuracy"],
         "baseline_seconds": base["seconds"],
-        "pipeline_seconds_to_baseline_accuracy": ours["seconds"],
-        "tta_ratio": ours["seconds"] / base["seconds"],
-        "tta_ratio_own_clocks": ours["own_clock_seconds"] / base["own_clock_seconds"] if ours["own_clock_seconds"] else None,
+        "recipe": configs[0],
+        "pipeline_seconds_to_baseline_accuracy": recipe["seconds"],
+        "tta_ratio": recipe["tta_ratio"],
+        "tta_ratio_training_clocks": recipe["tta_ratio_training_clocks"],
         "baseline": base,
-        "pipeline": {**ours, "config": config, "overrides": list(overrides)},
+        "runs": runs,
         "device": device,
-        "timing": "seconds from launching the command to the moment the accuracy is known (both as fresh processes)",
+        "timing": "end to end: launch of the command to the accuracy known, both as fresh processes; "
+                  "training clocks: first training batch to the accuracy known, evaluations included",
     }
