@@ -43,6 +43,8 @@ GOALS = {
     "train_vs_floor_b256": (">=", 0.95),
     "tta_ratio": ("<=", 0.25),
     "tta_ratio_training_clocks": ("<=", 0.25),
+    "cuda_min_train_vs_floor": (">=", 0.9),  # fp32 and bf16, every batch size
+    "cuda_training_seconds_to_0.91": ("<=", 10.0),
 }
 
 
@@ -92,6 +94,7 @@ def environment() -> dict:
 
 
 def goals(results: dict) -> dict:
+    cuda = results.get("cuda", {})
     values = {
         "loader_speedup": results.get("loader_speedup"),
         "loader_samples_per_s": results.get("loader", {}).get("ours", {}).get("samples_per_s"),
@@ -99,6 +102,9 @@ def goals(results: dict) -> dict:
         "train_vs_floor_b256": results.get("train_vs_floor", {}).get("256"),
         "tta_ratio": results.get("tta_ratio"),
         "tta_ratio_training_clocks": results.get("tta_ratio_training_clocks"),
+        "cuda_min_train_vs_floor": min((r["train_vs_floor"] for r in cuda.get("sweep", [])
+                                        if r.get("mixed_precision") in ("no", "bf16") and "train_vs_floor" in r), default=None),
+        "cuda_training_seconds_to_0.91": cuda.get("time_to_quality", {}).get("training_seconds"),
     }
     out = {}
     for key, (op, bound) in GOALS.items():
@@ -171,8 +177,13 @@ def report(results: dict) -> str:
         if "tta" in c:
             t = c["tta"]
             parts.append(f"time to the tutorial's accuracy on {device}: tutorial {t['baseline_seconds']:.1f} s "
-                         f"({t['baseline_epoch_accuracy']:.4f}), ours {t['pipeline_seconds_to_baseline_accuracy']:.1f} s; "
-                         f"ratio {t['tta_ratio']:.2f}")
+                         f"({t['baseline_epoch_accuracy']:.4f}; {t['baseline']['training_seconds']:.1f} s training), "
+                         f"{t['recipe']} {t['pipeline_seconds_to_baseline_accuracy']:.1f} s; ratio {t['tta_ratio']:.2f}, "
+                         f"training clocks {t['tta_ratio_training_clocks']:.2f}")
+        if "time_to_quality" in c:
+            q = c["time_to_quality"]
+            parts.append(f"{q['config']} to {q['target']} on {device}: step {q['step']}, {q['training_seconds']:.1f} s of "
+                         f"training, {q['seconds']:.1f} s from launch")
     rows = [[k, g["value"], g["goal"], {True: "met", False: "MISSED", None: "not measured"}[g["met"]]] for k, g in results["goals"].items()]
     parts.append(table("Goals", ["metric", "value", "goal", ""], rows))
     return "\n\n".join(parts)

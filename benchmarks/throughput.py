@@ -55,6 +55,7 @@ def ours_once(data_dir: Path, work: Path, batch: int, warm_steps: int, steps: in
         prev = e["step"]
     return {"samples_per_s": samples / seconds, "summary_train_samples_per_s": summary["train_samples_per_s"],
             "final_eval_accuracy": summary["final_eval_accuracy"], "steps": summary["steps"],
+            "data_placement": summary["data_placement"],
             "eval_seconds_mean": summary.get("eval_seconds_mean")}
 
 
@@ -62,7 +63,8 @@ class Floor:
     """The same math as the trainer's step, over tensors already in memory (on `device`), under the
     same autocast (and, for fp16, a GradScaler)."""
 
-    def __init__(self, data_dir: Path, config: Path = CONFIG, device: str = "cpu", precision: str = "no"):
+    def __init__(self, data_dir: Path, config: Path = CONFIG, device: str = "cpu", precision: str = "no",
+                 extra: list[str] = ()):
         from pipeline.data.manifest import load_manifest
         from pipeline.data.stream import ShardSource, load_split_tensors
 
@@ -74,13 +76,14 @@ class Floor:
         self.y = y[perm].to(self.device).contiguous()
         self.image_shape, self.num_classes = manifest.image_shape, manifest.num_classes
         self.config = config
+        self.extra = list(extra)  # config overrides the trainer is measured with (e.g. optim.fused=true)
         self.precision = precision
 
     def once(self, data_dir: Path, batch: int, warm_steps: int, steps: int) -> dict:
         from pipeline.model import build_model
         from pipeline.training.optimizer import build_optimizer, build_scheduler
 
-        cfg = _cfg(self.config, data_dir, Path("unused"), batch, warm_steps + steps, warm_steps)
+        cfg = _cfg(self.config, data_dir, Path("unused"), batch, warm_steps + steps, warm_steps, self.extra)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.image_shape, self.num_classes).to(self.device)
         model.train()

@@ -29,7 +29,7 @@ def test_quick_benchmark_smoke(tmp_path, fashion_shards):
     for batch, row in r["throughput"]["by_batch"].items():
         assert row["train_vs_floor"] > 0 and row["floor_samples_per_s"] > 0 and row["ours_samples_per_s"] > 0, batch
     assert set(r["goals"]) == {"loader_speedup", "loader_samples_per_s", "train_vs_floor_b64", "train_vs_floor_b256", "tta_ratio",
-                              "tta_ratio_training_clocks"}
+                              "tta_ratio_training_clocks", "cuda_min_train_vs_floor", "cuda_training_seconds_to_0.91"}
     assert r["goals"]["tta_ratio"]["met"] is None  # not measured in --quick
     assert r["environment"]["torch"] and r["environment"]["cores"] >= 1
 
@@ -58,3 +58,16 @@ def test_step_profile_smoke(tmp_path, fashion_shards):
            "--out", str(out), "--work", str(tmp_path / "work"), check=True, timeout=600)
     r = json.loads(out.read_text())["profile"]
     assert r["trainer"]["calls"]["compute"] == 4 and r["trainer"]["per_step_seconds"]["compute (train_step)"] > 0
+
+
+@pytest.mark.slow
+def test_time_to_target_stops_the_run_at_its_first_evaluation_there(tmp_path, fashion_shards):
+    """The time-to-accuracy measurement (CPU tta, and the GPU's time to 0.91): a fresh trainer is
+    stopped once an evaluation reaches the target, and the two clocks are reported."""
+    from benchmarks import tta
+
+    r = tta.time_to(0.6, "configs/cpu_test.yaml", fashion_shards, tmp_path, ["train.max_steps=3000"], timeout=300)
+    assert r["reached"] and r["accuracy"] >= 0.6 and r["step"] % 50 == 0
+    assert r["evals"][-1]["step"] == r["step"], "the first evaluation at the target ends the measurement"
+    assert 0 < r["training_seconds"] < r["seconds"]
+    assert r["exit_code"] is not None and r["exit_code"] != 0, "stopped by SIGTERM, not run to its 3000 steps"
