@@ -114,6 +114,18 @@ def goals(results: dict) -> dict:
     return out
 
 
+def tta_table(title: str, t: dict) -> str:
+    """One table for a tta result (tta.run), on the CPU section and on a GPU alike."""
+    from benchmarks.common import table
+
+    rows = [["classic tutorial, 1 epoch (torchvision, batch 64)", t["baseline_epoch_accuracy"], t["baseline_seconds"],
+             t["baseline"]["training_seconds"], None, None]]
+    rows += [[f"ours, {config}, first eval >= that (step {r['step']})", r["accuracy"], r["seconds"],
+              r["training_seconds"], r["tta_ratio"], r["tta_ratio_training_clocks"]] for config, r in t["runs"].items()]
+    return table(f"{title} (tta_ratio {t['tta_ratio']:.3f}, training clocks {t['tta_ratio_training_clocks']:.3f}: "
+                 f"{t['recipe']})", ["run", "accuracy", "s from launch", "s training", "ratio", "ratio, training"], rows)
+
+
 def report(results: dict) -> str:
     from benchmarks.common import table
 
@@ -143,14 +155,7 @@ def report(results: dict) -> str:
         parts.append(table(f"2. Training samples/s, {th['config']}, ABAB x {th['reps']} (median)",
                            ["", "in-memory floor", "our trainer", "ours / floor"], rows))
     if "tta" in results:
-        t = results["tta"]
-        rows = [["classic tutorial, 1 epoch (torchvision, batch 64)", t["baseline_epoch_accuracy"], t["baseline_seconds"],
-                 t["baseline"]["training_seconds"], None, None]]
-        rows += [[f"ours, {config}, first eval >= that (step {r['step']})", r["accuracy"], r["seconds"],
-                  r["training_seconds"], r["tta_ratio"], r["tta_ratio_training_clocks"]] for config, r in t["runs"].items()]
-        parts.append(table(f"3. Time to the tutorial's accuracy (tta_ratio {t['tta_ratio']:.3f}, training clocks "
-                           f"{t['tta_ratio_training_clocks']:.3f}: {t['recipe']})",
-                           ["run", "accuracy", "s from launch", "s training", "ratio", "ratio, training"], rows))
+        parts.append(tta_table("3. Time to the tutorial's accuracy", results["tta"]))
     if "scaling" in results:
         s = results["scaling"]
         rows = [[f"{r['processes']} x {r['per_process_batch']}", r["world_size"], r["steps"], r["samples_per_s"], r["final_eval_accuracy"]] for r in s["runs"]]
@@ -175,11 +180,7 @@ def report(results: dict) -> str:
         parts.append(table(f"6. Precision sweep on {device} ({c['device_name']}), {c['config']}, each precision in a fresh process",
                            ["precision", "batch", "floor samples/s", "trainer samples/s", "trainer / floor", "eval s", "note"], rows))
         if "tta" in c:
-            t = c["tta"]
-            parts.append(f"time to the tutorial's accuracy on {device}: tutorial {t['baseline_seconds']:.1f} s "
-                         f"({t['baseline_epoch_accuracy']:.4f}; {t['baseline']['training_seconds']:.1f} s training), "
-                         f"{t['recipe']} {t['pipeline_seconds_to_baseline_accuracy']:.1f} s; ratio {t['tta_ratio']:.2f}, "
-                         f"training clocks {t['tta_ratio_training_clocks']:.2f}")
+            parts.append(tta_table(f"Time to the tutorial's accuracy on {device}", c["tta"]))
         if "time_to_quality" in c:
             q = c["time_to_quality"]
             parts.append(f"{q['config']} to {q['target']} on {device}: step {q['step']}, {q['training_seconds']:.1f} s of "
