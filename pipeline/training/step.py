@@ -33,7 +33,6 @@ class StepParts:
     grad_clip: float | None = None
     label_smoothing: float = 0.0
 
-
     @property
     def skips_on_device(self) -> bool:
         """Whether a non-finite update can be withheld without asking the host."""
@@ -51,6 +50,7 @@ class StepResult:
 def train_step(parts: StepParts, batch: tuple[torch.Tensor, ...]) -> StepResult:
     x, y = batch[0], batch[1]
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
+    base = _base(optimizer)  # Accelerate's wrapper is used only for fp16's scaler: see below
     inputs, targets = to_inputs(x, accelerator.device), y.to(accelerator.device, non_blocking=True)
     with accelerator.autocast():
         logits = model(inputs)
@@ -61,17 +61,17 @@ def train_step(parts: StepParts, batch: tuple[torch.Tensor, ...]) -> StepResult:
     lr = optimizer.param_groups[0]["lr"]
     finite = torch.isfinite(norm)
     if accelerator.scaler is None and parts.skips_on_device:
-        _base(optimizer).found_inf = (~finite).float()  # read by the fused kernel: skip, on the device
+        base.found_inf = (~finite).float()  # read by the fused kernel: skip, on the device
     if parts.skips_on_device or bool(finite):  # the host decides only for an unfused optimizer
         # With fp16 the scaler itself skips a non-finite step and lowers its scale. The schedule
         # advances on a skipped step, as in every trainer that uses GradScaler; without a scaler
         # the run stops at the next log boundary anyway.
-        (optimizer if accelerator.scaler is not None else _base(optimizer)).step()
+        (optimizer if accelerator.scaler is not None else base).step()
         parts.scheduler.step()
     # Accelerate's optimizer wrapper adds nothing here without a scaler or gradient accumulation,
     # and costs ~0.1 ms a step (accelerate 1.15 looks up an optional package on disk in every
     # step() and inspects zero_grad's signature every call): 4% of a small model's CPU step.
-    _base(optimizer).zero_grad(set_to_none=True)
+    base.zero_grad(set_to_none=True)
     return StepResult(loss=loss.detach(), grad_norm=norm, finite=finite, lr=lr)
 
 
