@@ -98,6 +98,10 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Training loss only; eval reports plain cross-entropy")
     log_every_steps: int = Field(10, ge=1)
     dist_timeout_s: int = Field(900, ge=30, description="Process-group timeout; must exceed rank-zero eval time")
+    peer_timeout_s: Optional[int] = Field(
+        30, ge=2, description="A rank whose heartbeat (a thread of its own, beating whatever training does) stops "
+        "this long is lost: every other rank ends naming it, long before dist_timeout_s; null turns the watch off"
+    )
     lease_timeout_s: int = Field(
         300, ge=5, description="output_dir's lease is stale, and taken over, after this long without a heartbeat"
     )
@@ -169,6 +173,11 @@ class Config(_Section):
             raise ValueError(
                 "data.placement device reads and checks every shard before training, so there is nothing to skip later; "
                 "data.on_error skip needs data.placement stream (or auto)"
+            )
+        if self.train.peer_timeout_s is not None and self.train.peer_timeout_s >= self.train.dist_timeout_s:
+            raise ValueError(
+                f"train.peer_timeout_s ({self.train.peer_timeout_s}) must be shorter than train.dist_timeout_s "
+                f"({self.train.dist_timeout_s}), or a silent peer is found only after the collective gave up"
             )
         if self.data.base_url and self.data.base_url.startswith("pipe:") and not self.data.allow_pipe:
             raise ValueError("data.base_url is a pipe: URL, which runs shell commands; set data.allow_pipe: true")

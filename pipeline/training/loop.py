@@ -38,6 +38,7 @@ from pipeline.training.lease import OutputDirBusy, OutputLease, job_identity
 from pipeline.training.metrics import MetricsSink, StepWindow
 from pipeline.training.optimizer import build_optimizer, build_scheduler
 from pipeline.training.outputs import MetricsLog, check_output_dir, write_json_atomic, write_plots
+from pipeline.training.peers import PeerWatch
 from pipeline.training.preemption import Preempted, StopSignal
 from pipeline.training.step import StepParts, StepResult, train_step
 
@@ -127,24 +128,47 @@ def take_output_lease(accelerator: Accelerator, cfg: Config) -> OutputLease | No
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train to the end (or to train.stop_at_step, or a SIGTERM); returns the summary on the main process."""
     accelerator = build_accelerator(cfg)
-    lease = take_output_lease(accelerator, cfg)
-    stop = StopSignal()
     trainer: Trainer | None = None
-    exit_code, preempted = 1, False
+    watch = PeerWatch.start(accelerator, cfg.train.peer_timeout_s, lambda: where_it_stopped(trainer))
+    stop = StopSignal()
+    lease, exit_code, preempted = None, 1, False
     try:
+        lease = take_output_lease(accelerator, cfg)
         trainer = Trainer(cfg, resume, accelerator)
         summary = trainer.run(stop)
         exit_code = 0
+        if watch is not None:
+            watch.stop(done=True)
+            watch.sign_off()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return summary
     except Preempted as err:
         exit_code, preempted = err.exit_code, True
         raise
+    except Exception as err:
+        lost = watch.explain(err) if watch is not None else None
+        if lost is None:
+            raise
+        exit_code = lost.exit_code
+        raise lost from None
     finally:
+        if watch is not None:
+            watch.stop(done=False)  # no-op after a success
         stop.restore()
         if trainer is not None:
             trainer.tracker.finish(exit_code, preempted=preempted)
         if lease is not None:
             lease.release()
+
+
+def where_it_stopped(trainer: Trainer | None) -> str:
+    """For a lost-peer message, from the watch's thread: the step reached and what a resume starts from."""
+    if trainer is None:
+        return "stopped before training began."
+    newest = trainer.checkpointer.latest()
+    return (f"stopped at step {trainer.state.step} of {trainer.total_steps}; the newest checkpoint is "
+            f"{newest or 'none yet (the job would start over)'}.")
 
 
 class Trainer:
