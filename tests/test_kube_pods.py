@@ -34,6 +34,7 @@ from pipeline.kube import (
 from pipeline.kube.render import TRAINER_BUG_CODES
 from pipeline.kube.spec import JobSpec
 from pipeline.training.elastic import FRESH_STORE_VAR
+from pipeline.training.peers import PEER_LOST_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
@@ -153,6 +154,8 @@ def test_two_pods_form_one_job_and_finish_a_short_run(fashion_shards, tmp_path, 
     pods_cleanup.extend(pods)
     codes = [_wait(p.proc, 600, pods) for p in pods]
     assert codes == [0, 0], "\n".join(f"--- pod {p.index}\n{p.output()[-4000:]}" for p in pods)
+    for pod in pods:  # the launchers' exit barrier included: the master's node leaves last
+        assert "Traceback" not in pod.output() and "exit barrier" not in pod.output(), pod.output()
     summary = json.loads((Path(paths.output_dir) / "summary.json").read_text())
     assert summary["world_size"] == NODES  # one job across both pods, not two world-size-1 runs
     assert summary["distributed_type"] == "MULTI_CPU"
@@ -174,8 +177,9 @@ def test_killing_one_pod_fails_the_other_instead_of_hanging(fashion_shards, tmp_
     pods[1].kill()
     start = time.monotonic()
     code = _wait(pods[0].proc, 120, pods)
-    # Non-zero, and not a fail-fast code: the Job would replace the pods and resume.
-    assert code != 0 and code not in TRAINER_BUG_CODES, pods[0].output()[-4000:]
+    # The lost-peer code, not a fail-fast one: the Job would replace the pods and resume.
+    assert code == PEER_LOST_EXIT_CODE and code not in TRAINER_BUG_CODES, pods[0].output()[-4000:]
+    assert "lost peer: rank 1 (host " in pods[0].output() and "Traceback" not in pods[0].output(), pods[0].output()
     print(f"surviving pod exited {code} {time.monotonic() - start:.1f} s after its peer was killed")
 
 

@@ -75,9 +75,12 @@ def accelerate_args(spec: JobSpec) -> list[str]:
 
 
 def pod_command(spec: JobSpec, paths: PodPaths) -> list[str]:
-    """The trainer container's full command line (with $(VAR) references for the kubelet)."""
+    """The trainer container's full command line (with $(VAR) references for the kubelet).
+
+    launch/node.py is `accelerate launch` with its failures in plain words and the worker's exit
+    code passed on to the pod (pipeline/training/launcher.py)."""
     return [
-        "accelerate", "launch", *accelerate_args(spec),
+        "python", "launch/node.py", *accelerate_args(spec),
         "launch/train.py", "--config", paths.config_file, *config_overrides(spec, paths),
         "--resume", "auto",
     ]

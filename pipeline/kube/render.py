@@ -31,11 +31,12 @@ JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"  # field names as of Kubeflow Trainer v2.3
 PATCH_MANAGER = "lstm-pipeline.submit"
 # Exit codes that mean "a bug, retrying cannot help": the preflight exits 2 for a bad config
-# (ConfigError) and 1 for missing data (DataError); 2 from the trainer container is a launcher
-# usage error or a missing script. `accelerate launch` turns every worker failure, including a
-# peer lost to a node failure, into 1, so 1 from the trainer must stay retriable.
+# (ConfigError) and 1 for missing data (DataError). The trainer container (launch/node.py) exits
+# with its worker's code: 2 is a bad config or command line, 3 a diverged run (a retry would
+# resume from the last good checkpoint and diverge again). Everything else is retried, 75 (a
+# lost peer, pipeline/training/peers.py) and 1 (other failures, e.g. a shard server down) among them.
 PREFLIGHT_BUG_CODES = (1, 2)
-TRAINER_BUG_CODES = (2,)
+TRAINER_BUG_CODES = (2, 3)
 
 
 def _metadata(spec: JobSpec, name: str, queued: bool = False) -> Obj:
@@ -53,7 +54,7 @@ def config_map(spec: JobSpec) -> Obj:
     data = {CONFIG_KEY: spec.config_text}
     if spec.manifest_text is not None:
         data[MANIFEST_KEY] = spec.manifest_text
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(spec, config_map_name(spec)), "data": data}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(spec, config_map_name(spec.name)), "data": data}
 
 
 def headless_service(spec: JobSpec) -> Obj:
