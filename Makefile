@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # should use every core, as torch does when started with plain python.
 THREADS ?= $(shell nproc)
 
-.PHONY: setup data train cpu-test test test-fast bench bench-quick clean
+.PHONY: setup data train cpu-test test test-fast bench bench-quick image clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ $(FASHION_IDX):
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else echo "no $(FASHION_IDX): prepare_data.py will download Fashion-MNIST"; fi
 
+# The container tests (the image, pods on networks of their own) need podman and, for the CPU
+# stand-in base, mmdebstrap: installed from Debian where apt is usable, else those tests skip.
+PODMAN := /usr/bin/podman
+$(PODMAN):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap iproute2 >/dev/null; \
+	else echo "no podman: the container tests will be skipped"; fi
+
 data: setup | $(FASHION_IDX)
 	$(PY) launch/prepare_data.py --dataset fashion_mnist --out $(DATA)
 
@@ -35,11 +43,17 @@ train: data
 cpu-test: data
 	$(PY) launch/train.py --config configs/cpu_test.yaml data.dir=$(DATA)
 
-test: setup | $(FASHION_IDX)
+test: setup | $(FASHION_IDX) $(PODMAN)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup | $(FASHION_IDX)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The training image, tagged from git (docker or podman; the CPU stand-in base where the CUDA one
+# cannot be pulled). BASE=cpu|cuda|IMAGE chooses the base.
+BASE ?= auto
+image: setup | $(PODMAN)
+	$(PY) launch/build_image.py --base $(BASE)
 
 bench: data
 	$(PY) benchmarks/run.py --data $(DATA) --out benchmarks/results/cpu.json

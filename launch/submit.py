@@ -7,7 +7,13 @@
     python launch/submit.py logs NAME [--rank R | --all] [--follow]
     python launch/submit.py delete NAME
 
-Without --dry-run the manifests are applied to the current kube context with kubectl.
+Without --dry-run the manifests are applied to the current kube context with kubectl. With
+--local the same pods are played on this machine by podman instead (a rehearsal before a
+cluster; status, logs and delete take --local too):
+
+    python launch/submit.py --config configs/cpu_test.yaml --nodes 2 --gpus-per-node 0 --image IMAGE \
+        --data-pvc lstm-data --output-pvc lstm-outputs --local \
+        --local-volume lstm-data=data/fashion_mnist --local-volume lstm-outputs=runs/k8s
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ ACTIONS = ("status", "logs", "delete")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local", action="store_true",
+                   help="this machine's podman instead of a cluster: the rendered pods, their DNS names, claims and secret")
     p.add_argument("--namespace", help="default: the namespace of the current kube context")
     p.add_argument("--format", choices=FORMATS, default="job",
                    help="job: Indexed Job + headless Service (no operator needed); jobset: JobSet v1alpha2; "
@@ -52,6 +60,8 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", help="memory request and limit per pod (default: 4Gi per process + /dev/shm)")
     p.add_argument("--wait-timeout", type=int, default=900, help="seconds a pod waits for the master before failing")
     p.add_argument("--runtime", default="torch-distributed", help="--format trainjob: ClusterTrainingRuntime name")
+    p.add_argument("--local-volume", action="append", default=[], metavar="CLAIM=DIR",
+                   help="--local: back a claim with a host directory (a prepared dataset, or where outputs go)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--dry-run", action="store_true", help="print the manifests (multi-document YAML) instead of applying")
     out.add_argument("--out-dir", help="write the manifests as a kustomize base into this directory instead of applying")
@@ -69,23 +79,48 @@ def action_parser(action: str) -> argparse.ArgumentParser:
         which.add_argument("--all", action="store_true", help="all pods, each line prefixed with its pod")
         p.add_argument("--follow", "-f", action="store_true")
         p.add_argument("--max-pods", type=int, default=64, help="with --all: most pods streamed at once")
+        p.add_argument("--init", action="store_true", help="--local: the init container's log instead of the trainer's")
     return p
 
 
+def _volumes(items: list[str]) -> dict[str, str]:
+    from pipeline.errors import UserError
+
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise UserError(f"--local-volume takes CLAIM=DIR (got {' '.join(items)})")
+    return dict(pairs)
+
+
+def _action(action: str, args: argparse.Namespace) -> None:
+    from pipeline.kube import kubectl, local
+
+    if args.local:
+        if action == "status":
+            local.status_local(args.name)
+        elif action == "logs":
+            local.logs_local(args.name, None if args.all else args.rank, args.follow, args.init)
+        else:
+            local.delete_local(args.name)
+    elif action == "status":
+        kubectl.status(args.name, args.namespace, args.format)
+    elif action == "logs":
+        kubectl.logs(args.name, args.namespace, args.format, None if args.all else args.rank, args.follow, args.max_pods)
+    else:
+        kubectl.delete(args.name, args.namespace, args.format)
+
+
 def main(argv: list[str]) -> int:
-    from pipeline.kube import build_spec, kubectl
+    from pipeline.errors import UserError
+    from pipeline.kube import build_spec
     from pipeline.kube.actions import recorded_command, submit
 
     if argv and argv[0] in ACTIONS:
-        action, args = argv[0], action_parser(argv[0]).parse_args(argv[1:])
-        if action == "status":
-            kubectl.status(args.name, args.namespace, args.format)
-        elif action == "logs":
-            kubectl.logs(args.name, args.namespace, args.format, None if args.all else args.rank, args.follow, args.max_pods)
-        else:
-            kubectl.delete(args.name, args.namespace, args.format)
+        _action(argv[0], action_parser(argv[0]).parse_args(argv[1:]))
         return 0
     args = submit_parser().parse_args(argv)
+    if args.local_volume and not args.local:
+        raise UserError("--local-volume only applies with --local (on a cluster, claims are PersistentVolumeClaims)")
     spec = build_spec(
         args.config, args.format,
         name=args.name, image=args.image, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -95,6 +130,13 @@ def main(argv: list[str]) -> int:
         cpu=args.cpu, memory=args.memory, wait_timeout_s=args.wait_timeout, runtime=args.runtime,
         overrides=args.overrides,
     )
+    if args.local:
+        if args.dry_run or args.out_dir:
+            raise UserError("--local plays the job; --dry-run and --out-dir only render it")
+        from pipeline.kube.local import submit_local
+
+        submit_local(spec, args.format, _volumes(args.local_volume))
+        return 0
     submit(spec, args.format, args.dry_run, args.out_dir, recorded_command(argv))
     return 0
 

@@ -529,3 +529,53 @@ def test_render_does_not_mutate_between_calls(config):
         for rule in doc.get("spec", {}).get("podFailurePolicy", {}).get("rules", []):
             rule.get("onExitCodes", {}).get("values", []).append(99)
     assert render(spec) == again
+
+
+# --- the local rehearsal's pods (submit.py --local) ---------------------------------------
+
+def test_local_pods_are_the_jobs_template_plus_what_the_job_controller_and_kubelet_add(config):
+    from pipeline.kube import local
+
+    spec = _spec(config, gpus_per_node=0, name="rehearse")
+    template = copy.deepcopy(_by_kind(render(spec))["Job"]["spec"]["template"]["spec"])
+    (config_map, pod), scratch = local.pod_documents(spec, 1)
+    assert config_map == _by_kind(render(spec))["ConfigMap"]
+    _strict(pod)  # still a valid v1 Pod
+    assert pod["metadata"]["name"] == pod["spec"]["hostname"] == "rehearse-1" and pod["spec"]["subdomain"] == "rehearse"
+    assert pod["metadata"]["labels"][local.INDEX_LABEL] == "1"
+    assert pod["spec"]["securityContext"] == template["securityContext"]
+    for kind in ("initContainers", "containers"):
+        for ours, theirs in zip(pod["spec"][kind], template[kind], strict=True):
+            env = {e["name"]: e["value"] for e in ours["env"] if "value" in e}
+            assert env["JOB_COMPLETION_INDEX"] == "1"
+            assert ours["command"] == expand_env_refs(theirs["command"], env) and "$(" not in " ".join(ours["command"])
+            assert "ports" not in ours and ours["securityContext"] == theirs["securityContext"]
+    # Each emptyDir mount is a directory of this pod alone: /tmp and HOME are not one directory, nor another pod's.
+    assert not [v for v in pod["spec"]["volumes"] if "emptyDir" in v]
+    paths = {v["name"]: v["hostPath"]["path"] for v in pod["spec"]["volumes"] if "hostPath" in v}
+    mounts = {m["mountPath"]: paths[m["name"]] for m in _container(pod["spec"], "trainer")["volumeMounts"]
+              if m["name"] in paths}
+    assert set(mounts) == {"/tmp", "/home/app", "/dev/shm"} and len(set(mounts.values())) == 3
+    assert all("/rehearse-1/" in p for p in mounts.values()) and sorted(map(str, scratch)) == sorted(mounts.values())
+    assert mounts["/dev/shm"].startswith("/dev/shm/")  # medium: Memory stays in memory
+    (_, pod0), _ = local.pod_documents(spec, 0)
+    assert pod0["metadata"]["name"] == "rehearse-0" and not set(map(str, local.pod_documents(spec, 0)[1])) & set(mounts.values())
+
+
+def test_local_gpu_pods_get_cdi_devices_of_their_own(config):
+    from pipeline.kube import local
+
+    spec = _spec(config, gpus_per_node=2, name="rehearse")
+    (_, pod), _ = local.pod_documents(spec, 1)
+    limits = _container(pod["spec"], "trainer")["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits and {k for k in limits if k.startswith("nvidia.com/gpu=")} == {
+        "nvidia.com/gpu=2", "nvidia.com/gpu=3"}
+
+
+def test_local_mode_refuses_what_it_cannot_play(config):
+    proc = run_py("launch/submit.py", "--config", str(config), "--nodes", "2", "--gpus-per-node", "0", "--image", IMAGE,
+                  "--data-pvc", "d", "--local", "--format", "jobset")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_py("launch/submit.py", "--config", str(config), "--nodes", "2", "--gpus-per-node", "0", "--image", IMAGE,
+                  "--data-pvc", "d", "--local-volume", "d=/tmp")
+    assert proc.returncode == 1 and "--local-volume only applies with --local" in proc.stderr, proc.stderr

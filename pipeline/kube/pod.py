@@ -35,8 +35,8 @@ _SHM_MIN_MI = 1024
 _RUN_AS_USER = 10001  # the Dockerfile's non-root user (above the range distributions give out)
 
 
-def config_map_name(spec: JobSpec) -> str:
-    return f"{spec.name}-config"
+def config_map_name(job: str) -> str:
+    return f"{job}-config"
 
 
 def _mi(value: int) -> str:
@@ -104,7 +104,7 @@ def _security_context() -> Obj:
 
 def volumes(spec: JobSpec) -> list[Obj]:
     vols: list[Obj] = [
-        {"name": "config", "configMap": {"name": config_map_name(spec)}},
+        {"name": "config", "configMap": {"name": config_map_name(spec.name)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _mi(shm_size_mi(spec))}},
         {"name": "scratch", "emptyDir": {"sizeLimit": "2Gi"}},
     ]
