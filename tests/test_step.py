@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
+import subprocess
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_py
+from conftest import ROOT, accelerate_cmd, run_py
 
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import ShardSource, load_split_tensors
@@ -42,6 +44,10 @@ print("DTYPES " + json.dumps(seen))
 
 @pytest.mark.parametrize("precision,expected", [("bf16", "torch.bfloat16"), ("no", "torch.float32")])
 def test_mixed_precision_sets_the_dtype_layers_compute_in(tmp_path, fashion_shards, precision, expected):
+    from test_train import cpu_runs_bf16_lstm
+
+    if precision == "bf16" and not cpu_runs_bf16_lstm():
+        pytest.skip("this CPU has no bf16 LSTM kernel: the trainer refuses bf16 here (test_train checks that)")
     proc = run_py("-c", DTYPE_PROBE, f"data.dir={fashion_shards}", f"output_dir={tmp_path / 'out'}", "wandb.mode=disabled",
                   "train.progress_bar=false", "train.device=cpu", f"train.mixed_precision={precision}", check=True)
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("DTYPES ")]
@@ -64,12 +70,12 @@ def test_non_finite_gradient_is_never_applied():
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = StepParts(accelerator, model, optimizer, scheduler, grad_clip=1.0)
     x, y = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,))
-    first = train_step(parts, (x, y))
+    first = train_step(parts, [(x, y)])
     assert first.finite and first.lr == 0.1 and scheduler.last_epoch == 1
     with torch.no_grad():
         accelerator.unwrap_model(model).head.weight[0, 0] = float("nan")  # every logit of class 0 is NaN now
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    second = train_step(parts, (x, y))
+    second = train_step(parts, [(x, y)])
     assert not second.finite and second.lr == 0.05
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=f"a non-finite update changed {k}")
@@ -137,9 +143,9 @@ def test_the_step_reads_nothing_back_from_the_device(fused):
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer.optimizer, lambda step: 1.0), grad_clip=1.0)
     batch = (torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,)))
-    train_step(parts, batch)  # warm-up: lazy state creation may read values once
+    train_step(parts, [batch])  # warm-up: lazy state creation may read values once
     with HostReads() as reads:
-        result = train_step(parts, batch)
+        result = train_step(parts, [batch])
     # Fused: not one value comes back. Unfused: the finite check, and foreach Adam's own reads of its step counts.
     assert (reads.count == 0) == fused, reads.count
     assert bool(result.finite)
@@ -161,11 +167,11 @@ def test_fused_optimizer_skips_a_non_finite_update_on_the_device():
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer.optimizer, lambda step: 1.0))
     batch = (torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,)))
-    assert bool(train_step(parts, batch).finite)
+    assert bool(train_step(parts, [batch]).finite)
     with torch.no_grad():
         accelerator.unwrap_model(model).head.weight[0, 0] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert not bool(train_step(parts, batch).finite)
+    assert not bool(train_step(parts, [batch]).finite)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=f"a non-finite update changed {k}")
     step = optimizer.optimizer.state[next(iter(accelerator.unwrap_model(model).parameters()))]["step"]
@@ -200,3 +206,38 @@ def test_step_window_counts_what_each_window_saw(log_every):
             seen.append(step)
             start = step + 1
     assert seen[-1] == 600
+
+
+# Two real ranks: the trainer as built from the config, a counting comm hook on its DDP model,
+# one optimizer step of two micro-batches per rank.
+ALLREDUCE_PROBE = """
+import sys, torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from pipeline.config import load_config
+from pipeline.training.loop import Trainer
+from pipeline.training.step import train_step
+trainer = Trainer(load_config("configs/cpu_test.yaml", sys.argv[1:]), None)
+calls = [0]
+def counting(state, bucket):
+    calls[0] += 1
+    return allreduce_hook(state, bucket)
+trainer.parts.model.register_comm_hook(None, counting)
+micro = next(trainer.batches.epoch(0, 0, 1))
+train_step(trainer.parts, micro)
+trainer.tracker.finish()
+print(f"ALLREDUCES {calls[0]} MICRO {len(micro)} RANK {trainer.accelerator.process_index}")
+"""
+
+
+@pytest.mark.slow
+def test_micro_batches_that_only_accumulate_are_not_all_reduced(tmp_path, fashion_shards):
+    script = tmp_path / "probe.py"
+    script.write_text(ALLREDUCE_PROBE)
+    proc = subprocess.run([*accelerate_cmd(2), str(script), f"data.dir={fashion_shards}", f"output_dir={tmp_path / 'out'}",
+                           "wandb.mode=disabled", "train.progress_bar=false", "train.device=cpu",
+                           "train.global_batch_size=512"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Both ranks print to one pipe, and their lines can land in one another.
+    lines = sorted(re.findall(r"ALLREDUCES \d+ MICRO \d+ RANK \d+", proc.stdout))
+    # The model's gradients fit one bucket: one all-reduce per optimizer step, after the last micro-batch.
+    assert lines == ["ALLREDUCES 1 MICRO 2 RANK 0", "ALLREDUCES 1 MICRO 2 RANK 1"], proc.stdout

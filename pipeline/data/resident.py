@@ -1,11 +1,11 @@
-"""A split held in device memory: batches drawn where the model runs, no loader, no workers.
+"""A split held in device memory: steps drawn where the model runs, no loader, no workers.
 
-For data that fits (Fashion-MNIST's train split is 47 MB of uint8), this replaces the stream.
-It keeps the stream's contract: each epoch the shard list is permuted with a seed shared by all
-ranks and split by rank, so within an epoch the ranks read disjoint samples; every rank takes
-the same number of steps (the manifest's minimum of full batches over ranks); a batch is a
-pure function of (seed, epoch, rank, batch index), augmentation included, so a resumed run
-draws exactly the batches an uninterrupted one does, without replaying the epoch.
+For data that fits (Fashion-MNIST's train split is 47 MB of uint8), this replaces the stream
+and keeps its contract exactly: the order is pipeline/data/order.py's, this rank's micro-batches
+of each global batch are its chunks, and augmentation is keyed on the sample id, with the same
+random numbers as the stream's (computed here with torch, on the device). The batches of a step
+are therefore those the stream would give, bit for bit, and a resumed run draws exactly what an
+uninterrupted one does without replaying anything.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from pipeline.data import order
+from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest
-from pipeline.data.stream import ShardSource, StreamPlan, epoch_assignment, load_split_arrays, save_sample_ids
+from pipeline.data.stream import EpochPlan, ShardSource, load_split_arrays, save_sample_ids
 
 # The train split goes to the device only if it takes at most this share of the free memory
 # there: the model, its activations at large batches and the evaluation need the rest.
@@ -56,58 +57,34 @@ def free_memory(device: torch.device) -> int:
 
 
 class ResidentBatches:
-    """The trainer's batch source (the same interface as TrainBatches), from device memory."""
+    """The trainer's batch source (the same interface as StreamBatches), from device memory."""
 
-    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: StreamPlan, rank: int,
-                 device: torch.device, *, hflip: bool = False, shift: int = 0, record_sample_ids: bool = False):
-        x, y, ids, self.offsets = load_split_arrays(manifest, source, split)
+    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: EpochPlan, rank: int,
+                 device: torch.device, augment: Augment, record_sample_ids: bool = False):
+        x, y, ids = load_split_arrays(manifest, source, split)
         self.x, self.y, self.ids = (torch.from_numpy(a).to(device) for a in (x, y, ids))
-        self.num_shards = len(manifest.split(split).shards)
+        self.sizes = [s.num_samples for s in manifest.split(split).shards]
         self.plan = plan
         self.rank = rank
         self.device = device
-        self.hflip = hflip
-        self.shift = shift
+        self.augment = augment
         self.sample_ids: list[np.ndarray] | None = [] if record_sample_ids else None
         self.skipped_samples = 0  # every shard was read and counted at load: nothing is skipped later
-        self.padded_passes = 0
 
-    def epoch(self, epoch: int, start: int, count: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """`count` batches of `epoch` after its first `start`."""
-        order = torch.from_numpy(self._order(epoch)).to(self.device)
-        bs = self.plan.batch_size
-        for b in range(start, start + count):
-            rows = order[b * bs : (b + 1) * bs]
-            x = self._augment(self.x[rows], epoch, b)
-            ids = self.ids[rows]
+    def epoch(self, epoch: int, start: int, count: int) -> Iterator[list[tuple[torch.Tensor, ...]]]:
+        """`count` steps of `epoch` from step `start`: each the rank's micro-batches, in accumulation order."""
+        plan, layout = self.plan, self.plan.layout
+        sequence = torch.from_numpy(order.epoch_order(self.sizes, plan.seed, epoch, plan.window)).to(self.device)
+        for step in range(start, start + count):
+            micro = []
+            for a in range(layout.accumulation):
+                rows = sequence[order.micro_positions(layout, self.rank, step, a)]
+                ids = self.ids[rows]
+                micro.append((self.augment.torch(self.x[rows], ids, epoch), self.y[rows], ids))
             if self.sample_ids is not None:
-                self.sample_ids.append(ids.cpu().numpy())
-            yield x, self.y[rows], ids
+                self.sample_ids.append(torch.cat([b[2] for b in micro]).cpu().numpy())
+            yield micro
 
-    def _order(self, epoch: int) -> np.ndarray:
-        """This rank's rows for the epoch: its shards (as the stream assigns them), shuffled."""
-        (shards,) = epoch_assignment(self.num_shards, self.plan.seed, epoch, self.plan.world_size, 0)[self.rank]
-        rows = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in shards])
-        return rows[np.random.default_rng([self.plan.seed, epoch, self.rank]).permutation(len(rows))]
-
-    def _augment(self, x: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
-        if not (self.hflip or self.shift):
-            return x
-        seed = int(np.random.SeedSequence([self.plan.seed, epoch, self.rank, batch]).generate_state(1)[0])
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        n, h, w = x.shape
-        if self.hflip:
-            flip = torch.rand(n, generator=gen, device=self.device) < 0.5
-            x = torch.where(flip[:, None, None], x.flip(-1), x)
-        if self.shift:
-            s = self.shift
-            padded = F.pad(x, (s, s, s, s))
-            dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=gen, device=self.device)
-            rows = (dy[:, None] + torch.arange(h, device=self.device))[:, :, None]
-            cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, :]
-            x = padded[torch.arange(n, device=self.device)[:, None, None], rows, cols]
-        return x
-
-    def save_sample_ids(self, output_dir: Path) -> None:
+    def save_sample_ids(self, output_dir: Path, rank: int) -> None:
         if self.sample_ids is not None:
-            save_sample_ids(output_dir, self.rank, self.sample_ids)
+            save_sample_ids(output_dir, rank, self.sample_ids)

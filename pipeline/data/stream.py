@@ -1,14 +1,16 @@
-"""Manifest -> this rank's, this worker's batches; the same number of steps on every rank.
+"""Manifest -> this rank's micro-batches, read through DataLoader workers, in the global order.
 
-Per epoch, the shard list is permuted with a seed shared by all ranks, then split by rank
-(round-robin) and by DataLoader worker. Each worker unpacks its blocks into a window,
-shuffles the window with a seeded generator and emits full batches, then its remainder as one
-partial batch; `merge_partial_batches` in the rank's process joins the workers' partial
-batches into full ones, so at most one partial batch per rank is dropped per epoch, whatever
-the worker count. The steps of an epoch are the minimum over ranks of full batches, so no rank
-waits at an all-reduce that a shorter rank never reaches (webdataset/webdataset#188). Within an
-epoch the ranks read disjoint shards, so no training sample is seen twice. Workers persist
-across epochs; the epoch reaches them through shared memory.
+The order is pipeline/data/order.py's: the epoch's shards in windows, each window's samples
+permuted, global batch k at positions [kG, (k+1)G) of that sequence, and this rank's chunks of
+each. Loader workers take whole windows in turn (the j-th window from the start goes to worker
+j mod workers): a worker reads the window's shards, puts their samples in the window's order,
+keeps those at this rank's positions, augments them (keyed on the sample id) and hands them over
+as one item; the rank's process puts the items back in window order and cuts its micro-batches
+(batches.py). The batches are therefore the same for any number of workers, and the same as the
+resident ones. Every rank reads every shard of the epoch (one pass over the packed split per
+rank and epoch: a tenth of a second for Fashion-MNIST). A resumed epoch skips every window that
+ends before its first sample, unread. Workers persist across epochs; the epoch and the starting
+step reach them through shared memory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data import order
+from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, ShardEntry
+from pipeline.data.order import BatchLayout
 from pipeline.data.shards import iter_tar_blocks
 from pipeline.errors import DataError
 from pipeline.files import sha256_file
@@ -82,151 +87,145 @@ def verify_shards(manifest: Manifest, source: ShardSource, split: str, mode: str
             raise DataError(f"shard {path} does not match its sha256 in the manifest; it is damaged")
 
 
-def epoch_assignment(num_shards: int, seed: int, epoch: int, world_size: int, num_workers: int) -> list[list[list[int]]]:
-    """[rank][worker] -> shard indices for one epoch; identical on every rank."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
-    workers = max(1, num_workers)
-    return [[perm[r::world_size][w::workers].tolist() for w in range(workers)] for r in range(world_size)]
+@dataclass(frozen=True)
+class EpochPlan:
+    """What every rank agrees on about an epoch: the layout, the order's seed and window, its steps."""
+
+    layout: BatchLayout
+    seed: int
+    window: int  # data.shuffle_buffer: samples per window, at least
+    steps: int  # global batches per epoch (the same in every epoch)
+
+    @classmethod
+    def make(cls, manifest: Manifest, split: str, layout: BatchLayout, seed: int, window: int) -> EpochPlan:
+        return cls(layout, seed, window, order.steps_in_epoch(manifest.split(split).num_samples, layout.global_batch))
 
 
 @dataclass(frozen=True)
-class StreamPlan:
-    batch_size: int
-    world_size: int
-    num_workers: int
-    seed: int
+class WindowItem:
+    """A worker's hand-over: this rank's samples of window `index`, in sequence order."""
 
-    def check(self, manifest: Manifest, split: str) -> None:
-        n = len(manifest.split(split).shards)
-        need = self.world_size * max(1, self.num_workers)
-        if n < need:
-            raise DataError(
-                f"split {split} has {n} shards but {self.world_size} ranks x {max(1, self.num_workers)} workers need "
-                f"at least {need}; lower data.num_workers or prepare with --train-shards {need} or more"
-            )
-
-    def steps_in_epoch(self, manifest: Manifest, split: str, epoch: int) -> int:
-        shards = manifest.split(split).shards
-        assign = epoch_assignment(len(shards), self.seed, epoch, self.world_size, self.num_workers)
-        # The workers' partial batches are merged: a rank loses less than one batch per epoch.
-        per_rank = [sum(shards[i].num_samples for worker in rank for i in worker) // self.batch_size for rank in assign]
-        steps = min(per_rank)
-        if steps == 0:
-            raise DataError(
-                f"train.batch_size {self.batch_size} is larger than what a data worker holds; "
-                "lower the batch size or data.num_workers"
-            )
-        return steps
+    index: int
+    x: torch.Tensor  # uint8 [n, H, W]
+    y: torch.Tensor
+    ids: torch.Tensor
+    skipped: int  # samples of the window's unreadable shards whose places here other samples took (on_error=skip)
 
 
 class TrainStream(IterableDataset):
-    """Yields (x uint8 [B,28,28], y int64 [B], idx int64 [B]) batches for one rank and epoch.
+    """Yields, for one rank and epoch from a starting step, a WindowItem per window; or, with
+    on_error="raise", a str ending the stream: the message of a DataError (an exception raised in
+    a DataLoader worker reaches the trainer wrapped in the worker's traceback text, which is no
+    message for a user)."""
 
-    Two other items may appear: an int, the number of samples of an unreadable shard that were
-    skipped (on_error="skip"); and, with on_error="raise", a str ending the stream: the error
-    message. An exception raised in a DataLoader worker reaches the trainer wrapped in the
-    worker's traceback text, which is no message for a user.
-    """
-
-    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: StreamPlan, rank: int,
-                 shuffle_buffer: int, on_error: str = "raise", hflip: bool = False, shift: int = 0):
+    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: EpochPlan, rank: int,
+                 augment: Augment, workers: int = 0, on_error: str = "raise"):
         self.shards = manifest.split(split).shards
+        self.sizes = [s.num_samples for s in self.shards]
+        self.image_shape = tuple(manifest.image_shape)
+        self.workers = workers
         self.source = source
         self.plan = plan
         self.rank = rank
-        self.shuffle_buffer = shuffle_buffer
+        self.augment = augment
         self.on_error = on_error
-        self.hflip = hflip
-        self.shift = shift
         # Shared memory: persistent DataLoader workers hold their own copy of this object.
         self._epoch = multiprocessing.RawValue("q", 0)
+        self._start = multiprocessing.RawValue("q", 0)
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch.value
-
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self._epoch.value = epoch
+        self._start.value = start_step
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[WindowItem | str]:
         info = get_worker_info()
-        worker = info.id if info else 0
-        assign = epoch_assignment(len(self.shards), self.plan.seed, self.epoch, self.plan.world_size, self.plan.num_workers)
-        mine = assign[self.rank][worker]
-        rng = np.random.default_rng([self.plan.seed, self.epoch, self.rank, worker])
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         try:
-            yield from self._batches((self.shards[i] for i in mine), rng)
+            yield from self._windows(self._epoch.value, self._start.value, worker, workers)
         except DataError as err:
             yield str(err)
 
-    def _blocks(self, shards):
-        """(x, y, idx) blocks of the shards; in skip mode a bad shard ends early with the count of its lost samples."""
-        for shard in shards:
-            read = 0
-            try:
-                for block in read_blocks(self.source, shard):
-                    read += len(block[1])
-                    yield block
-            except DataError as err:
-                if self.on_error == "raise":
-                    raise
-                lost = shard.num_samples - read
-                print(f"warning: data.on_error=skip: {lost} samples of {self.source.location(shard)} skipped ({err})",
-                      file=sys.stderr, flush=True)
-                yield lost
+    def _spans(self, epoch: int, start_step: int) -> Iterator[tuple[int, list[int], int, int]]:
+        """(window index, its shards, first and end sequence position) of the windows this epoch still needs."""
+        first, limit = start_step * self.plan.layout.global_batch, self.plan.steps * self.plan.layout.global_batch
+        begin = 0
+        for index, shards in enumerate(order.windows(self.sizes, self.plan.seed, epoch, self.plan.window)):
+            lo, hi = begin, begin + sum(self.sizes[s] for s in shards)
+            begin = hi
+            if lo >= limit:
+                return
+            if hi > first:
+                yield index, shards, lo, hi
 
-    def _batches(self, shards, rng: np.random.Generator):
-        bs = self.plan.batch_size
-        pool: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        pooled = 0
-        for block in self._blocks(shards):
-            if isinstance(block, int):
-                yield block
+    def first_window(self, epoch: int, start_step: int) -> int:
+        return next(self._spans(epoch, start_step))[0]
+
+    def _windows(self, epoch: int, start_step: int, worker: int, workers: int) -> Iterator[WindowItem]:
+        layout = self.plan.layout
+        first, limit = start_step * layout.global_batch, self.plan.steps * layout.global_batch
+        for j, (index, shards, lo, hi) in enumerate(self._spans(epoch, start_step)):
+            if j % workers != worker:  # the j-th window this epoch needs goes to worker j mod workers
                 continue
-            pool.append(block)
-            pooled += len(block[1])
-            if pooled >= max(self.shuffle_buffer, bs):
-                pool, pooled = (yield from self._drain(pool, rng, keep_tail=True))
-        yield from self._drain(pool, rng, keep_tail=False)
+            positions = np.arange(lo, hi)
+            keep = order.rank_mask(positions, layout, self.rank) & (positions >= first) & (positions < limit)
+            x, y, ids, skipped = self._read_window(shards, index, epoch, keep)
+            yield WindowItem(index, torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids), skipped)
 
-    def _drain(self, pool, rng, keep_tail: bool):
-        """Shuffle the window, emit its full batches; carry the remainder (< batch) on, or, at the
-        end of the worker's data, emit it as one partial batch for the rank to merge."""
-        bs = self.plan.batch_size
-        if not pool:
-            return [], 0
-        x, y, idx = (np.concatenate(parts) for parts in zip(*pool, strict=True))
-        order = rng.permutation(len(y))
-        full = len(y) // bs * bs
-        for start in range(0, full, bs):
-            yield self._batch(x, y, idx, order[start : start + bs], rng)
-        if full == len(y):
-            return [], 0
-        rest = order[full:]
-        if not keep_tail:
-            yield self._batch(x, y, idx, rest, rng)
-            return [], 0
-        return [(x[rest], y[rest], idx[rest])], len(rest)
+    def _read_window(self, shards: list[int], index: int, epoch: int, keep: np.ndarray):
+        """This rank's samples of one window, in sequence order, augmented; and how many were stand-ins."""
+        total = sum(self.sizes[s] for s in shards)
+        x = np.zeros((total, *self.image_shape), np.uint8)
+        y, ids = np.zeros(total, np.int64), np.zeros(total, np.int64)
+        readable = np.zeros(total, bool)
+        at = 0
+        for s in shards:
+            at_end = at + self.sizes[s]
+            for bx, by, bi in self._read_shard(self.shards[s]):
+                n = len(by)
+                x[at:at + n], y[at:at + n], ids[at:at + n] = bx, by, bi
+                readable[at:at + n] = True
+                at += n
+            at = at_end
+        chosen = order.window_permutation(self.plan.seed, epoch, index, total)[keep]
+        skipped = 0
+        if not readable.all():  # on_error=skip: an unreadable sample's place goes to the window's readable ones, in turn
+            lost = ~readable[chosen]
+            good = np.flatnonzero(readable)
+            if len(good) == 0:
+                names = ", ".join(self.source.location(self.shards[s]) for s in shards)
+                raise DataError(f"none of the shards {names} could be read, and data.on_error=skip has no sample of "
+                                f"their window (epoch {epoch}) to stand in for theirs")
+            skipped = int(lost.sum())
+            chosen = chosen.copy()
+            chosen[lost] = good[np.arange(skipped) % len(good)]
+        return self.augment.numpy(x[chosen], ids[chosen], epoch), y[chosen], ids[chosen], skipped
 
-    def _batch(self, x, y, idx, sel, rng):
-        xb = x[sel]  # fancy indexing copies: safe to flip in place
-        if self.hflip:
-            flip = rng.random(len(sel)) < 0.5
-            xb[flip] = xb[flip, :, ::-1]
-        if self.shift:
-            xb = shift_images(xb, self.shift, rng)
-        return torch.from_numpy(xb), torch.from_numpy(y[sel]), torch.from_numpy(idx[sel])
+    def _read_shard(self, shard: ShardEntry) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Its blocks; with on_error=skip, those read before it failed (the rest are stand-ins' places)."""
+        read = 0
+        try:
+            for block in read_blocks(self.source, shard):
+                read += len(block[1])
+                yield block
+        except DataError as err:
+            if self.on_error == "raise":
+                raise
+            if self.rank == 0:  # every rank reads every shard: one of them says so
+                print(f"warning: data.on_error=skip: {shard.num_samples - read} samples of {self.source.location(shard)} "
+                      f"skipped ({err})", file=sys.stderr, flush=True)
 
 
-def shift_images(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Each image of a (n, h, w) batch moved by its own random offset in [-max_shift, max_shift]
-    along both axes, zero-filled: one gather from a padded copy, no per-image Python loop."""
-    n, h, w = x.shape
-    padded = np.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
-    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
-    rows = (dy[:, None] + np.arange(h))[:, :, None]
-    cols = (dx[:, None] + np.arange(w))[:, None, :]
-    return padded[np.arange(n)[:, None, None], rows, cols]
+def make_train_loader(stream: TrainStream, pin_memory: bool) -> DataLoader:
+    # batch_size=None: the stream hands over whole windows; the loader only runs workers. Workers
+    # persist: starting them again every epoch cost as much as the epoch's tail.
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=stream.workers,
+        pin_memory=pin_memory,
+        persistent_workers=stream.workers > 0,
+        prefetch_factor=2 if stream.workers else None,
+    )
 
 
 def save_sample_ids(output_dir: Path, rank: int, batches: list[np.ndarray]) -> None:
@@ -235,53 +234,19 @@ def save_sample_ids(output_dir: Path, rank: int, batches: list[np.ndarray]) -> N
     np.save(output_dir / "sample_ids" / f"rank-{rank:05d}.npy", np.stack(batches))
 
 
-def merge_partial_batches(items: Iterator, batch_size: int) -> Iterator:
-    """The loader's items with the workers' partial batches joined into full ones (in the order
-    they arrive, which the DataLoader keeps fixed); other items (counts, messages) pass through.
-    What is left at the end, less than one batch, is dropped."""
-    pending: list[tuple[torch.Tensor, ...]] = []
-    held = 0
-    for item in items:
-        if isinstance(item, (int, str)) or len(item[1]) == batch_size:
-            yield item
-            continue
-        pending.append(item)
-        held += len(item[1])
-        if held >= batch_size:
-            joined = [torch.cat(parts) for parts in zip(*pending, strict=True)]
-            yield tuple(t[:batch_size] for t in joined)
-            rest = tuple(t[batch_size:] for t in joined)
-            pending, held = ([rest], len(rest[1])) if len(rest[1]) else ([], 0)
-
-
-def make_train_loader(stream: TrainStream, pin_memory: bool) -> DataLoader:
-    # batch_size=None: the stream already batches; the loader only runs workers. Workers persist:
-    # starting them again every epoch cost as much as the epoch's tail.
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=stream.plan.num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=stream.plan.num_workers > 0,
-        prefetch_factor=4 if stream.plan.num_workers else None,
-    )
-
-
 def load_split_arrays(manifest: Manifest, source: ShardSource, split: str) -> tuple[np.ndarray, ...]:
     """The whole split in memory, in manifest order: (images uint8 [n, H, W], labels int64 [n],
-    sample ids int64 [n], shard start offsets [shards + 1])."""
-    xs, ys, ids, offsets = [], [], [], [0]
+    sample ids int64 [n])."""
+    xs, ys, ids = [], [], []
     for shard in manifest.split(split).shards:
         for x, y, idx in read_blocks(source, shard):
             xs.append(x)
             ys.append(y.astype(np.int64))
             ids.append(idx.astype(np.int64))
-        offsets.append(offsets[-1] + shard.num_samples)
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids), np.asarray(offsets)
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)
 
 
 def load_split_tensors(manifest: Manifest, source: ShardSource, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and labels of the whole split (evaluation: 10k x 784 bytes)."""
-    x, y, _, _ = load_split_arrays(manifest, source, split)
+    x, y, _ = load_split_arrays(manifest, source, split)
     return torch.from_numpy(x), torch.from_numpy(y)
-

@@ -1,69 +1,88 @@
-"""This rank's training batches, epoch by epoch, from any position: the trainer's view of the stream.
+"""This rank's optimizer steps, epoch by epoch, from any step: the trainer's view of its data.
 
-It turns the loader's side channels into trainer terms (a worker's error message into a
-DataError, skipped-sample counts into a counter), keeps every rank's step count equal when
-data.on_error=skip loses data, and records trained sample ids for audits.
+Both sources yield, per optimizer step, the rank's A micro-batches (x, y, ids) in accumulation
+order, as pipeline/data/order.py lays them out. `StreamBatches` reassembles the loader workers'
+windows in order and cuts them; `ResidentBatches` (resident.py) indexes device memory. Either
+turns the loader's side channels into trainer terms (a worker's error message into a DataError,
+stand-in counts into a counter) and records trained sample ids for audits.
 """
 
 from __future__ import annotations
 
-from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from pipeline.data.stream import TrainStream, make_train_loader, merge_partial_batches, save_sample_ids
+from pipeline.data.stream import TrainStream, WindowItem, make_train_loader, save_sample_ids
 from pipeline.errors import DataError
 
+MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-class TrainBatches:
-    def __init__(self, stream: TrainStream, *, rank: int, seed: int, on_error: str, data_dir: str,
-                 pin_memory: bool, record_sample_ids: bool):
+
+class StreamBatches:
+    def __init__(self, stream: TrainStream, *, seed: int, data_dir: str, pin_memory: bool, record_sample_ids: bool):
         self.stream = stream
+        self.layout = stream.plan.layout
         self.loader = make_train_loader(stream, pin_memory=pin_memory)
-        # A private generator: the loader's base seed must not consume the global RNG, or a
-        # resumed run's dropout masks would differ from an uninterrupted run's.
+        # A private generator: the loader's base seed must not consume the global RNG.
         self.loader.generator = torch.Generator().manual_seed(seed)
-        self.rank = rank
-        self.on_error = on_error
         self.data_dir = data_dir
         self.sample_ids: list[np.ndarray] | None = [] if record_sample_ids else None
-        self.skipped_samples = 0  # lost to unreadable shards (on_error=skip)
-        self.padded_passes = 0  # epoch streams restarted to make up for them
+        self.skipped_samples = 0  # places of unreadable samples taken by others (on_error=skip)
 
-    def epoch(self, epoch: int, start: int, count: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """`count` batches of `epoch`, starting after its first `start` (exact resume replays the position)."""
-        batches = self._stream_epoch(epoch)
-        for _ in range(start):
-            next(batches)
-        for batch in islice(batches, count):
-            if self.sample_ids is not None:
-                self.sample_ids.append(batch[2].numpy())
-            yield batch
+    def epoch(self, epoch: int, start: int, count: int) -> Iterator[list[MicroBatch]]:
+        """`count` steps of `epoch` from step `start`."""
+        self.stream.set_epoch(epoch, start)
+        m, steps = self.layout.micro_batch, self.layout.accumulation
+        pending: list[MicroBatch] = []
+        for x, y, ids in self._micro_batches(self._windows(self.stream.first_window(epoch, start)), m):
+            pending.append((x, y, ids))
+            if len(pending) == steps:
+                if self.sample_ids is not None:
+                    self.sample_ids.append(torch.cat([b[2] for b in pending]).numpy())
+                yield pending
+                pending = []
+                count -= 1
+                if count == 0:
+                    return
+        raise DataError(f"the training stream of epoch {epoch} ended {count} step(s) early: the shards hold fewer samples "
+                        f"than the manifest says; run prepare_data.py --verify {self.data_dir}")
 
-    def _stream_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The epoch's batches; with on_error=skip the epoch's stream restarts to pad a rank that
-        lost data, so every rank still takes the same number of steps."""
-        self.stream.set_epoch(epoch)
-        while True:
-            produced = 0
-            for item in merge_partial_batches(self.loader, self.stream.plan.batch_size):
-                if isinstance(item, str):  # a worker hit bad data in raise mode: its message
-                    raise DataError(item)
-                if isinstance(item, int):  # skip mode: samples lost to an unreadable shard
-                    self.skipped_samples += item
-                    continue
-                produced += 1
-                yield item
-            if self.on_error == "raise":
-                raise DataError(f"rank {self.rank} ran out of training data after {produced} batches of epoch {epoch}: the "
-                                f"shards hold fewer samples than the manifest says; run prepare_data.py --verify {self.data_dir}")
-            if produced == 0:
-                raise DataError(f"rank {self.rank} has no readable training data left in epoch {epoch} (data.on_error=skip)")
-            self.padded_passes += 1
+    def _windows(self, first: int) -> Iterator[WindowItem]:
+        """The workers' windows back in window order, from window `first` (each worker hands its own over in order)."""
+        held: dict[int, WindowItem] = {}
+        expected = first
+        for item in self.loader:
+            if isinstance(item, str):  # a worker hit bad data in raise mode: its message
+                raise DataError(item)
+            self.skipped_samples += item.skipped
+            held[item.index] = item
+            while expected in held:
+                yield held.pop(expected)
+                expected += 1
+        if held:
+            raise RuntimeError(f"windows {sorted(held)} arrived, but window {expected} never did")
 
-    def save_sample_ids(self, output_dir: Path) -> None:
+    @staticmethod
+    def _micro_batches(windows: Iterator[WindowItem], m: int) -> Iterator[MicroBatch]:
+        buffered: list[WindowItem] = []
+        have = 0
+        for item in windows:
+            if not len(item.y):
+                continue
+            buffered.append(item)
+            have += len(item.y)
+            if have < m:
+                continue
+            x, y, ids = (torch.cat(parts) for parts in zip(*((b.x, b.y, b.ids) for b in buffered), strict=True))
+            full = len(y) // m * m
+            for start in range(0, full, m):
+                yield x[start:start + m], y[start:start + m], ids[start:start + m]
+            rest = WindowItem(-1, x[full:], y[full:], ids[full:], 0)
+            buffered, have = ([rest], len(rest.y)) if len(rest.y) else ([], 0)
+
+    def save_sample_ids(self, output_dir: Path, rank: int) -> None:
         if self.sample_ids is not None:
-            save_sample_ids(output_dir, self.rank, self.sample_ids)
+            save_sample_ids(output_dir, rank, self.sample_ids)

@@ -12,6 +12,7 @@ only an unfused optimizer without a scaler needs the host to decide, one sync pe
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -41,21 +42,34 @@ class StepParts:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # this rank's mean loss of the batch, detached, on the device
+    loss: torch.Tensor  # this rank's mean loss over its micro-batches, detached, on the device
     grad_norm: torch.Tensor  # total gradient norm before clipping, on the device (the same on every rank)
     finite: torch.Tensor  # bool on the device; False: inf/nan gradient, no update applied
     lr: float  # the learning rate this step's update used
 
 
-def train_step(parts: StepParts, batch: tuple[torch.Tensor, ...]) -> StepResult:
-    x, y = batch[0], batch[1]
+def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: list[int] | None = None) -> StepResult:
+    """One optimizer step over this rank's micro-batches (pipeline/data/order.py lays them out).
+
+    Each micro-batch's loss is divided by their number before its backward pass, and the
+    gradients of all but the last accumulate without an all-reduce (`no_sync`), so the update
+    uses the mean gradient over the global batch, as one rank with all of it would. `seeds`,
+    where dropout needs them, seed each micro-batch's draws by its place in the global batch."""
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     base = _base(optimizer)  # Accelerate's wrapper is used only for fp16's scaler: see below
-    inputs, targets = to_inputs(x, accelerator.device), y.to(accelerator.device, non_blocking=True)
-    with accelerator.autocast():
-        logits = model(inputs)
-    loss = F.cross_entropy(logits.float(), targets, label_smoothing=parts.label_smoothing)
-    accelerator.backward(loss)
+    steps = len(micro)
+    total = None
+    for i, batch in enumerate(micro):
+        with contextlib.nullcontext() if i == steps - 1 else accelerator.no_sync(model):
+            if seeds is not None:
+                torch.manual_seed(seeds[i])
+            inputs = to_inputs(batch[0], accelerator.device)
+            targets = batch[1].to(accelerator.device, non_blocking=True)
+            with accelerator.autocast():
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=parts.label_smoothing)
+            accelerator.backward(loss if steps == 1 else loss / steps)
+        total = loss.detach() if total is None else total + loss.detach()
     clip = parts.grad_clip if parts.grad_clip is not None else math.inf
     norm = accelerator.clip_grad_norm_(model.parameters(), clip).detach()
     lr = optimizer.param_groups[0]["lr"]
@@ -72,7 +86,7 @@ def train_step(parts: StepParts, batch: tuple[torch.Tensor, ...]) -> StepResult:
     # and costs ~0.1 ms a step (accelerate 1.15 looks up an optional package on disk in every
     # step() and inspects zero_grad's signature every call): 4% of a small model's CPU step.
     base.zero_grad(set_to_none=True)
-    return StepResult(loss=loss.detach(), grad_norm=norm, finite=finite, lr=lr)
+    return StepResult(loss=total if steps == 1 else total / steps, grad_norm=norm, finite=finite, lr=lr)
 
 
 def _base(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

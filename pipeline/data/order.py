@@ -1,0 +1,127 @@
+"""The order of training samples: one global sequence per epoch, whatever the world size.
+
+Everything here is a pure function of the dataset's shard sizes, the seed, the epoch and the
+batch layout; nothing reads data, and nothing but `micro_positions` knows the world size. The
+stream, the resident batches, the benchmarks and the tests all take their order from here.
+
+An epoch's sequence of samples, as positions in the split (manifest order: shard by shard):
+1. the shards are permuted with a generator seeded by (seed, epoch);
+2. consecutive shards of that permutation form windows of at least `window` samples
+   (`data.shuffle_buffer`): the bounded shuffle a streaming reader can afford;
+3. each window's samples are permuted with a generator seeded by (seed, epoch, window).
+Global batch k of the epoch is positions [k*G, (k+1)*G) of the sequence; the last, partial
+global batch is dropped (the epoch's last N mod G samples, different ones each epoch).
+
+A global batch is cut into C = G / m micro-batches of m samples (chunk c is the c-th run of m);
+with W ranks and A = C / W accumulation steps, rank r computes chunks a*W + r for a = 0..A-1. So
+1 rank x 2 accumulation steps computes the same chunks, in the same sums, as 2 ranks x 1, and a
+run resumes at any world size that divides the global batch. Randomness that belongs to a
+sample (augmentation) is keyed on its id, not its rank; dropout on the chunk (`chunk_seed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's global batch is computed: W ranks x A accumulation steps x m samples."""
+
+    global_batch: int
+    micro_batch: int
+    world_size: int
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    @property
+    def chunks(self) -> int:
+        return self.global_batch // self.micro_batch
+
+    @classmethod
+    def make(cls, global_batch: int | None, micro_batch: int, world_size: int, what: str = "") -> BatchLayout:
+        """The layout for this launch; ConfigError (exit 2) naming the three numbers when they do not fit."""
+        if global_batch is None:
+            return cls(micro_batch * world_size, micro_batch, world_size)
+        if global_batch % (micro_batch * world_size):
+            fits = [w for w in range(1, global_batch // micro_batch + 1) if global_batch % (micro_batch * w) == 0]
+            raise ConfigError(
+                f"train.global_batch_size {global_batch} is not a whole number of micro-batches of train.batch_size "
+                f"{micro_batch} on {world_size} process(es){what}: {micro_batch} x {world_size} x accumulation steps "
+                f"must equal {global_batch}. With this batch size the world size can be "
+                f"{', '.join(map(str, fits)) or 'none'}; or change train.batch_size so that it divides "
+                f"{global_batch} / {world_size}"
+            )
+        return cls(global_batch, micro_batch, world_size)
+
+
+def steps_in_epoch(num_samples: int, global_batch: int) -> int:
+    steps = num_samples // global_batch
+    if steps == 0:
+        raise ConfigError(f"train.global_batch_size {global_batch} is larger than the train split ({num_samples} "
+                          "samples): not one step fits in an epoch")
+    return steps
+
+
+def windows(shard_sizes: list[int], seed: int, epoch: int, window: int) -> list[list[int]]:
+    """The epoch's windows: lists of shard indices, in reading order."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes))
+    out: list[list[int]] = [[]]
+    held = 0
+    for shard in order.tolist():
+        if held >= max(window, 1):
+            out.append([])
+            held = 0
+        out[-1].append(shard)
+        held += shard_sizes[shard]
+    return out
+
+
+def window_permutation(seed: int, epoch: int, index: int, size: int) -> np.ndarray:
+    """The order of a window's samples (indices into the window's shards, concatenated)."""
+    return np.random.default_rng([seed, epoch, index, 1]).permutation(size)
+
+
+def shard_offsets(shard_sizes: list[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+
+
+def window_positions(shard_sizes: list[int], offsets: np.ndarray, shards: list[int], seed: int, epoch: int,
+                     index: int) -> np.ndarray:
+    """Split positions of a window's samples, in their order in the epoch's sequence."""
+    members = np.concatenate([np.arange(offsets[s], offsets[s] + shard_sizes[s]) for s in shards])
+    return members[window_permutation(seed, epoch, index, len(members))]
+
+
+def epoch_order(shard_sizes: list[int], seed: int, epoch: int, window: int) -> np.ndarray:
+    """The whole epoch's sequence of split positions (length: the split's size)."""
+    offsets = shard_offsets(shard_sizes)
+    return np.concatenate([window_positions(shard_sizes, offsets, w, seed, epoch, i)
+                           for i, w in enumerate(windows(shard_sizes, seed, epoch, window))])
+
+
+def rank_mask(positions: np.ndarray, layout: BatchLayout, rank: int) -> np.ndarray:
+    """Which of these sequence positions (indices into the epoch's sequence) this rank computes."""
+    chunk = (positions % layout.global_batch) // layout.micro_batch
+    return chunk % layout.world_size == rank
+
+
+def micro_positions(layout: BatchLayout, rank: int, step: int, accumulation_step: int) -> slice:
+    """The sequence positions of this rank's micro-batch `accumulation_step` of the epoch's step `step`."""
+    start = step * layout.global_batch + chunk_index(layout, rank, accumulation_step) * layout.micro_batch
+    return slice(start, start + layout.micro_batch)
+
+
+def chunk_index(layout: BatchLayout, rank: int, accumulation_step: int) -> int:
+    return accumulation_step * layout.world_size + rank
+
+
+def chunk_seed(seed: int, global_step: int, chunk: int) -> int:
+    """The torch seed of one micro-batch's dropout: the same whichever rank computes the chunk."""
+    return int(np.random.SeedSequence([seed, global_step, chunk, 2]).generate_state(1)[0])
