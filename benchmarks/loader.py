@@ -4,8 +4,8 @@ Product: batches of 256 uint8 images [B, 28, 28] and int64 labels as torch tenso
 what the trainer's loader hands its step (the step casts to float itself: `pipeline.model.to_inputs`,
 timed in sections 2 and 5; "ours + cast" shows the loader with that cast added).
 
-- ours: the trainer's code path (TrainStream, world 1, workers 0, batch 256, shuffle window as
-  in configs/fashion_mnist.yaml, through make_train_loader and merge_partial_batches).
+- ours: the trainer's code path (TrainStream through StreamBatches, world 1, workers 0, batch 256,
+  shuffle window as in configs/fashion_mnist.yaml).
 - per-sample: the same images written one sample per tar member pair (`.npy` + `.cls`) with
   wds.TarWriter, read back with `wds.WebDataset(urls, shardshuffle=False).decode()`,
   `.to_tuple("npy", "cls").batched(256)`, then torch.from_numpy.
@@ -51,41 +51,34 @@ def torchvision_root(tmp: Path, source: Path = FASHION_IDX) -> Path:
 
 
 def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size: int = 256, cast: bool = False) -> dict:
+    from pipeline.data.augment import Augment
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import (
-        ShardSource,
-        StreamPlan,
-        TrainStream,
-        make_train_loader,
-        merge_partial_batches,
-    )
+    from pipeline.data.order import BatchLayout
+    from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
     from pipeline.model import to_inputs
+    from pipeline.training.batches import StreamBatches
 
     manifest = load_manifest(data_dir)
-    stream = TrainStream(manifest, ShardSource(str(data_dir)), "train", StreamPlan(batch_size, 1, 0, 0), 0, shuffle_buffer)
-    loader = make_train_loader(stream, pin_memory=False)
+    plan = EpochPlan.make(manifest, "train", BatchLayout.make(batch_size, batch_size, 1), 0, shuffle_buffer)
+    stream = TrainStream(manifest, ShardSource(str(data_dir)), "train", plan, 0, Augment(0))
+    batches = StreamBatches(stream, seed=0, data_dir=str(data_dir), pin_memory=False, record_sample_ids=False)
     cpu = torch.device("cpu")
     epoch = [0]
 
     def once() -> int:
-        stream.set_epoch(epoch[0])
-        epoch[0] += 1
         n = 0
-        for item in merge_partial_batches(loader, batch_size):  # as TrainBatches reads it
-            if isinstance(item, str):  # the stream's in-band error message
-                raise RuntimeError(item)
-            if isinstance(item, int):  # skipped-sample counts (data.on_error=skip)
-                continue
-            x, y, _ = item
-            if cast:
-                x = to_inputs(x, cpu)
-            n += len(y)
+        for micro in batches.epoch(epoch[0], 0, plan.steps):  # as the trainer reads it
+            for x, y, _ in micro:
+                if cast:
+                    x = to_inputs(x, cpu)
+                n += len(y)
+        epoch[0] += 1
         return n
 
     result = rate_reps(once, reps)
     size = sum(s.bytes for s in manifest.split("train").shards)
     return {**result, "bytes_on_disk": size, "shards": len(manifest.split("train").shards),
-            "what": f"TrainStream world 1 workers 0 batch {batch_size}, shuffle window {shuffle_buffer}"
+            "what": f"StreamBatches world 1 workers 0 batch {batch_size}, shuffle window {shuffle_buffer}"
                     + (", then to_inputs (uint8 -> float / 255)" if cast else "")}
 
 
@@ -162,7 +155,7 @@ def bench_torchvision(root: Path, reps: int, batch_size: int = 64) -> dict:
 
 
 def run(data_dir: Path, tmp: Path, reps: int, per_sample_samples: int | None) -> dict:
-    say("loader: ours (TrainStream, the trainer's path)")
+    say("loader: ours (StreamBatches, the trainer's path)")
     ours = bench_ours(data_dir, reps)
     ours_cast = bench_ours(data_dir, reps, cast=True)
     blocks = bench_blocks_only(data_dir, reps)

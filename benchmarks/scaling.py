@@ -25,7 +25,8 @@ def _one(nproc: int, data_dir: Path, work: Path, global_batch: int, steps: int, 
     out = work / f"scaling-{nproc}proc"
     shutil.rmtree(out, ignore_errors=True)
     args = ["launch/train.py", "--config", "configs/cpu_test.yaml", f"data.dir={data_dir}", f"output_dir={out}",
-            f"train.batch_size={global_batch // nproc}", f"train.max_steps={steps}", f"eval.every_steps={steps}",
+            f"train.batch_size={global_batch // nproc}", f"train.global_batch_size={global_batch}",
+            f"train.max_steps={steps}", f"eval.every_steps={steps}",
             f"checkpoint.every_steps={steps}", f"train.log_every_steps={min(10, steps)}", "wandb.mode=disabled",
             "train.progress_bar=false"]
     if nproc == 1:

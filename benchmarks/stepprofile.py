@@ -107,30 +107,23 @@ def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
 
 def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     from pipeline.config import load_config
+    from pipeline.data.augment import Augment
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import (
-        ShardSource,
-        StreamPlan,
-        TrainStream,
-        make_train_loader,
-    )
+    from pipeline.data.order import BatchLayout
+    from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
     from pipeline.model import build_model, to_inputs
+    from pipeline.training.batches import StreamBatches
     from pipeline.training.loop import build_accelerator
     from pipeline.training.optimizer import build_optimizer, build_scheduler
 
     cfg = load_config(CONFIG, [f"data.dir={data_dir}", "output_dir=unused"])
     accelerator = build_accelerator(cfg)
     manifest = load_manifest(data_dir)
-    stream = TrainStream(manifest, ShardSource(str(data_dir)), "train", StreamPlan(cfg.train.batch_size, 1, 0, 0), 0,
-                         cfg.data.shuffle_buffer)
-    batches = []
-    for item in make_train_loader(stream, pin_memory=False):
-        if isinstance(item, str):
-            raise RuntimeError(item)
-        if not isinstance(item, int):  # (x, y, idx); ints are skipped-sample counts
-            batches.append(item)
-        if len(batches) == warm + steps:
-            break
+    layout = BatchLayout.make(cfg.train.batch_size, cfg.train.batch_size, 1)
+    plan = EpochPlan.make(manifest, "train", layout, 0, cfg.data.shuffle_buffer)
+    stream = TrainStream(manifest, ShardSource(str(data_dir)), "train", plan, 0, Augment(0))
+    source = StreamBatches(stream, seed=0, data_dir=str(data_dir), pin_memory=False, record_sample_ids=False)
+    batches = [micro[0] for micro in source.epoch(0, 0, min(plan.steps, warm + steps))]
     torch.manual_seed(0)
     model = build_model(cfg.model, manifest.image_shape, manifest.num_classes)
     optimizer = build_optimizer(model, cfg.optim)

@@ -30,7 +30,8 @@ def _cfg(config: Path, data_dir: Path, out: Path, batch: int, total_steps: int, 
     from pipeline.config import load_config
 
     return load_config(config, [
-        f"data.dir={data_dir}", f"output_dir={out}", f"train.batch_size={batch}", f"train.max_steps={total_steps}",
+        f"data.dir={data_dir}", f"output_dir={out}", f"train.batch_size={batch}", f"train.global_batch_size={batch}",
+        f"train.max_steps={total_steps}",
         f"train.log_every_steps={log_every}", f"eval.every_steps={total_steps}", f"checkpoint.every_steps={total_steps}",
         "checkpoint.keep_last=1", "wandb.mode=disabled", "train.progress_bar=false", *extra,
     ])

@@ -39,18 +39,30 @@ class DataConfig(_Section):
         "stream: read shards through DataLoader workers; auto: device when the split takes at most a quarter of the "
         "free memory of every rank's device (and data.on_error is raise)",
     )
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers per rank (data.placement stream)")
-    shuffle_buffer: int = Field(4096, ge=0)
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers per rank (data.placement stream); they read "
+                             "the epoch's windows in turn, and the batches are the same for any number of them")
+    shuffle_buffer: int = Field(
+        4096, ge=0, description="The epoch's shards are read in windows of at least this many samples, each shuffled "
+        "as a whole (pipeline/data/order.py)")
     verify: Literal["none", "size", "sha256"] = "size"
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="A corrupt shard at training time: stop naming it, or skip it (counted; ranks stay equal)"
     )
     hflip: bool = Field(False, description="Augment: mirror half the training images left-right (clothes are symmetric)")
     shift: int = Field(0, ge=0, le=8, description="Augment: move each training image by up to N pixels each way (zero fill)")
+    erase: float = Field(0.0, ge=0.0, le=1.0, description="Augment: the probability that a training image gets a "
+                         "rectangle blanked (random erasing)")
+    erase_area: tuple[float, float] = Field((0.02, 0.25), description="Random erasing: the rectangle's area, as a "
+                                            "fraction of the image, drawn from this range")
     allow_pipe: bool = False
     record_sample_ids: bool = Field(
         False, description="Audit: write each rank's trained sample indices to output_dir/sample_ids/rank-N.npy"
     )
+
+
+class EmaConfig(_Section):
+    decay: float = Field(0.999, gt=0.0, lt=1.0, description="Each step the average moves 1 - decay towards the weights")
+    start_step: int = Field(0, ge=0, description="Until this optimizer step the average is the weights themselves")
 
 
 class ModelConfig(_Section):
@@ -80,7 +92,11 @@ class ScheduleConfig(_Section):
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(64, ge=1, description="Per-process batch size")
+    batch_size: int = Field(64, ge=1, description="Micro-batch: samples per forward and backward pass of one process")
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="Samples per optimizer step over all processes: batch_size x processes x accumulation "
+        "steps. It fixes the run's order and schedule at any world size; unset, it is batch_size x processes"
+    )
     epochs: Optional[int] = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
     stop_at_step: Optional[int] = Field(
@@ -96,6 +112,8 @@ class TrainConfig(_Section):
     )
     grad_clip: Optional[float] = Field(None, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Training loss only; eval reports plain cross-entropy")
+    ema: Optional[EmaConfig] = Field(None, description="Weight averaging: evaluated beside the weights, and what "
+                                     "model/ holds")
     log_every_steps: int = Field(10, ge=1)
     dist_timeout_s: int = Field(900, ge=30, description="Process-group timeout; must exceed rank-zero eval time")
     peer_timeout_s: Optional[int] = Field(
@@ -116,6 +134,8 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     every_steps: int = Field(50, ge=1)
+    split: str = Field("val", description="The split evaluated every every_steps, for choosing recipes; the final "
+                       "model is scored once on test at the end")
     batch_size: int = Field(1000, ge=1)
 
 
@@ -174,11 +194,19 @@ class Config(_Section):
                 "data.placement device reads and checks every shard before training, so there is nothing to skip later; "
                 "data.on_error skip needs data.placement stream (or auto)"
             )
+        if self.train.global_batch_size is not None and self.train.global_batch_size % self.train.batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of train.batch_size "
+                f"({self.train.batch_size}), the micro-batch each process computes at a time"
+            )
         if self.train.peer_timeout_s is not None and self.train.peer_timeout_s >= self.train.dist_timeout_s:
             raise ValueError(
                 f"train.peer_timeout_s ({self.train.peer_timeout_s}) must be shorter than train.dist_timeout_s "
                 f"({self.train.dist_timeout_s}), or a silent peer is found only after the collective gave up"
             )
+        low, high = self.data.erase_area
+        if not 0.0 < low <= high < 1.0:
+            raise ValueError(f"data.erase_area ({low}, {high}) must be fractions of the image with 0 < low <= high < 1")
         if self.data.base_url and self.data.base_url.startswith("pipe:") and not self.data.allow_pipe:
             raise ValueError("data.base_url is a pipe: URL, which runs shell commands; set data.allow_pipe: true")
         return self

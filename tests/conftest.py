@@ -101,14 +101,14 @@ def train_args(out: Path, shards: Path, *overrides: str, config: str = "configs/
 
 
 def train_run(out: Path, shards: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
-              config: str = "configs/cpu_test.yaml", check: bool = True, timeout: float = 600):
+              config: str = "configs/cpu_test.yaml", check: bool = True, timeout: float = 600, env: dict | None = None):
     """Run launch/train.py as a user would: plain python for one process, accelerate launch for more."""
     args = train_args(out, shards, *overrides, config=config)
     if resume:
         args += ["--resume", resume]
     if nproc == 1:
-        return run_py(*args, check=check, timeout=timeout)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return run_py(*args, check=check, timeout=timeout, env=env)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([*accelerate_cmd(nproc), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

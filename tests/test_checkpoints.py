@@ -29,7 +29,7 @@ def test_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_pa
     train_run(out, fashion_shards, *RUN, "train.stop_at_step=100")
     newest = out / "checkpoints" / "step-00000100"
     recorded = json.loads((newest / "state.json").read_text())["files"]
-    assert set(recorded) == {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng/rank-00000.pt"}
+    assert set(recorded) == {"model.safetensors", "optimizer.pt", "scheduler.pt"}  # nothing belongs to a rank
     _flip_middle(newest / "model.safetensors")
 
     proc = train_run(out, fashion_shards, *RUN, resume=str(newest), check=False)
@@ -51,16 +51,16 @@ def test_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_pa
 
 def test_verify_names_a_missing_or_changed_file(tmp_path):
     ckpt = tmp_path / "step-00000007"
-    (ckpt / "rng").mkdir(parents=True)
+    (ckpt / "extra").mkdir(parents=True)
     (ckpt / "model.safetensors").write_bytes(b"weights")
-    (ckpt / "rng" / "rank-00001.pt").write_bytes(b"rng")
+    (ckpt / "extra" / "file.pt").write_bytes(b"rng")
     state = {"state": {"step": 7}, "fingerprint": "f", "model": {}, "world_size": 2, "files": file_digests(ckpt)}
     (ckpt / "state.json").write_text(json.dumps(state))
     assert verify_checkpoint(ckpt) is None
-    (ckpt / "rng" / "rank-00001.pt").unlink()
-    assert verify_checkpoint(ckpt) == "rng/rank-00001.pt: missing"
-    (ckpt / "rng" / "rank-00001.pt").write_bytes(b"rnG")
-    assert "rng/rank-00001.pt: contents differ" in verify_checkpoint(ckpt)
+    (ckpt / "extra" / "file.pt").unlink()
+    assert verify_checkpoint(ckpt) == "extra/file.pt: missing"
+    (ckpt / "extra" / "file.pt").write_bytes(b"rnG")
+    assert "extra/file.pt: contents differ" in verify_checkpoint(ckpt)
     (ckpt / "state.json").write_text("{")
     assert verify_checkpoint(ckpt).startswith("state.json: ")
     shutil.rmtree(ckpt)

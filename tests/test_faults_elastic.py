@@ -68,7 +68,10 @@ def test_killed_rank_is_restarted_and_the_run_resumes_bit_identically(tmp_path, 
     b = load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights equal the uninterrupted 2-process run's, bit for bit"
 
-    # Its checkpoints hold two ranks' data positions and RNG streams: one process cannot continue them.
-    other = train_run(out, fashion_shards, *overrides, resume="auto", check=False)
-    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-3000:]
-    assert "written by 2 process(es), but this launch has 1" in other.stderr
+    # One process continues a two-process checkpoint of the same global batch (the run is complete:
+    # nothing is left to train); a global batch that one process cannot divide is refused, with the numbers.
+    again = train_run(out, fashion_shards, *overrides, resume="auto")
+    assert "world size 2 -> 1: the same global batch of 256, now 1 x 2 x 128" in again.stdout
+    odd = train_run(out, fashion_shards, *overrides, "train.global_batch_size=288", resume="auto", check=False)
+    assert odd.returncode == 2 and "Traceback" not in odd.stderr, odd.stderr[-3000:]
+    assert "train.global_batch_size 288 is not a whole number of micro-batches of train.batch_size 128 on 1" in odd.stderr

@@ -61,8 +61,6 @@ def test_sigterm_to_launcher_stops_all_ranks_at_the_same_step(tmp_path, fashion_
     assert proc.returncode != 0
     (stopped,) = _steps_of(out)
     assert stopped >= 20
-    rng = sorted(p.name for p in (out / "checkpoints" / f"step-{stopped:08d}" / "rng").iterdir())
-    assert rng == ["rank-00000.pt", "rank-00001.pt"], "both ranks took part in the checkpoint"
     state = json.loads((out / "checkpoints" / f"step-{stopped:08d}" / "state.json").read_text())
     assert state["state"]["step"] == stopped and state["world_size"] == 2
 

@@ -8,6 +8,7 @@ peer timeout several times over: slow but alive must never read as lost.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -59,6 +60,16 @@ class Ranks:
         raise AssertionError(f"rank {rank} declared nothing within {within} s")
 
 
+@contextlib.contextmanager
+def running(n: int, port: int):
+    ranks = Ranks(n, port)
+    ranks.begin()
+    try:
+        yield ranks
+    finally:
+        ranks.stop()
+
+
 @pytest.fixture
 def server():
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
@@ -66,9 +77,7 @@ def server():
 
 
 def test_a_rank_that_stops_beating_is_named_by_every_other_rank_within_the_timeout(server):
-    ranks = Ranks(3, server.port)
-    ranks.begin()
-    try:
+    with running(3, server.port) as ranks:
         time.sleep(1.0)
         ranks.watches[2].stop(done=False)  # frozen: no more beats, and no word that it finished
         frozen = time.monotonic()
@@ -79,32 +88,22 @@ def test_a_rank_that_stops_beating_is_named_by_every_other_rank_within_the_timeo
             assert "stopped at step 7 of 10; the newest checkpoint is ckpt/step-5." in message
             assert f"This rank ({r}, host host-{r})" in message
         assert ranks.lost[2] == []
-    finally:
-        ranks.stop()
 
 
 def test_a_rank_whose_training_thread_hogs_the_interpreter_is_not_lost(server):
-    ranks = Ranks(2, server.port)
-    ranks.begin()
-    try:
+    with running(2, server.port) as ranks:
         end = time.monotonic() + 3 * TIMEOUT_S
         n = 0
         while time.monotonic() < end:  # pure Python: holds the GIL except at the interpreter's switch points
             n += 1
         assert ranks.lost == [[], []]
-    finally:
-        ranks.stop()
 
 
 def test_a_rank_that_finished_is_not_waited_for(server):
-    ranks = Ranks(2, server.port)
-    ranks.begin()
-    try:
+    with running(2, server.port) as ranks:
         ranks.watches[1].stop(done=True)
         time.sleep(2 * TIMEOUT_S + 1)
         assert ranks.lost == [[], []]
-    finally:
-        ranks.stop()
 
 
 def test_the_store_going_away_is_lost_contact_with_the_job():
@@ -176,7 +175,8 @@ def test_evaluations_longer_than_the_peer_timeout_do_not_lose_the_waiting_rank(t
     # while rank 1 waits in the next all-reduce.
     out = tmp_path / "slow-eval"
     proc = train_run(out, fashion_shards, "model.hidden_size=256", "train.max_steps=10", "eval.every_steps=5",
-                     "checkpoint.every_steps=10", "train.peer_timeout_s=2", "wandb.mode=disabled", nproc=2, timeout=900)
+                     "checkpoint.every_steps=10", "train.peer_timeout_s=2", "eval.split=test", "wandb.mode=disabled",
+                     nproc=2, timeout=900)
     assert "lost peer" not in proc.stderr and "lost contact" not in proc.stderr
     evals = [e for e in read_jsonl(out / "metrics.jsonl") if "eval/seconds" in e]
     assert len(evals) == 2 and min(e["eval/seconds"] for e in evals) > 2 * 2, evals

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import read_jsonl, train_in_process
+from conftest import read_jsonl, train_in_process, train_run
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -49,18 +49,52 @@ def test_cell_trains_and_resumes_bit_identically(tmp_path, fashion_shards, model
 
 
 def test_epoch_based_run_resumes_exactly_at_an_epoch_boundary(tmp_path, fashion_shards):
-    # No max_steps: the length comes from train.epochs. 60,000 samples in batches of 1000 on one
-    # rank: 60 steps per epoch, 120 in two epochs; the split run stops exactly at the boundary.
-    overrides = ("train.max_steps=null", "train.epochs=2", "train.batch_size=1000", "model.hidden_size=16",
-                 "schedule.warmup_steps=5", "eval.every_steps=30", "checkpoint.every_steps=30", "train.log_every_steps=10")
-    full, resumed, checkpoint, straight, split = _straight_and_resumed(tmp_path, fashion_shards, 60, *overrides)
-    assert full["steps"] == 120 and full["samples_seen"] == 120_000 and full["completed"]
+    # No max_steps: the length comes from train.epochs. 55,000 training samples (5,000 are held out
+    # for validation) in batches of 1000 on one rank: 55 steps per epoch, 110 in two epochs; the
+    # split run stops exactly at the boundary.
+    overrides = ("train.max_steps=null", "train.epochs=2", "train.batch_size=1000", "train.global_batch_size=1000", "model.hidden_size=16",
+                 "schedule.warmup_steps=5", "eval.every_steps=55", "checkpoint.every_steps=55", "train.log_every_steps=5")
+    full, resumed, checkpoint, straight, split = _straight_and_resumed(tmp_path, fashion_shards, 55, *overrides)
+    assert full["steps"] == 110 and full["samples_seen"] == 110_000 and full["completed"]
     assert full["train_state"]["epoch"] == 2 and full["train_state"]["step_in_epoch"] == 0
     # The checkpoint at the boundary says: next is epoch 1, batch 0.
     assert (checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]) == (1, 0)
     epochs = {e["step"]: e["train/epoch"] for e in read_jsonl(straight / "metrics.jsonl") if "train/epoch" in e}
-    assert epochs[60] == 1.0 and epochs[120] == 2.0 and epochs[70] == pytest.approx(1 + 10 / 60)
+    assert epochs[55] == 1.0 and epochs[110] == 2.0 and epochs[65] == pytest.approx(1 + 10 / 55)
     a, b = _weights(straight), _weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a), "resuming at the epoch boundary changed the run"
     assert _stable(read_jsonl(straight / "metrics.jsonl")) == _stable(read_jsonl(split / "metrics.jsonl"))
-    assert resumed["steps"] == 120 and resumed["resumed"]
+    assert resumed["steps"] == 110 and resumed["resumed"]
+
+
+@pytest.mark.slow
+def test_one_global_batch_at_any_world_size_and_resumed_across_world_sizes(tmp_path, fashion_shards):
+    """configs/cpu_test.yaml, fp32, global batch 256: 2 processes x 128 and 1 process x 2
+    accumulation steps x 128 compute the same micro-batches and sums; so do runs stopped at step
+    100 and resumed on the other world size. One torch thread per process on both sides (the
+    thread count changes float sums)."""
+    common = ("train.log_every_steps=1", "checkpoint.every_steps=100")
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    runs = {
+        "1": [(1, None, ())],
+        "2": [(2, None, ())],
+        "2->1": [(2, None, ("train.stop_at_step=100",)), (1, "auto", ())],
+        "1->2": [(1, None, ("train.stop_at_step=100",)), (2, "auto", ())],
+    }
+    for name, legs in runs.items():
+        for nproc, resume, extra in legs:
+            proc = train_run(tmp_path / name, fashion_shards, "wandb.mode=disabled", *common, *extra, nproc=nproc,
+                             resume=resume, env=one_thread)
+            if resume:
+                assert f"world size {3 - nproc} -> {nproc}: the same global batch of 256" in proc.stdout
+    reference = _weights(tmp_path / "1")
+    losses = {n: [e["train/loss"] for e in read_jsonl(tmp_path / n / "metrics.jsonl") if "train/loss" in e] for n in runs}
+    for name in ("2", "2->1", "1->2"):
+        weights = _weights(tmp_path / name)
+        worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
+        assert worst <= 1e-5 and len(losses[name]) == 300, name
+        assert max(abs(a - b) for a, b in zip(losses[name], losses["1"], strict=True)) <= 1e-5, name
+        print(f"{name}: weights {'bit-identical' if worst == 0 else f'within {worst:.1e}'} to one process")
+    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in runs}
+    assert {n: s["world_size"] for n, s in summaries.items()} == {"1": 1, "2": 2, "2->1": 1, "1->2": 2}
+    assert {s["samples_seen"] for s in summaries.values()} == {300 * 256}

@@ -2,10 +2,16 @@
 
 Layout of `output_dir/checkpoints/step-00000100/`:
   model.safetensors   weights of the unwrapped model
+  ema.safetensors     their average, with train.ema
   optimizer.pt        optimizer state (tensors and numbers only: loaded with weights_only)
   scheduler.pt, scaler.pt
-  rng/rank-00000.pt   each rank's torch (and CUDA) RNG state: dropout streams differ per rank
-  state.json          step, epoch, data position, best accuracy, W&B run id, dataset fingerprint, config
+  state.json          step, epoch, data position, best accuracy, W&B run id, dataset fingerprint, what
+                      fixes the data order (global batch, seed, shuffle window), config
+
+Nothing in it belongs to a rank: the data position is global (optimizer steps into an epoch of
+global batches), and the randomness of training is keyed on positions, not drawn from per-rank
+generators (pipeline/data/order.py). So a checkpoint resumes at any world size that divides its
+global batch; one of another global batch, seed or dataset is refused, exit 2.
 
 A checkpoint is written into `.tmp-step-...` and renamed when complete, so a crash mid-write
 leaves a temp dir that the next start removes, never a half checkpoint that looks whole.
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
@@ -35,6 +42,7 @@ from pipeline.files import sha256_file
 from pipeline.training.collectives import any_rank
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -54,8 +62,11 @@ class CheckpointMeta:
     state: TrainState
     fingerprint: str
     model: dict[str, Any]
-    world_size: int
+    world_size: int  # that wrote it: informative only
     config: dict[str, Any] = field(default_factory=dict)
+    # What fixes the order of the samples: global_batch_size, seed, shuffle_buffer. Empty in
+    # checkpoints of versions whose order depended on the world size.
+    order: dict[str, int] = field(default_factory=dict)
     # What evaluate/predict need beside the weights: image shape, class names, dataset, precision.
     model_card: dict[str, Any] = field(default_factory=dict)
     # sha256 of every other file of the checkpoint (all ranks'), relative path -> hex digest;
@@ -67,7 +78,8 @@ class Checkpointer:
     """The checkpoints of one output_dir. Methods marked collective run on every rank."""
 
     def __init__(self, accelerator, output_dir: str | Path, every_steps: int, keep_last: int, *,
-                 fingerprint: str, model_desc: dict[str, Any], config: dict[str, Any], model_card: dict[str, Any]):
+                 fingerprint: str, model_desc: dict[str, Any], config: dict[str, Any], model_card: dict[str, Any],
+                 order: dict[str, int]):
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.root = checkpoint_root(output_dir)
@@ -77,6 +89,7 @@ class Checkpointer:
         self.model_desc = model_desc
         self.config = config
         self.model_card = model_card
+        self.order = order
 
     def clean_partial(self) -> list[Path]:
         """Collective: the main process removes what a crash mid-write left; the others wait for it."""
@@ -140,12 +153,19 @@ class Checkpointer:
             raise value if isinstance(value, UserError) else UserError(f"checking the checkpoints in {self.root} failed: {value}")
         return value
 
-    def restore(self, path: Path, model, optimizer, scheduler) -> TrainState:
-        """Check that `path` fits this run, load it into the prepared objects, return its state."""
+    def restore(self, path: Path, model, optimizer, scheduler, ema=None) -> tuple[TrainState, int]:
+        """Check that `path` fits this run, load it into the prepared objects; its state and the world size that wrote it."""
         meta = read_meta(path)
-        check_compatible(meta, path, self.fingerprint, self.model_desc, self.accelerator.num_processes)
+        check_compatible(meta, path, self.fingerprint, self.model_desc, self.order)
         load_checkpoint(self.accelerator, path, model, optimizer, scheduler)
-        return meta.state
+        if ema is not None:
+            if (path / EMA_FILE).is_file():
+                ema.load_state_dict(load_file(path / EMA_FILE, device="cpu"))
+            else:  # train.ema was turned on for the resumed run: the average starts from the weights
+                ema.load_state_dict(self.accelerator.unwrap_model(model).state_dict())
+                print(f"warning: {path} holds no weight average; train.ema starts averaging from its weights",
+                      file=sys.stderr, flush=True)
+        return meta.state, meta.world_size
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.output_dir)
@@ -167,11 +187,13 @@ class Checkpointer:
         """Whether a checkpoint of this state holds the best model evaluated so far."""
         return state.best_step == state.step
 
-    def save(self, state: TrainState, model, optimizer, scheduler) -> Path:
-        """Collective: every rank must call this at the same step; keeps the newest keep_last."""
+    def save(self, state: TrainState, model, optimizer, scheduler, ema=None) -> Path:
+        """Collective: every rank must call this at the same step; keeps the newest keep_last. `ema`
+        (the main process's WeightAverage) is saved beside the weights."""
         meta = CheckpointMeta(state=state, fingerprint=self.fingerprint, model=self.model_desc,
-                              world_size=self.accelerator.num_processes, config=self.config, model_card=self.model_card)
-        return save_checkpoint(self.accelerator, self.output_dir, model, optimizer, scheduler, meta, self.keep_last)
+                              world_size=self.accelerator.num_processes, config=self.config, model_card=self.model_card,
+                              order=self.order)
+        return save_checkpoint(self.accelerator, self.output_dir, model, optimizer, scheduler, meta, self.keep_last, ema)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -194,19 +216,13 @@ def remove_partial(output_dir: str | Path) -> list[Path]:
     return partial
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, scheduler, meta: CheckpointMeta, keep_last: int) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, scheduler, meta: CheckpointMeta, keep_last: int,
+                    ema=None) -> Path:
     """Collective: every rank must call this at the same step."""
     root = checkpoint_root(output_dir)
     name = f"step-{meta.state.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
-    failure: OSError | None = None
+    failure: BaseException | None = None
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,22 +231,23 @@ def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, sched
         failure = err
     _agree_or_fail(accelerator, failure, tmp, meta.state.step, output_dir)
     try:
-        (tmp / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
             save_file({k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if ema is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+    # A full disk: torch.save says RuntimeError, safetensors its own SafetensorError.
+    except (OSError, RuntimeError, SafetensorError) as err:
         failure = err
     _agree_or_fail(accelerator, failure, tmp, meta.state.step, output_dir)
     try:
         if accelerator.is_main_process:
-            # Every rank's files are written now; state.json last, holding their digests: a
-            # directory without it is never taken for a checkpoint.
+            # state.json last, holding the other files' digests: a directory without it is never
+            # taken for a checkpoint.
             meta.files = file_digests(tmp)
             _write_json(tmp / "state.json", {**asdict(meta), "state": asdict(meta.state)})
     except OSError as err:
@@ -305,31 +322,41 @@ def read_meta(path: Path) -> CheckpointMeta:
         return CheckpointMeta(
             state=TrainState(**raw["state"]), fingerprint=raw["fingerprint"], model=raw["model"],
             world_size=raw["world_size"], config=raw.get("config", {}), files=raw.get("files", {}),
-            model_card=raw.get("model_card", {}),
+            model_card=raw.get("model_card", {}), order=raw.get("order", {}),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"checkpoint {path} has an unreadable state.json ({err}); resume from an older one with --resume PATH") from None
 
 
-def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_cfg: dict[str, Any], world_size: int) -> None:
+class IncompatibleCheckpoint(UserError):
+    exit_code = 2
+
+
+def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_cfg: dict[str, Any],
+                     order: dict[str, int]) -> None:
+    """What must not change under a checkpoint: the data, the model, and what fixes the order of the samples."""
+    fresh = "or start a new output_dir"
     if meta.fingerprint != fingerprint:
-        raise UserError(
+        raise IncompatibleCheckpoint(
             f"checkpoint {path} was trained on dataset {meta.fingerprint[:12]}, but data.dir holds {fingerprint[:12]}; "
-            "resume with the same prepared dataset, or start a new output_dir"
-        )
+            f"resume with the same prepared dataset, {fresh}")
     if meta.model != model_cfg:
         changed = sorted(k for k in set(meta.model) | set(model_cfg) if meta.model.get(k) != model_cfg.get(k))
-        raise UserError(
+        raise IncompatibleCheckpoint(
             f"checkpoint {path} holds a model with different {', '.join('model.' + k for k in changed)} "
-            f"({', '.join(f'{k}={meta.model.get(k)!r}' for k in changed)}); resume with the same model config or start a new output_dir"
-        )
-    if meta.world_size != world_size:
-        # The data position (epoch, batch) and every rank's RNG state mean nothing in another world size.
-        raise UserError(
-            f"checkpoint {path} was written by {meta.world_size} process(es), but this launch has {world_size}; "
-            f"resume with --num_processes {meta.world_size} (the global batch and data order depend on it), "
-            "or start a new output_dir"
-        )
+            f"({', '.join(f'{k}={meta.model.get(k)!r}' for k in changed)}); resume with the same model config {fresh}")
+    if not meta.order:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {path} was written by an earlier version, whose data order depended on the number of "
+            f"processes; this one cannot say where that run stood in its data. Finish it with that version, {fresh}")
+    changed = {k: (meta.order.get(k), v) for k, v in order.items() if meta.order.get(k) != v}
+    if changed:
+        keys = {"global_batch_size": "train.global_batch_size", "seed": "train.seed", "shuffle_buffer": "data.shuffle_buffer"}
+        said = ", ".join(f"{keys.get(k, k)} {old} -> {new}" for k, (old, new) in changed.items())
+        raise IncompatibleCheckpoint(
+            f"checkpoint {path} was trained with another order of samples ({said}): its data position means nothing "
+            f"under the new one. Resume with the checkpoint's values (any number of processes that divides its "
+            f"global batch works), {fresh}")
 
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> None:
@@ -342,9 +369,3 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> Non
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True, map_location="cpu"))
-    rng_file = path / "rng" / f"rank-{accelerator.process_index:05d}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True, map_location="cpu")
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])

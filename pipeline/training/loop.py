@@ -22,18 +22,22 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, save_config
+from pipeline.config import Config, ModelConfig, save_config
+from pipeline.data import order
+from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, check_dataset, load_manifest
+from pipeline.data.order import BatchLayout
 from pipeline.data.resident import ResidentBatches, choose_placement
-from pipeline.data.stream import ShardSource, StreamPlan, TrainStream, load_split_tensors, verify_shards
+from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, load_split_tensors, verify_shards
 from pipeline.errors import ConfigError, UserError
 from pipeline.model import build_model, save_trained
 from pipeline.tracking import Tracker
-from pipeline.training.batches import TrainBatches
+from pipeline.training.batches import StreamBatches
 from pipeline.training.checkpoint import Checkpointer, TrainState
 from pipeline.training.collectives import any_rank
 from pipeline.training.elastic import init_restartable_process_group
-from pipeline.training.evaluation import Evaluator
+from pipeline.training.ema import WeightAverage
+from pipeline.training.evaluation import EvalResult, Evaluator, eval_split
 from pipeline.training.lease import OutputDirBusy, OutputLease, job_identity
 from pipeline.training.metrics import MetricsSink, StepWindow
 from pipeline.training.optimizer import build_optimizer, build_scheduler
@@ -60,6 +64,23 @@ def check_gpu_count(processes_per_node: int, visible_gpus: int, rehearsal: bool)
     )
 
 
+def check_cpu_bf16(cell: str) -> None:
+    """bf16 autocast runs the CPU's recurrent layers through oneDNN, which has no bf16 kernel for
+    them on CPUs without AVX-512 (seen on an AVX2-only AMD EPYC): every step would fail with
+    'could not create a primitive descriptor'. A layer of four units says so before anything starts."""
+    probe = build_model(ModelConfig(cell=cell, hidden_size=4), [4, 4], 2)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            probe(torch.zeros(1, 4, 4))
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". Run workload")[0]
+        raise ConfigError(
+            f"train.mixed_precision is bf16, but this CPU has no bf16 kernel for the {cell.upper()} layers ({first}): "
+            "oneDNN's need at least AVX-512. Train in fp32 here (train.mixed_precision=no), or in bf16 on a GPU or "
+            "on a CPU with AVX-512"
+        ) from None
+
+
 def build_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     if cfg.train.device == "cuda" and not cuda:
@@ -69,6 +90,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
             "train.mixed_precision: fp16 needs a CUDA GPU and none is in use (on the CPU accelerate would silently "
             "train in fp32); use bf16 or no"
         )
+    if cfg.train.mixed_precision == "bf16" and not cuda:
+        check_cpu_bf16(cfg.model.cell)
     rehearsal = cuda and cfg.train.gpu_rehearsal
     if cuda:
         check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(), rehearsal)
@@ -82,14 +105,12 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=not cuda, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[handler])
 
 
-def plan_steps(cfg: Config, plan: StreamPlan, manifest) -> tuple[int, list[int]]:
-    """Total optimizer steps and steps per epoch (equal on every rank, from the manifest)."""
+def plan_steps(cfg: Config, plan: EpochPlan) -> tuple[int, list[int]]:
+    """Total optimizer steps and steps per epoch: global batches, the same at any world size."""
     if cfg.train.max_steps is not None:
-        first = plan.steps_in_epoch(manifest, "train", 0)
-        epochs = math.ceil(cfg.train.max_steps / first) + 1
-        return cfg.train.max_steps, [plan.steps_in_epoch(manifest, "train", e) for e in range(epochs)]
-    per_epoch = [plan.steps_in_epoch(manifest, "train", e) for e in range(cfg.train.epochs)]
-    return sum(per_epoch), per_epoch
+        epochs = math.ceil(cfg.train.max_steps / plan.steps) + 1
+        return cfg.train.max_steps, [plan.steps] * epochs
+    return plan.steps * cfg.train.epochs, [plan.steps] * cfg.train.epochs
 
 
 def required_free_bytes(model: torch.nn.Module, keep_last: int) -> int:
@@ -186,10 +207,9 @@ class Trainer:
         self.source = ShardSource(cfg.data.dir, cfg.data.base_url)
         self.manifest = load_training_manifest(cfg, self.source)
         self.placement = self._choose_placement()
-        workers = cfg.data.num_workers if self.placement == "stream" else 0  # resident data needs no loader
-        self.plan = StreamPlan(cfg.train.batch_size, self.world, workers, cfg.train.seed)
-        self.plan.check(self.manifest, "train")
-        self.total_steps, self.steps_per_epoch = plan_steps(cfg, self.plan, self.manifest)
+        self.layout = BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world)
+        self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer)
+        self.total_steps, self.steps_per_epoch = plan_steps(cfg, self.plan)
         if cfg.train.max_steps is None and cfg.eval.every_steps > self.total_steps:
             raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
         self._log_plan()
@@ -197,15 +217,25 @@ class Trainer:
         self.parts = self._build_parts()
         self.checkpointer = Checkpointer(
             accelerator, self.out, cfg.checkpoint.every_steps, cfg.checkpoint.keep_last, fingerprint=self.manifest.fingerprint,
-            model_desc=cfg.model.model_dump(), config=cfg.to_dict(), model_card=self._model_card())
+            model_desc=cfg.model.model_dump(), config=cfg.to_dict(), model_card=self._model_card(),
+            order={"global_batch_size": self.layout.global_batch, "seed": cfg.train.seed,
+                   "shuffle_buffer": cfg.data.shuffle_buffer})
+        self.uses_dropout = cfg.model.dropout > 0
+        self.unwrapped = accelerator.unwrap_model(self.parts.model)
+        # The average of the weights, on the main process (it alone evaluates and saves it).
+        self.ema = WeightAverage(self.unwrapped, cfg.train.ema.decay, cfg.train.ema.start_step) \
+            if cfg.train.ema and self.main else None
+        self.world_change: tuple[int, int] | None = None  # (world size that wrote the checkpoint, this one)
         self.resumed_from = self._restore(resume)
         self.state: TrainState = self.resumed_from[1] if self.resumed_from else TrainState()
         if self.main:
             save_config(cfg, self.out / "config.yaml")
 
         self.batches = self._build_batches()
-        self.evaluator = Evaluator(*load_split_tensors(self.manifest, self.source, "test"), cfg.eval.batch_size,
-                                   self.manifest.num_classes, self.device, accelerator.autocast) if self.main else None
+        self.eval_split, warning = eval_split(cfg.eval.split, list(self.manifest.splits))
+        if warning and self.main:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        self.evaluator = self._evaluator(self.eval_split) if self.main else None
         self.run_info = {
             "world_size": self.world,
             "distributed_type": accelerator.distributed_type.value,
@@ -213,9 +243,11 @@ class Trainer:
             "gpu_rehearsal": self.rehearsal,
             "data_placement": self.placement,
             "dataset_fingerprint": self.manifest.fingerprint,
+            "eval_split": self.eval_split,
+            "weights": "ema" if cfg.train.ema else "raw",
         }
         metrics_log = MetricsLog(self.out / "metrics.jsonl", self.state.step if self.resumed_from else None) if self.main else None
-        self.window = StepWindow(self.device, cfg.train.batch_size * self.world)
+        self.window = StepWindow(self.device, self.layout.global_batch)
         # Last: nothing after it may fail, or the W&B run would be left unfinished.
         self.tracker = Tracker.create(cfg.wandb, self.out, self.main, {**cfg.to_dict(), **self.run_info}, self.state.wandb_run_id)
         self.bar = tqdm(total=self.total_steps, initial=self.state.step, dynamic_ncols=True, desc="train",
@@ -228,11 +260,13 @@ class Trainer:
             tqdm.write(f"[train] {message}")
 
     def _log_plan(self) -> None:
-        cfg, accelerator = self.cfg, self.accelerator
-        dropped = self.manifest.split("train").num_samples - self.steps_per_epoch[0] * cfg.train.batch_size * self.world
+        cfg, accelerator, layout = self.cfg, self.accelerator, self.layout
+        dropped = self.manifest.split("train").num_samples - self.plan.steps * layout.global_batch
+        implicit = "" if cfg.train.global_batch_size else " (train.global_batch_size unset: batch_size x processes)"
         self.log(f"world size {self.world} ({accelerator.distributed_type.value}, device {self.device}, "
-                 f"mixed precision {accelerator.mixed_precision}); {self.steps_per_epoch[0]} steps per epoch of "
-                 f"{cfg.train.batch_size} x {self.world} samples, {dropped} samples per epoch dropped to keep ranks equal; "
+                 f"mixed precision {accelerator.mixed_precision}); global batch {layout.global_batch}{implicit} = "
+                 f"{self.world} process(es) x {layout.accumulation} accumulation step(s) x {layout.micro_batch}; "
+                 f"{self.plan.steps} steps per epoch, the last {dropped} samples of each epoch's order dropped; "
                  f"{self.total_steps} steps")
         if self.rehearsal:
             self.log(f"GPU rehearsal: {self.world} ranks share {torch.cuda.device_count()} GPU(s) over gloo; this checks "
@@ -257,15 +291,17 @@ class Trainer:
         self.log(f"data placement {placement} ({why})")
         return placement
 
-    def _build_batches(self) -> TrainBatches | ResidentBatches:
+    def _build_batches(self) -> StreamBatches | ResidentBatches:
         cfg, rank = self.cfg, self.accelerator.process_index
+        augment = Augment(cfg.train.seed, hflip=cfg.data.hflip, shift=cfg.data.shift, erase=cfg.data.erase,
+                          erase_area=cfg.data.erase_area)
         if self.placement == "device":
-            return ResidentBatches(self.manifest, self.source, "train", self.plan, rank, self.device, hflip=cfg.data.hflip,
-                                   shift=cfg.data.shift, record_sample_ids=cfg.data.record_sample_ids)
-        stream = TrainStream(self.manifest, self.source, "train", self.plan, rank, cfg.data.shuffle_buffer,
-                             on_error=cfg.data.on_error, hflip=cfg.data.hflip, shift=cfg.data.shift)
-        return TrainBatches(stream, rank=rank, seed=cfg.train.seed, on_error=cfg.data.on_error, data_dir=cfg.data.dir,
-                            pin_memory=self.device.type == "cuda", record_sample_ids=cfg.data.record_sample_ids)
+            return ResidentBatches(self.manifest, self.source, "train", self.plan, rank, self.device, augment,
+                                   record_sample_ids=cfg.data.record_sample_ids)
+        stream = TrainStream(self.manifest, self.source, "train", self.plan, rank, augment, workers=cfg.data.num_workers,
+                             on_error=cfg.data.on_error)
+        return StreamBatches(stream, seed=cfg.train.seed, data_dir=cfg.data.dir, pin_memory=self.device.type == "cuda",
+                             record_sample_ids=cfg.data.record_sample_ids)
 
     def _model_card(self) -> dict[str, Any]:
         """Saved beside the weights (model/config.json, checkpoints): what evaluate and predict need."""
@@ -280,11 +316,14 @@ class Trainer:
             self.log(f"removed {len(removed)} incomplete checkpoint(s): {', '.join(p.name for p in removed)}")
         path = self.checkpointer.resolve(resume)
         if path is None:
-            # Per-rank dropout streams; the initial weights are the same on every rank.
-            torch.manual_seed(self.cfg.train.seed + 1 + self.accelerator.process_index)
             return None
-        state = self.checkpointer.restore(path, self.parts.model, self.parts.optimizer, self.parts.scheduler)
-        self.log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch})")
+        state, written_by = self.checkpointer.restore(path, self.parts.model, self.parts.optimizer, self.parts.scheduler,
+                                                      ema=self.ema)
+        self.log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} of it)")
+        if written_by != self.world:
+            self.log(f"world size {written_by} -> {self.world}: the same global batch of {self.layout.global_batch}, now "
+                     f"{self.world} x {self.layout.accumulation} x {self.layout.micro_batch}")
+            self.world_change = (written_by, self.world)
         return path, state
 
     # -- the loop ---------------------------------------------------------------------------
@@ -293,22 +332,36 @@ class Trainer:
         state = self.state
         self.parts.model.train()
         self.sink.begin()
+        if self.world_change:
+            self.sink.world(state.step, {"world/size": self.world, "world/previous_size": self.world_change[0],
+                                         "world/accumulation_steps": self.layout.accumulation})
         while state.step < self.total_steps and self.stopped_by is None:
             epoch_steps = self.steps_per_epoch[state.epoch]
             count = min(epoch_steps - state.step_in_epoch, self.total_steps - state.step)
-            for batch in self.batches.epoch(state.epoch, state.step_in_epoch, count):
-                result = train_step(self.parts, batch)
-                self._count(result, len(batch[1]))
+            for micro in self.batches.epoch(state.epoch, state.step_in_epoch, count):
+                result = train_step(self.parts, micro, self._dropout_seeds())
+                self._count(result)
                 self._after_step(stop)
                 if self.stopped_by:
                     break
         return self._end()
 
-    def _count(self, result: StepResult, batch_size: int) -> None:
+    def _dropout_seeds(self) -> list[int] | None:
+        """Per micro-batch, from its place in the global batch: the masks do not depend on the rank
+        that computes it, and a resumed run draws what an uninterrupted one did."""
+        if not self.uses_dropout:
+            return None
+        rank, step = self.accelerator.process_index, self.state.step
+        return [order.chunk_seed(self.cfg.train.seed, step, order.chunk_index(self.layout, rank, a))
+                for a in range(self.layout.accumulation)]
+
+    def _count(self, result: StepResult) -> None:
         state = self.state
         state.step += 1
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, state.step)
         state.step_in_epoch += 1
-        state.samples_seen += batch_size * self.world
+        state.samples_seen += self.layout.global_batch
         self.window.add(result, state.step)
         self.bar.update(1)
 
@@ -353,17 +406,32 @@ class Trainer:
             return "SIGTERM"
         return None
 
+    def _evaluator(self, split: str) -> Evaluator:
+        return Evaluator(*load_split_tensors(self.manifest, self.source, split), self.cfg.eval.batch_size,
+                         self.manifest.num_classes, self.device, self.accelerator.autocast)
+
+    @property
+    def shipped(self) -> torch.nn.Module:
+        """The weights model/ will hold: their average when train.ema is set."""
+        return self.ema.model if self.ema else self.unwrapped
+
     def _evaluate(self, final: bool) -> None:
-        """Rank 0 only, on the unwrapped model: no collective, the other ranks wait at the next all-reduce."""
+        """Rank 0 only, on the unwrapped model: no collective, the other ranks wait at the next all-reduce.
+        The weights are scored as they are (eval/*), and their average beside them (eval_ema/*); the
+        best and the media are of the weights that will be saved."""
         state = self.state
-        result = self.evaluator(self.accelerator.unwrap_model(self.parts.model))
+        result = self.evaluator(self.unwrapped)
+        metrics = result.metrics()
+        if self.ema is not None:
+            result = self.evaluator(self.ema.model)
+            metrics.update({"eval_ema/accuracy": result.accuracy, "eval_ema/loss": result.loss})
         self.checkpointer.record_eval(state, result.accuracy)
-        self.sink.eval(state.step, {**result.metrics(), "eval/best_accuracy": state.best_accuracy}, result, final=final)
+        self.sink.eval(state.step, {**metrics, "eval/best_accuracy": state.best_accuracy}, result, final=final)
 
     def _checkpoint(self) -> None:
         state = self.state
         state.wandb_run_id = self.tracker.run_id
-        path = self.checkpointer.save(state, self.parts.model, self.parts.optimizer, self.parts.scheduler)
+        path = self.checkpointer.save(state, self.parts.model, self.parts.optimizer, self.parts.scheduler, ema=self.ema)
         last = self.evaluator.last if self.evaluator else None
         self.tracker.log_checkpoint(path, state.step, last.accuracy if last else None, self.checkpointer.is_best(state))
 
@@ -379,48 +447,64 @@ class Trainer:
 
     def _end(self) -> dict[str, Any]:
         self.bar.close()
-        self.batches.save_sample_ids(self.out)
-        counts = torch.tensor([float(self.batches.skipped_samples), float(self.batches.padded_passes)], device=self.device)
-        skipped, padded = (int(v) for v in self.accelerator.reduce(counts, reduction="sum").tolist())
+        self.batches.save_sample_ids(self.out, self.accelerator.process_index)
+        counts = torch.tensor([float(self.batches.skipped_samples)], device=self.device)
+        skipped = int(self.accelerator.reduce(counts, reduction="sum").item())
         if self.stopped_by == "SIGTERM":
             raise Preempted(
                 f"SIGTERM received: every rank stopped after step {self.state.step} of {self.total_steps} and its checkpoint "
                 f"is in {self.checkpointer.root}; continue with --resume auto"
             )
-        summary = self._finish(skipped, padded) if self.main else {}
+        summary = self._finish(skipped) if self.main else {}
         self.accelerator.wait_for_everyone()
         return summary
 
-    def _finish(self, skipped_samples: int, padded_passes: int) -> dict[str, Any]:
-        """Main process: final model, summary.json, plots, and the last line of the log."""
+    def _finish(self, skipped_samples: int) -> dict[str, Any]:
+        """Main process: the one score on test, final model, summary.json, plots, the last line of the log."""
         state, last = self.state, self.evaluator.last
         if skipped_samples:
-            self.log(f"data.on_error=skip: {skipped_samples} unreadable samples skipped; "
-                     f"{padded_passes} epoch pass(es) restarted to keep ranks equal")
-        save_trained(self.accelerator.unwrap_model(self.parts.model), self.out / "model",
-                     {**self._model_card(), "wandb_run_id": self.tracker.run_id, "steps": state.step})
-        summary = self._summary(skipped_samples)
+            self.log(f"data.on_error=skip: the places of {skipped_samples} unreadable samples were taken by other samples "
+                     "of their windows; every step and every other sample kept its place")
+        # Test is scored once, when the run is complete: a stopped run is paused, not finished, and
+        # its resumed run must log what the uninterrupted one does.
+        test = None
+        if state.step == self.total_steps:
+            test = last if self.eval_split == "test" else self._evaluator("test")(self.shipped)
+            self.sink.test(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
+        card = {**self._model_card(), "wandb_run_id": self.tracker.run_id, "steps": state.step,
+                "weights": self.run_info["weights"], **({"ema": self.cfg.train.ema.model_dump()} if self.ema else {})}
+        save_trained(self.shipped, self.out / "model", card)
+        summary = self._summary(skipped_samples, test)
         write_json_atomic(self.out / "summary.json", summary)
-        write_plots(self.out / "plots", self.sink.log.read(), last.confusion if last else None, self.manifest.class_names)
-        accuracy = f"final test accuracy {last.accuracy:.4f}, best {state.best_accuracy:.4f}" if last else "no evaluation yet"
+        write_plots(self.out / "plots", self.sink.log.read(), test.confusion if test else None,
+                    self.manifest.class_names, self.eval_split)
+        scores = (f"final {self.eval_split} accuracy {last.accuracy:.4f} (best {state.best_accuracy:.4f})"
+                  if last else "no evaluation yet")
+        scores += f", test accuracy {test.accuracy:.4f}" if test else ", test not scored until the run completes"
         if summary["completed"]:
-            self.log(f"done: {state.step} steps, {accuracy}, {summary['wall_s']:.1f} s; outputs in {self.out}")
+            self.log(f"done: {state.step} steps, {scores}, {summary['wall_s']:.1f} s; outputs in {self.out}")
         else:
-            self.log(f"stopped at step {state.step} of {self.total_steps} ({self.stopped_by}), {accuracy}; "
+            self.log(f"stopped at step {state.step} of {self.total_steps} ({self.stopped_by}), {scores}; "
                      "continue with --resume auto")
         return summary
 
-    def _summary(self, skipped_samples: int) -> dict[str, Any]:
+    def _summary(self, skipped_samples: int, test: EvalResult | None) -> dict[str, Any]:
         state, last = self.state, self.evaluator.last
         return {
             **self.run_info,
             "steps": state.step,
             "samples_seen": state.samples_seen,
+            "global_batch_size": self.layout.global_batch,
+            "accumulation_steps": self.layout.accumulation,
             "wall_s": self.sink.elapsed(),
             "train_samples_per_s": self.window.samples_per_s,
+            # On eval_split, of the weights model/ holds (their average with train.ema).
             "final_eval_accuracy": last.accuracy if last else None,
             "final_eval_loss": last.loss if last else None,
             "best_eval_accuracy": state.best_accuracy,
+            # The same weights, scored once on test at the end.
+            "test_accuracy": test.accuracy if test else None,
+            "test_loss": test.loss if test else None,
             "eval_seconds_mean": self.evaluator.mean_seconds,
             "evals": len(self.evaluator.seconds),
             "skipped_steps": state.skipped_steps,

@@ -152,6 +152,18 @@ class MetricsSink:
         self.tracker.log_eval(step, row, result.confusion, self.class_names, result.examples, final=final)
         self._show(**{"eval acc": f"{result.accuracy:.4f}"})
 
+    def test(self, step: int, metrics: dict[str, Any]) -> None:
+        """The one score on the test split, of the final weights."""
+        if self.log is None:
+            return
+        self.tracker.log_train(step, self._row(step, metrics))
+
+    def world(self, step: int, metrics: dict[str, Any]) -> None:
+        """The run goes on at another world size (resumed from a checkpoint another one wrote)."""
+        if self.log is None:
+            return
+        self.tracker.log_train(step, self._row(step, metrics))
+
     def _show(self, **items: str) -> None:
         self._postfix.update(items)
         self.bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in self._postfix.items()))
