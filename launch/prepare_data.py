@@ -27,6 +27,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=d.block_size, help="samples packed per tar record")
     p.add_argument("--train-shards", type=int, default=d.train_shards)
     p.add_argument("--test-shards", type=int, default=d.test_shards)
+    p.add_argument("--val-size", type=int, default=d.val_size,
+                   help="samples held out of train, stratified by class, as the validation split (0: none)")
+    p.add_argument("--val-shards", type=int, default=d.val_shards)
     p.add_argument("--force", action="store_true", help="rebuild even when a complete dataset is there")
     p.add_argument("--no-hash", action="store_true", help="with --verify: skip sha256 (sizes and counts only)")
     return p.parse_args()

@@ -56,8 +56,9 @@ def test_evaluate_reproduces_the_runs_final_accuracy(trained, fashion_shards, tm
     assert checkpoint.returncode == 0, checkpoint.stderr
     for name in ("one", "acc", "ckpt"):
         report = json.loads((tmp_path / name / "eval.json").read_text())
-        assert report["accuracy"] == summary["final_eval_accuracy"], name  # to the last digit
-        assert report["loss"] == summary["final_eval_loss"], name
+        # The run's one score on test, to the last digit.
+        assert report["accuracy"] == summary["test_accuracy"], name
+        assert report["loss"] == summary["test_loss"], name
     report = json.loads((tmp_path / "one" / "eval.json").read_text())
     confusion = np.array(report["confusion"])
     assert [r["support"] for r in report["per_class"]] == confusion.sum(axis=1).tolist() == [1000] * 10
@@ -67,7 +68,7 @@ def test_evaluate_reproduces_the_runs_final_accuracy(trained, fashion_shards, tm
     assert shirt["f1"] == pytest.approx(2 * shirt["precision"] * shirt["recall"] / (shirt["precision"] + shirt["recall"]))
     for png in ("confusion.png", "most_confident_mistakes.png"):
         assert (tmp_path / "one" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"accuracy {summary['final_eval_accuracy']:.4f}" in one.stdout and "precision  recall" in one.stdout
+    assert f"accuracy {summary['test_accuracy']:.4f}" in one.stdout and "precision  recall" in one.stdout
 
 
 def test_predict_on_png_files_agrees_with_evaluate(trained, fashion_shards, tmp_path):

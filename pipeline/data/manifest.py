@@ -66,6 +66,15 @@ class SourceEntry(_Strict):
     bytes: int = Field(ge=1)
 
 
+class Validation(_Strict):
+    """How the validation split was held out of another split."""
+
+    from_split: str
+    num_samples: int = Field(ge=1)
+    seed: int
+    stratified_by: str
+
+
 class Manifest(_Strict):
     format: str = FORMAT
     dataset: str
@@ -76,6 +85,7 @@ class Manifest(_Strict):
     class_names: list[str]
     block_size: int = Field(ge=1, description="Samples packed per tar record")
     shuffle_seed: int = Field(description="Seed of the permutation applied to train before packing")
+    validation: Validation | None = Field(None, description="Absent in datasets prepared without a validation split")
     sources: dict[str, SourceEntry]
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     splits: dict[str, SplitEntry]

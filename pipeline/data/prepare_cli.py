@@ -19,10 +19,11 @@ def main(args: argparse.Namespace) -> int:
             return 1
         print(f"verify: all shards of {args.verify} match the manifest")
         return 0
-    for name in ("block_size", "train_shards", "test_shards"):
+    for name in ("block_size", "train_shards", "test_shards", "val_shards"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    options = ShardOptions(args.block_size, args.train_shards, args.test_shards)
+    options = ShardOptions(args.block_size, args.train_shards, args.test_shards, val_size=args.val_size,
+                           val_shards=args.val_shards)
     result = prepare(args.dataset, args.out, args.source, options, args.force, args.download_dir, args.mirror, args.download)
     m = result.manifest
     if result.skipped:

@@ -26,22 +26,38 @@ from pipeline.data.manifest import (
     ShardEntry,
     SourceEntry,
     SplitEntry,
+    Validation,
     fingerprint,
     load_manifest,
     write_manifest,
 )
 from pipeline.errors import DataError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 TAR_MTIME = 0  # fixed so the same input gives byte-identical shards
 
 
 @dataclass(frozen=True)
 class ShardOptions:
     block_size: int = 256
-    train_shards: int = 48
+    train_shards: int = 44
     test_shards: int = 8
     shuffle_seed: int = 0
+    val_size: int = 5000  # held out of train for choosing recipes; 0: no validation split
+    val_shards: int = 4
+    val_seed: int = 0
+
+
+def hold_out(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Indices of a validation set of `size` samples, stratified by class: each class gives its
+    share of `size` (largest remainders settle the rounding), chosen by a generator of `seed`."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / len(labels)
+    take = np.floor(exact).astype(int)
+    take[np.argsort(-(exact - take), kind="stable")[: size - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(chosen))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -78,14 +94,18 @@ def write_shard(path: Path, key_prefix: str, images: np.ndarray, labels: np.ndar
     )
 
 
-def write_split(out: Path, name: str, split: sources.Split, num_shards: int, options: ShardOptions) -> SplitEntry:
-    n = len(split.labels)
+def write_split(out: Path, name: str, split: sources.Split, num_shards: int, options: ShardOptions,
+                members: np.ndarray | None = None) -> SplitEntry:
+    """The split's shards; `members`: which samples of the source file it takes (the rest of train
+    goes to the validation split), recorded as their ids."""
+    members = np.arange(len(split.labels), dtype=np.int64) if members is None else members
+    n = len(members)
     if num_shards > n:
         raise DataError(f"cannot cut {n} {name} samples into {num_shards} shards")
-    index = np.arange(n, dtype=np.int64)
+    index = members
     if name == "train":
         # Spread classes and source order evenly over shards, so any shard subset is a fair sample.
-        index = np.random.default_rng(options.shuffle_seed).permutation(n)
+        index = members[np.random.default_rng(options.shuffle_seed).permutation(n)]
     images, labels = split.images[index], split.labels[index]
     split_dir = out / name
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -155,11 +175,15 @@ def prepare(
 
     spec, paths = sources.locate(dataset, source, download_dir, mirrors, force_download)
     num_classes = len(spec.class_names)
-    counts = {"train": options.train_shards, "test": options.test_shards}
-    splits = {}
-    for name in SPLITS:
-        data = sources.load_split(paths, name, num_classes)
-        splits[name] = write_split(out, name, data, counts[name], options)
+    train = sources.load_split(paths, "train", num_classes)
+    if not 0 <= options.val_size < len(train.labels):
+        raise DataError(f"--val-size {options.val_size} must be between 0 and the train split's {len(train.labels)}")
+    held = hold_out(train.labels, options.val_size, options.val_seed) if options.val_size else np.zeros(0, np.int64)
+    kept = np.setdiff1d(np.arange(len(train.labels)), held)
+    splits = {"train": write_split(out, "train", train, options.train_shards, options, kept)}
+    if options.val_size:
+        splits["val"] = write_split(out, "val", train, options.val_shards, options, held)
+    splits["test"] = write_split(out, "test", sources.load_split(paths, "test", num_classes), options.test_shards, options)
     manifest = Manifest(
         dataset=dataset,
         image_shape=list(sources.IMAGE_SHAPE),
@@ -169,6 +193,8 @@ def prepare(
         class_names=spec.class_names,
         block_size=options.block_size,
         shuffle_seed=options.shuffle_seed,
+        validation=Validation(from_split="train", num_samples=options.val_size, seed=options.val_seed,
+                              stratified_by="label") if options.val_size else None,
         sources={name: SourceEntry(**info) for name, info in sources.describe_sources(paths).items()},
         fingerprint=fingerprint(dataset, splits),
         splits=splits,

@@ -1,4 +1,4 @@
-"""Rank-zero evaluation on the whole test split: accuracy, loss, per-class accuracy, confusion."""
+"""Rank-zero evaluation on a whole split: accuracy, loss, per-class accuracy, confusion."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ConfigError
 from pipeline.model import to_inputs
 
 
@@ -106,3 +107,17 @@ class Evaluator:
     @property
     def mean_seconds(self) -> float | None:
         return sum(self.seconds) / len(self.seconds) if self.seconds else None
+
+
+def eval_split(requested: str, splits: list[str]) -> tuple[str, str | None]:
+    """The split to evaluate during training, and a warning when it had to be another one.
+
+    A dataset prepared before validation splits existed has none: it is evaluated on test, as it
+    was, with a warning that its figures are then tuned on the split they report."""
+    if requested in splits:
+        return requested, None
+    if requested == "val" and "test" in splits:
+        return "test", ("this dataset was prepared without a validation split, so training evaluates on test and "
+                        "every figure chosen by it is tuned on the data it reports; prepare it again with --force "
+                        "to hold 5,000 training samples out as one")
+    raise ConfigError(f"eval.split is {requested}, but the dataset has the splits {', '.join(splits)}")

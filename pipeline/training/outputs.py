@@ -63,7 +63,10 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.ndarray | None, class_names: list[str]) -> None:
+def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.ndarray | None, class_names: list[str],
+                eval_split: str = "test") -> None:
+    """Curves on `eval_split` (with the weight average's beside them when there is one), the final
+    score on test, and the test split's confusion matrix of the final weights."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,10 +75,14 @@ def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.nda
     plots_dir.mkdir(parents=True, exist_ok=True)
     train = [e for e in events if "train/loss" in e]
     evals = [e for e in events if "eval/accuracy" in e]
+    averaged = [e for e in evals if "eval_ema/accuracy" in e]
+    tests = [e for e in events if "test/accuracy" in e]
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([e["step"] for e in train], [e["train/loss"] for e in train], label="train")
-    ax.plot([e["step"] for e in evals], [e["eval/loss"] for e in evals], "o-", label="eval")
+    ax.plot([e["step"] for e in evals], [e["eval/loss"] for e in evals], "o-", label=eval_split)
+    if averaged:
+        ax.plot([e["step"] for e in averaged], [e["eval_ema/loss"] for e in averaged], "s-", label=f"{eval_split}, averaged weights")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
     ax.legend()
     fig.tight_layout()
@@ -83,15 +90,21 @@ def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.nda
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([e["step"] for e in evals], [e["eval/accuracy"] for e in evals], "o-")
-    ax.set(xlabel="optimizer step", ylabel="test accuracy", title="Test accuracy")
+    ax.plot([e["step"] for e in evals], [e["eval/accuracy"] for e in evals], "o-", label=eval_split)
+    if averaged:
+        ax.plot([e["step"] for e in averaged], [e["eval_ema/accuracy"] for e in averaged], "s-",
+                label=f"{eval_split}, averaged weights")
+    for e in tests[-1:]:
+        ax.plot([e["step"]], [e["test/accuracy"]], "*", markersize=12, label=f"test, once: {e['test/accuracy']:.4f}")
+    ax.set(xlabel="optimizer step", ylabel="accuracy", title=f"Accuracy ({eval_split} during training, test at the end)")
     ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(plots_dir / "accuracy.png", dpi=100)
     plt.close(fig)
 
     if confusion is not None:
-        plot_confusion(plots_dir / "confusion.png", confusion, class_names, title="Confusion matrix (final evaluation)")
+        plot_confusion(plots_dir / "confusion.png", confusion, class_names, title="Confusion matrix (test, final weights)")
 
 
 def plot_confusion(path: Path, confusion: np.ndarray, class_names: list[str], title: str) -> None:
