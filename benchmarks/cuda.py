@@ -9,6 +9,7 @@ is asked for and absent.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -65,4 +66,26 @@ def run(data_dir: Path, work: Path, quick: bool, steps: int, tta_timeout: float 
         result["time_to_quality"] = tta.time_to(QUALITY_TARGET, "configs/fashion_mnist.yaml", data_dir, work,
                                                 [f"train.mixed_precision={precision}", "data.placement=auto",
                                                  "optim.fused=true"], tta_timeout, "cuda")
+        result["recipes"] = time_recipes(data_dir, work, precision, tta_timeout)
     return result
+
+
+# The LSTM-at-0.92 recipe joins when it exists; until then a missing file is skipped, not an error.
+RECIPES = ("configs/fashion_mnist.yaml", "configs/fashion_mnist_best.yaml")
+
+
+def time_recipes(data_dir: Path, work: Path, precision: str, timeout: float) -> dict:
+    """The shipped quality recipes, whole, as a user runs them (validation during training, test once at the end)."""
+    out = {}
+    for config in (c for c in RECIPES if (ROOT / c).is_file()):
+        run_dir = work / f"recipe-{Path(config).stem}"
+        say(f"cuda: {config} to the end ({precision})")
+        start = time.perf_counter()
+        run_checked([PY, str(ROOT / "launch" / "train.py"), "--config", config, f"data.dir={data_dir}",
+                     f"output_dir={run_dir}", "wandb.mode=disabled", "train.progress_bar=false", "train.device=cuda",
+                     f"train.mixed_precision={precision}"], timeout)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        out[config] = {"command_seconds": time.perf_counter() - start, "training_seconds": summary["wall_s"],
+                       "val_accuracy": summary["final_eval_accuracy"], "test_accuracy": summary["test_accuracy"],
+                       "steps": summary["steps"], "mixed_precision": precision}
+    return out
