@@ -39,7 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="training config (validated locally, shipped in a ConfigMap)")
-    p.add_argument("--nodes", type=int, required=True, help="pods (machines)")
+    p.add_argument("--nodes", required=True, metavar="N|MIN:MAX",
+                   help="pods (machines); MIN:MAX: an elastic job of MAX pods that goes on with as few as MIN "
+                        "when pods are lost for good (c10d rendezvous; Kubernetes 1.31+)")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs and processes per pod; 0 = CPU, one process")
     p.add_argument("--image", required=True, help="training image built from the Dockerfile (a fixed tag)")
     p.add_argument("--name", help="job name, a DNS label (default: from the config file name)")
@@ -51,9 +53,11 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-secret", metavar="SECRET", help="Secret holding the W&B API key")
     p.add_argument("--wandb-secret-key", default="api-key", help="key in that Secret (default: api-key)")
     p.add_argument("--queue", metavar="LOCALQUEUE", help="Kueue LocalQueue: the job is created suspended and queued")
-    p.add_argument("--rendezvous", choices=["static", "c10d"], default="static",
-                   help="static (--same_network) or c10d (elastic; combine with --max-restarts)")
-    p.add_argument("--max-restarts", type=int, default=0, help="in-pod worker restarts with c10d rendezvous")
+    p.add_argument("--rendezvous", choices=["static", "c10d"],
+                   help="static (--same_network; the default) or c10d (elastic; combine with --max-restarts); "
+                        "--nodes MIN:MAX implies c10d")
+    p.add_argument("--max-restarts", type=int,
+                   help="in-pod worker restarts with c10d rendezvous (default 0; 3 with --nodes MIN:MAX)")
     p.add_argument("--restarts", type=int, default=1, help="whole-job restarts after failures (default: 1)")
     p.add_argument("--port", type=int, default=29500, help="rendezvous port on the master pod")
     p.add_argument("--cpu", help="CPU request per pod (default: processes x (1 + data.num_workers))")
@@ -81,6 +85,18 @@ def action_parser(action: str) -> argparse.ArgumentParser:
         p.add_argument("--max-pods", type=int, default=64, help="with --all: most pods streamed at once")
         p.add_argument("--init", action="store_true", help="--local: the init container's log instead of the trainer's")
     return p
+
+
+def _node_range(text: str) -> tuple[int | None, int]:
+    from pipeline.errors import UserError
+
+    try:
+        if ":" in text:
+            low, high = (int(part) for part in text.split(":", 1))
+            return low, high
+        return None, int(text)
+    except ValueError:
+        raise UserError(f"--nodes takes a number of pods or MIN:MAX (got {text!r})") from None
 
 
 def _volumes(items: list[str]) -> dict[str, str]:
@@ -121,12 +137,17 @@ def main(argv: list[str]) -> int:
     args = submit_parser().parse_args(argv)
     if args.local_volume and not args.local:
         raise UserError("--local-volume only applies with --local (on a cluster, claims are PersistentVolumeClaims)")
+    min_nodes, nodes = _node_range(args.nodes)
+    rendezvous, max_restarts = args.rendezvous, args.max_restarts
+    if min_nodes is not None and min_nodes < nodes:  # elastic: c10d, and restarts to re-form after a loss
+        rendezvous = "c10d" if rendezvous is None else rendezvous
+        max_restarts = 3 if max_restarts is None else max_restarts
     spec = build_spec(
         args.config, args.format,
-        name=args.name, image=args.image, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        name=args.name, image=args.image, nodes=nodes, min_nodes=min_nodes, gpus_per_node=args.gpus_per_node,
         namespace=args.namespace, data_pvc=args.data_pvc, data_url=args.data_url, output_pvc=args.output_pvc,
         wandb_secret=args.wandb_secret, wandb_secret_key=args.wandb_secret_key, queue=args.queue,
-        rendezvous=args.rendezvous, max_restarts=args.max_restarts, restarts=args.restarts, port=args.port,
+        rendezvous=rendezvous or "static", max_restarts=max_restarts or 0, restarts=args.restarts, port=args.port,
         cpu=args.cpu, memory=args.memory, wait_timeout_s=args.wait_timeout, runtime=args.runtime,
         overrides=args.overrides,
     )

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,15 @@ class Job:
                 raise AssertionError(f"job {self.name} ended before step {step}\n{self.logs()}")
             time.sleep(0.2)
         raise AssertionError(f"job {self.name} reached no step {step} within {timeout} s\n{self.logs()}")
+
+    def finished_at(self, index: int) -> float:
+        """When the trainer container of pod `index` exited, by podman's clock (seconds since the epoch):
+        reaction times taken from these do not count the podman commands a loaded host runs slowly."""
+        raw = podman("container", "inspect", f"{self.name}-{index}-trainer", "--format", "{{.State.FinishedAt}}").stdout
+        stamp = re.match(r"(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d)(\.\d+)?", raw.strip())
+        assert stamp, f"podman gave no exit time for {self.name}-{index}-trainer: {raw!r}"
+        whole = datetime.fromisoformat(stamp.group(1).replace(" ", "T")).replace(tzinfo=timezone.utc)
+        return whole.timestamp() + float(stamp.group(2) or 0)
 
     def env(self, index: int) -> dict[str, str]:
         raw = podman("container", "inspect", f"{self.name}-{index}-trainer", "--format", "{{json .Config.Env}}").stdout

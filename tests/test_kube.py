@@ -579,3 +579,41 @@ def test_local_mode_refuses_what_it_cannot_play(config):
     proc = run_py("launch/submit.py", "--config", str(config), "--nodes", "2", "--gpus-per-node", "0", "--image", IMAGE,
                   "--data-pvc", "d", "--local-volume", "d=/tmp")
     assert proc.returncode == 1 and "--local-volume only applies with --local" in proc.stderr, proc.stderr
+
+
+# --- elastic jobs (--nodes MIN:MAX) -------------------------------------------------------
+
+def test_an_elastic_job_can_lose_indexes_and_ends_when_index_0_succeeds(config):
+    spec = _spec(config, nodes=3, min_nodes=1, gpus_per_node=0, rendezvous="c10d", max_restarts=3, restarts=2)
+    job = _by_kind(render(spec))["Job"]
+    elastic_versions = [v for v in VERSIONS if tuple(int(p) for p in v.split(".")[:2]) >= (1, 31)]
+    for version in elastic_versions:  # successPolicy is beta from 1.31
+        kv.validate(job, version, strict=True)
+    js = job["spec"]
+    assert js["completions"] == js["parallelism"] == 3 and "backoffLimit" not in js
+    assert js["backoffLimitPerIndex"] == 2 and js["maxFailedIndexes"] == 2
+    assert js["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    cmd = _container(js["template"]["spec"], "trainer")["command"]
+    assert cmd[:2] == ["python", "launch/node.py"] and cmd[cmd.index("--min_machines") + 1] == "1"
+    assert cmd[cmd.index("--num_machines") + 1] == "3" and cmd[cmd.index("--rdzv_backend") + 1] == "c10d"
+    assert spec.world_sizes == [1, 2, 3]
+
+
+def test_elastic_submissions_that_cannot_work_are_refused(config):
+    with pytest.raises(UserError, match="needs --rendezvous c10d"):
+        _spec(config, nodes=2, min_nodes=1, gpus_per_node=0)
+    with pytest.raises(UserError, match="renders the plain Indexed Job"):
+        _spec(config, nodes=2, min_nodes=1, gpus_per_node=0, rendezvous="c10d", max_restarts=1, fmt="jobset")
+    with pytest.raises(ConfigError, match="on 3 process.*which this job can run with"):
+        _spec(config, nodes=4, min_nodes=2, gpus_per_node=0, rendezvous="c10d", max_restarts=1,
+              overrides=["train.batch_size=32", "train.global_batch_size=128"])
+    proc = run_py("launch/submit.py", "--config", str(config), "--nodes", "1:2", "--gpus-per-node", "0", "--image", IMAGE,
+                  "--data-pvc", "d", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    docs = list(yaml.safe_load_all(proc.stdout))
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert job["spec"]["maxFailedIndexes"] == 1  # the CLI made it c10d with restarts by itself
+    assert "--min_machines" in job["spec"]["template"]["spec"]["containers"][0]["command"]
+    bad = run_py("launch/submit.py", "--config", str(config), "--nodes", "two", "--gpus-per-node", "0", "--image", IMAGE,
+                 "--data-pvc", "d", "--dry-run")
+    assert bad.returncode == 1 and "--nodes takes a number of pods or MIN:MAX" in bad.stderr

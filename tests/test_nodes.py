@@ -139,9 +139,12 @@ def test_a_killed_pod_ends_the_other_at_once_and_the_resubmitted_job_finishes_bi
     j.kill_pod(1)
     code, took = _ended_within(j, 0, killed, 120)
     log = j.log(0)
-    print(f"surviving pod ended {took:.1f} s after its peer was killed")
+    # The bound is on the survivor's reaction: from its peer's exit to its own, both by podman's
+    # clock (under load the podman commands around them take seconds of their own).
+    reaction = j.finished_at(0) - j.finished_at(1)
+    print(f"surviving pod ended {reaction:.1f} s after its peer's trainer did ({took:.1f} s after the kill began)")
     assert code == PEER_LOST_EXIT_CODE and code not in TRAINER_BUG_CODES, log
-    assert took < DEAD_PEER_BOUND_S, log
+    assert 0 <= reaction < DEAD_PEER_BOUND_S, log
     assert f"lost peer: rank 1 (host {j.name}-1," in log and "stopped at step" in log, log
     assert f"the newest checkpoint is /outputs/{j.name}/checkpoints/step-" in log, log
     assert "Traceback" not in log, log
@@ -200,3 +203,31 @@ def test_pods_have_their_own_network_stacks_and_filesystems(job):
     assert hosts[0].startswith(f"{j.name}-0 ") and hosts[1].startswith(f"{j.name}-1 ")
     mine = [podman("exec", f"{j.name}-{i}-trainer", "cat", "/tmp/mine").stdout for i in (0, 1)]
     assert mine == [f"{j.name}-0", f"{j.name}-1"]  # each pod's /tmp is its own
+
+
+def test_an_elastic_job_that_loses_a_pod_for_good_finishes_on_the_other_bit_identically(job, uninterrupted):
+    from wandb_records import find_logs, parse_finished
+
+    j = job(extra=["--nodes", "1:2"])  # the last --nodes wins: MIN:MAX, c10d, restarts
+    j.submit()
+    j.wait_for_step(100)
+    j.kill_pod(1)  # and nothing replaces it
+    assert j.wait(600, (0,)) == {0: 0}, j.logs()
+    log = j.log(0)
+    assert "lost peer: rank 1" in log and "world size 2 -> 1: the same global batch of 256" in log, log
+    assert "Traceback" not in log
+    summary = json.loads((j.output_dir / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["completed"] and summary["resumed"]
+    assert summary["samples_seen"] == 300 * 256 and summary["accumulation_steps"] == 2
+    rows = [json.loads(line) for line in (j.output_dir / "metrics.jsonl").read_text().splitlines()]
+    (change,) = [r for r in rows if "world/size" in r]
+    assert (change["world/previous_size"], change["world/size"]) == (2, 1) and change["step"] % 25 == 0
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 300, "samples_seen never goes back"
+    # One W&B run across both world sizes, with the change in its history.
+    runs = [parse_finished(p) for p in find_logs(j.output_dir / "wandb")]
+    assert len(runs) == 2 and len({r.run_id for r in runs}) == 1
+    assert runs[1].column("world/size") == [(change["step"], 1)]
+    # 2 ranks x 1 micro-batch and 1 rank x 2 accumulate the same sums: the uninterrupted job's weights.
+    reference, finished = _weights(uninterrupted[0].output_dir), _weights(j.output_dir)
+    assert all(torch.equal(reference[k], finished[k]) for k in reference)

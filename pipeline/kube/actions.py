@@ -40,7 +40,8 @@ def submit(spec: JobSpec, fmt: Format, dry_run: bool, out_dir: str | None = None
     ns = f" --namespace {spec.namespace}" if spec.namespace else ""
     fmt_flag = f" --format {fmt}" if fmt != "job" else ""
     print(
-        f"submitted {fmt} {spec.name}: {spec.nodes} node(s) x {spec.procs_per_node} process(es), "
+        f"submitted {fmt} {spec.name}: {f'{spec.min_nodes} to ' if spec.elastic else ''}{spec.nodes} node(s) x "
+        f"{spec.procs_per_node} process(es), "
         f"outputs in {pod_paths(spec).output_dir}, W&B group {spec.name}\n"
         f"  python launch/submit.py status {spec.name}{ns}{fmt_flag}\n"
         f"  python launch/submit.py logs {spec.name}{ns}{fmt_flag} --follow\n"

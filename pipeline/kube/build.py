@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.config import Config, load_config
 from pipeline.data.manifest import load_manifest
+from pipeline.data.order import BatchLayout
 from pipeline.errors import ConfigError, UserError
 from pipeline.kube.command import OWNED_KEYS, config_overrides, pod_paths
 from pipeline.kube.spec import Format, JobSpec, slugify, validate
@@ -79,5 +80,9 @@ def build_spec(config: str | Path, fmt: Format = "job", **options: Any) -> JobSp
     if data_url:
         spec = dataclasses.replace(spec, manifest_text=_shipped_manifest(cfg))
     # The exact config the pods will load: the file, the user's overrides, the volume paths.
-    load_config(path, config_overrides(spec, pod_paths(spec)))
+    final = load_config(path, config_overrides(spec, pod_paths(spec)))
+    # Every rank count the job can have must divide its global batch, or the trainer refuses at start.
+    for world in spec.world_sizes:
+        BatchLayout.make(final.train.global_batch_size, final.train.batch_size, world,
+                         f" ({world // spec.procs_per_node} node(s) x {spec.procs_per_node}, which this job can run with)")
     return spec

@@ -68,6 +68,8 @@ def accelerate_args(spec: JobSpec) -> list[str]:
         args += ["--rdzv_backend", "c10d", "--max_restarts", str(spec.max_restarts)]
     else:
         args.append("--same_network")
+    if spec.elastic:
+        args += ["--min_machines", str(spec.min_nodes)]  # launch/node.py's own: torchrun's --nnodes MIN:MAX
     # The trainer's Accelerator(mixed_precision=...) decides; repeating it keeps the launcher
     # from warning about defaults and from exporting a different value to the workers.
     args += ["--mixed_precision", spec.mixed_precision, "--dynamo_backend", "no"]

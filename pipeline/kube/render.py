@@ -99,9 +99,24 @@ def _indexed_job_spec(spec: JobSpec, fmt: Format, backoff_limit: int) -> Obj:
     }
 
 
+def _elastic(job_spec: Obj, spec: JobSpec) -> Obj:
+    """An Indexed Job that can lose indexes (Kubernetes 1.31+). Survivors of a lost pod do not
+    fail: their launchers re-form at the smaller size and resume. The lost index is retried
+    `--restarts` times on its own; then it is given up, as long as no more than MAX - MIN are.
+    Training is done when index 0, whose pod holds the rendezvous, succeeds: the Job then ends,
+    whatever became of replacements still waiting for a node."""
+    out = {k: v for k, v in job_spec.items() if k != "backoffLimit"}
+    out["backoffLimitPerIndex"] = spec.restarts
+    out["maxFailedIndexes"] = spec.nodes - spec.min_nodes
+    out["successPolicy"] = {"rules": [{"succeededIndexes": "0"}]}
+    return out
+
+
 def indexed_job(spec: JobSpec) -> Obj:
     # One incident fails every pod (the survivors lose their peer), so the limit scales with nodes.
     job_spec = _indexed_job_spec(spec, "job", backoff_limit=spec.restarts * spec.nodes)
+    if spec.elastic:
+        job_spec = _elastic(job_spec, spec)
     if spec.queue:
         job_spec = {"suspend": True, **job_spec}  # Kueue unsuspends it on admission
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(spec, spec.name, queued=True),

@@ -44,7 +44,7 @@ class JobSpec:
 
     name: str
     image: str
-    nodes: int
+    nodes: int  # the most pods; with min_nodes, an elastic job that goes on with as few as min_nodes
     gpus_per_node: int
     config_text: str  # the user's YAML file, byte for byte
     namespace: str | None = None
@@ -68,6 +68,17 @@ class JobSpec:
     wait_timeout_s: int = 900
     overrides: tuple[str, ...] = field(default_factory=tuple)  # user's key=value, passed through
     runtime: str = "torch-distributed"  # TrainJob: the ClusterTrainingRuntime to reference
+    min_nodes: int | None = None  # --nodes MIN:MAX
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None and self.min_nodes < self.nodes
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """Every number of processes the job can run with."""
+        low = self.min_nodes if self.elastic else self.nodes
+        return [n * self.procs_per_node for n in range(low, self.nodes + 1)]
 
     @property
     def procs_per_node(self) -> int:
@@ -128,6 +139,15 @@ def validate(spec: JobSpec, fmt: Format) -> None:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if spec.nodes < 1:
         raise UserError(f"--nodes must be at least 1 (got {spec.nodes})")
+    if spec.min_nodes is not None and not 1 <= spec.min_nodes <= spec.nodes:
+        raise UserError(f"--nodes {spec.min_nodes}:{spec.nodes}: the fewest nodes must be between 1 and the most")
+    if spec.elastic:
+        if fmt != "job":
+            raise UserError(f"--nodes {spec.min_nodes}:{spec.nodes} (an elastic job) renders the plain Indexed Job; "
+                            f"--format {fmt} has no form of it here")
+        if spec.rendezvous != "c10d" or spec.max_restarts < 1:
+            raise UserError(f"--nodes {spec.min_nodes}:{spec.nodes} needs --rendezvous c10d and --max-restarts of 1 or "
+                            "more: the survivors of a lost node re-form through a new rendezvous round")
     if spec.gpus_per_node < 0:
         raise UserError(f"--gpus-per-node must be 0 (CPU, one process per node) or more (got {spec.gpus_per_node})")
     if not spec.image or any(c.isspace() for c in spec.image):
