@@ -69,9 +69,9 @@ def test_killed_rank_is_restarted_and_the_run_resumes_bit_identically(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights equal the uninterrupted 2-process run's, bit for bit"
 
     # One process continues a two-process checkpoint of the same global batch (the run is complete:
-    # nothing is left to train); a global batch that one process cannot divide is refused, with the numbers.
+    # nothing is left to train); a global batch that is no whole number of micro-batches is refused, with both.
     again = train_run(out, fashion_shards, *overrides, resume="auto")
     assert "world size 2 -> 1: the same global batch of 256, now 1 x 2 x 128" in again.stdout
     odd = train_run(out, fashion_shards, *overrides, "train.global_batch_size=288", resume="auto", check=False)
     assert odd.returncode == 2 and "Traceback" not in odd.stderr, odd.stderr[-3000:]
-    assert "train.global_batch_size 288 is not a whole number of micro-batches of train.batch_size 128 on 1" in odd.stderr
+    assert "train.global_batch_size (288) must be a multiple of train.batch_size (128)" in odd.stderr
