@@ -82,6 +82,9 @@ def test_epochs_and_seeds_reorder_and_the_order_is_a_pure_function(fashion_shard
     np.testing.assert_array_equal(first, order.epoch_order(sizes, SEED, 0, WINDOW))
     assert not np.array_equal(first, order.epoch_order(sizes, SEED, 1, WINDOW))
     assert not np.array_equal(first, order.epoch_order(sizes, SEED + 1, 0, WINDOW))
+    # Within a window too, not only by regrouping the shards into other windows.
+    within = [order.window_permutation(SEED, epoch, 0, 4096) for epoch in (0, 1)]
+    assert not np.array_equal(*within) and sorted(within[1]) == list(range(4096))
     windows = order.windows(sizes, SEED, 0, WINDOW)
     assert sorted(s for w in windows for s in w) == list(range(len(sizes)))
     assert all(sum(sizes[s] for s in w) >= WINDOW for w in windows[:-1])  # the bounded shuffle is at least that wide
