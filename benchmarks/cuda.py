@@ -18,6 +18,8 @@ from benchmarks import tta
 from benchmarks.common import PY, ROOT, run_checked, say
 
 QUALITY_TARGET = 0.91
+# The quality recipe the 0.91 goal is timed with: the main job's LSTM-128 stops near 0.905.
+QUALITY_CONFIG = "configs/fashion_mnist_gru.yaml"
 BATCHES = {"cuda": (256, 1024, 4096), "cpu": (64, 256)}
 PRECISIONS = {"cuda": ("no", "bf16", "fp16"), "cpu": ("no", "bf16")}  # fp16 on a CPU is refused by the trainer
 
@@ -62,8 +64,8 @@ def run(data_dir: Path, work: Path, quick: bool, steps: int, tta_timeout: float 
         result["tta"] = tta.run(data_dir, work, tv_root, tta_timeout, overrides=[f"train.mixed_precision={precision}"],
                                 device="cuda")
         # The H200 goal: 0.91 within 10 s of training, with the quality config on resident data.
-        say(f"cuda: configs/fashion_mnist.yaml until it evaluates at {QUALITY_TARGET} (resident data, {precision})")
-        result["time_to_quality"] = tta.time_to(QUALITY_TARGET, "configs/fashion_mnist.yaml", data_dir, work,
+        say(f"cuda: {QUALITY_CONFIG} until it evaluates at {QUALITY_TARGET} (resident data, {precision})")
+        result["time_to_quality"] = tta.time_to(QUALITY_TARGET, QUALITY_CONFIG, data_dir, work,
                                                 [f"train.mixed_precision={precision}", "data.placement=auto",
                                                  "optim.fused=true"], tta_timeout, "cuda")
         result["recipes"] = time_recipes(data_dir, work, precision, tta_timeout)
@@ -71,7 +73,7 @@ def run(data_dir: Path, work: Path, quick: bool, steps: int, tta_timeout: float 
 
 
 # The LSTM-at-0.92 recipe joins when it exists; until then a missing file is skipped, not an error.
-RECIPES = ("configs/fashion_mnist.yaml", "configs/fashion_mnist_best.yaml")
+RECIPES = ("configs/fashion_mnist.yaml", "configs/fashion_mnist_gru.yaml", "configs/fashion_mnist_best.yaml")
 
 
 def time_recipes(data_dir: Path, work: Path, precision: str, timeout: float) -> dict:
