@@ -9,7 +9,6 @@ metrics.jsonl, W&B and the progress bar at once.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import asdict
@@ -105,12 +104,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=not cuda, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[handler])
 
 
-def plan_steps(cfg: Config, plan: EpochPlan) -> tuple[int, list[int]]:
-    """Total optimizer steps and steps per epoch: global batches, the same at any world size."""
-    if cfg.train.max_steps is not None:
-        epochs = math.ceil(cfg.train.max_steps / plan.steps) + 1
-        return cfg.train.max_steps, [plan.steps] * epochs
-    return plan.steps * cfg.train.epochs, [plan.steps] * cfg.train.epochs
+def total_steps(cfg: Config, plan: EpochPlan) -> int:
+    """Optimizer steps of the run; every epoch has plan.steps global batches, at any world size."""
+    return cfg.train.max_steps if cfg.train.max_steps is not None else plan.steps * cfg.train.epochs
 
 
 def required_free_bytes(model: torch.nn.Module, keep_last: int) -> int:
@@ -209,7 +205,7 @@ class Trainer:
         self.placement = self._choose_placement()
         self.layout = BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world)
         self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer)
-        self.total_steps, self.steps_per_epoch = plan_steps(cfg, self.plan)
+        self.total_steps = total_steps(cfg, self.plan)
         if cfg.train.max_steps is None and cfg.eval.every_steps > self.total_steps:
             raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
         self._log_plan()
@@ -336,7 +332,7 @@ class Trainer:
             self.sink.world(state.step, {"world/size": self.world, "world/previous_size": self.world_change[0],
                                          "world/accumulation_steps": self.layout.accumulation})
         while state.step < self.total_steps and self.stopped_by is None:
-            epoch_steps = self.steps_per_epoch[state.epoch]
+            epoch_steps = self.plan.steps
             count = min(epoch_steps - state.step_in_epoch, self.total_steps - state.step)
             for micro in self.batches.epoch(state.epoch, state.step_in_epoch, count):
                 result = train_step(self.parts, micro, self._dropout_seeds())
@@ -379,7 +375,7 @@ class Trainer:
         """The decisions between two steps: log, evaluate, roll the epoch over, stop, checkpoint."""
         cfg, state = self.cfg, self.state
         final = state.step == self.total_steps
-        epoch_steps = self.steps_per_epoch[state.epoch]
+        epoch_steps = self.plan.steps
         boundary = state.step % cfg.train.log_every_steps == 0 or final
         if boundary:
             self._check_finite()
