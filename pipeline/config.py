@@ -71,6 +71,17 @@ class ModelConfig(_Section):
     num_layers: int = Field(1, ge=1, le=16)
     bidirectional: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    forget_bias: Optional[float] = Field(
+        None, description="LSTM only: the forget gates' bias at initialisation, so that early gradients reach back "
+        "through the rows (1.0 in Jozefowicz et al., 2015); null keeps PyTorch's uniform initialisation"
+    )
+
+    @model_validator(mode="after")
+    def _forget_bias_is_lstm(self) -> "ModelConfig":
+        if self.forget_bias is not None and self.cell != "lstm":
+            raise ValueError(f"model.forget_bias applies to LSTM cells only, and model.cell is {self.cell!r}: "
+                             "remove model.forget_bias or set model.cell: lstm")
+        return self
 
 
 class OptimConfig(_Section):

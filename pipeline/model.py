@@ -22,6 +22,8 @@ class SequenceClassifier(nn.Module):
             bidirectional=cfg.bidirectional,
             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
         )
+        if cfg.forget_bias is not None:
+            _set_forget_bias(self.rnn, cfg.forget_bias)
         directions = 2 if cfg.bidirectional else 1
         self.head = nn.Linear(cfg.hidden_size * directions, num_classes)
 
@@ -34,6 +36,18 @@ class SequenceClassifier(nn.Module):
         # state (at t=0) has seen them all.
         h_n = state[0] if isinstance(state, tuple) else state
         return self.head(torch.cat([h_n[-2], h_n[-1]], dim=1))
+
+
+def _set_forget_bias(lstm: nn.LSTM, value: float) -> None:
+    """PyTorch orders an LSTM's gates (input, forget, cell, output) and adds two biases; the value goes
+    in b_ih and b_hh's forget slice is zeroed, so that their sum is the value."""
+    h = lstm.hidden_size
+    with torch.no_grad():
+        for name, bias in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                bias[h:2 * h].fill_(value)
+            elif name.startswith("bias_hh"):
+                bias[h:2 * h].zero_()
 
 
 def to_inputs(images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -71,6 +71,7 @@ BAD_OVERRIDES = [
     (["data.shift=9"], "data.shift: Input should be less than or equal to 8"),
     (["train.label_smoothing=1"], "train.label_smoothing: Input should be less than 1"),
     (["data.placement=device", "data.on_error=skip"], "data.on_error skip needs data.placement stream (or auto)"),
+    (["model.cell=gru", "model.forget_bias=1"], "model.forget_bias applies to LSTM cells only, and model.cell is 'gru'"),
     (["data.placement=disk"], "data.placement: Input should be 'auto', 'stream' or 'device'"),
 ]
 

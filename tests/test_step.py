@@ -241,3 +241,21 @@ def test_micro_batches_that_only_accumulate_are_not_all_reduced(tmp_path, fashio
     lines = sorted(re.findall(r"ALLREDUCES \d+ MICRO \d+ RANK \d+", proc.stdout))
     # The model's gradients fit one bucket: one all-reduce per optimizer step, after the last micro-batch.
     assert lines == ["ALLREDUCES 1 MICRO 2 RANK 0", "ALLREDUCES 1 MICRO 2 RANK 1"], proc.stdout
+
+
+def test_forget_bias_sets_the_forget_gates_and_nothing_else():
+    from pipeline.config import ModelConfig
+    from pipeline.model import SequenceClassifier
+
+    torch.manual_seed(0)
+    plain = SequenceClassifier(ModelConfig(hidden_size=8, num_layers=2, bidirectional=True)).rnn
+    torch.manual_seed(0)
+    biased = SequenceClassifier(ModelConfig(hidden_size=8, num_layers=2, bidirectional=True, forget_bias=1.0)).rnn
+    forget = slice(8, 16)  # gates (input, forget, cell, output)
+    for suffix in ("l0", "l1", "l0_reverse", "l1_reverse"):
+        b_ih, b_hh = getattr(biased, f"bias_ih_{suffix}"), getattr(biased, f"bias_hh_{suffix}")
+        assert torch.equal(b_ih[forget] + b_hh[forget], torch.ones(8))
+        for name in (f"bias_ih_{suffix}", f"bias_hh_{suffix}"):
+            rest = torch.cat([getattr(biased, name)[:8], getattr(biased, name)[16:]])
+            assert torch.equal(rest, torch.cat([getattr(plain, name)[:8], getattr(plain, name)[16:]]))
+    assert all(torch.equal(p, getattr(plain, n)) for n, p in biased.named_parameters() if n.startswith("weight"))
