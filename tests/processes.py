@@ -12,8 +12,8 @@ import psutil
 from conftest import ROOT, read_jsonl
 
 
-def start_session(cmd: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_session(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     # Own session: the test can signal the launcher like a kubelet does, and clean up the whole tree.
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import accelerate_cmd, train_args, train_run
+from conftest import accelerate_cmd, free_port, train_args, train_run
 from processes import kill_tree, start_session, train_ranks, wait_for_step
 from safetensors.torch import load_file
 
@@ -49,7 +49,11 @@ def test_killed_rank_is_restarted_and_the_run_resumes_bit_identically(tmp_path, 
     overrides = ["train.max_steps=600", "checkpoint.every_steps=20", "train.log_every_steps=1", "wandb.mode=disabled"]
     out = tmp_path / "elastic"
     launch = [*accelerate_cmd(2), "--max_restarts", "1", "--rdzv_backend", "c10d"]
-    proc = start_session([*launch, *train_args(out, fashion_shards, *overrides), "--resume", "auto"])
+    # On one machine accelerate passes torchrun no rendezvous endpoint, so c10d would take port
+    # 29400 whatever --main_process_port says, and meet whatever else holds it (a closed
+    # rendezvous of an earlier launch: RendezvousClosedError). torchrun reads PET_* for its options.
+    endpoint = {"PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_ID": out.parent.name}
+    proc = start_session([*launch, *train_args(out, fashion_shards, *overrides), "--resume", "auto"], env=endpoint)
     try:
         wait_for_step(out, 30, proc)
         os.kill(train_ranks(proc.pid, 2)[-1], signal.SIGKILL)
