@@ -64,3 +64,16 @@ def test_verify_names_a_missing_or_changed_file(tmp_path):
     (ckpt / "state.json").write_text("{")
     assert verify_checkpoint(ckpt).startswith("state.json: ")
     shutil.rmtree(ckpt)
+
+
+def test_a_model_key_newer_than_the_checkpoint_resumes_at_its_default_and_is_refused_otherwise(tmp_path):
+    from pipeline.config import ModelConfig
+    from pipeline.training.checkpoint import CheckpointMeta, IncompatibleCheckpoint, TrainState, check_compatible
+
+    now = ModelConfig(hidden_size=32).model_dump()
+    before = {k: v for k, v in now.items() if k != "forget_bias"}  # written before model.forget_bias existed
+    order = {"global_batch_size": 256, "seed": 0, "shuffle_buffer": 4096}
+    meta = CheckpointMeta(state=TrainState(), fingerprint="f" * 64, model=before, world_size=1, order=order)
+    check_compatible(meta, tmp_path, "f" * 64, now, order)
+    with pytest.raises(IncompatibleCheckpoint, match=r"different model\.forget_bias \(forget_bias=None\)"):
+        check_compatible(meta, tmp_path, "f" * 64, {**now, "forget_bias": 1.0}, order)

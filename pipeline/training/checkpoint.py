@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 from pipeline.training.collectives import any_rank
@@ -340,11 +341,13 @@ def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_c
         raise IncompatibleCheckpoint(
             f"checkpoint {path} was trained on dataset {meta.fingerprint[:12]}, but data.dir holds {fingerprint[:12]}; "
             f"resume with the same prepared dataset, {fresh}")
-    if meta.model != model_cfg:
-        changed = sorted(k for k in set(meta.model) | set(model_cfg) if meta.model.get(k) != model_cfg.get(k))
+    # A model key that came after the checkpoint was written built its model with the key's default.
+    saved = {**ModelConfig().model_dump(), **meta.model}
+    changed = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
+    if changed:
         raise IncompatibleCheckpoint(
             f"checkpoint {path} holds a model with different {', '.join('model.' + k for k in changed)} "
-            f"({', '.join(f'{k}={meta.model.get(k)!r}' for k in changed)}); resume with the same model config {fresh}")
+            f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resume with the same model config {fresh}")
     if not meta.order:
         raise IncompatibleCheckpoint(
             f"checkpoint {path} was written by an earlier version, whose data order depended on the number of "
