@@ -71,6 +71,14 @@ class ModelConfig(_Section):
     num_layers: int = Field(1, ge=1, le=16)
     bidirectional: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    embed_size: Optional[int] = Field(
+        None, ge=1, le=8192, description="Each row goes through a linear layer of this width and a ReLU before the "
+        "recurrent layers, so that the cell reads features of a row rather than its raw pixels; null feeds the pixels in"
+    )
+    readout: Literal["last", "last_max"] = Field(
+        "last", description="What the head reads: `last`, the final states; `last_max`, also each unit's largest "
+        "output over the rows, so that a feature seen early need not be carried to the end"
+    )
     forget_bias: Optional[float] = Field(
         None, description="LSTM only: the forget gates' bias at initialisation, so that early gradients reach back "
         "through the rows (1.0 in Jozefowicz et al., 2015); null keeps PyTorch's uniform initialisation"

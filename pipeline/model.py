@@ -14,6 +14,10 @@ class SequenceClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig, input_size: int = 28, num_classes: int = 10):
         super().__init__()
         self.cfg = cfg
+        self.embed = None
+        if cfg.embed_size is not None:
+            self.embed = nn.Sequential(nn.Linear(input_size, cfg.embed_size), nn.ReLU())
+            input_size = cfg.embed_size
         self.rnn = CELLS[cfg.cell](
             input_size=input_size,
             hidden_size=cfg.hidden_size,
@@ -24,18 +28,24 @@ class SequenceClassifier(nn.Module):
         )
         if cfg.forget_bias is not None:
             _set_forget_bias(self.rnn, cfg.forget_bias)
-        directions = 2 if cfg.bidirectional else 1
-        self.head = nn.Linear(cfg.hidden_size * directions, num_classes)
+        width = cfg.hidden_size * (2 if cfg.bidirectional else 1)
+        self.head = nn.Linear(width * (2 if cfg.readout == "last_max" else 1), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: float [batch, time, features] in [0, 1]; returns logits [batch, classes]."""
+        if self.embed is not None:
+            x = self.embed(x)
         out, state = self.rnn(x)
         if not self.cfg.bidirectional:
-            return self.head(out[:, -1])
-        # The backward direction's last step output has seen one row only; its final
-        # state (at t=0) has seen them all.
-        h_n = state[0] if isinstance(state, tuple) else state
-        return self.head(torch.cat([h_n[-2], h_n[-1]], dim=1))
+            last = out[:, -1]
+        else:
+            # The backward direction's last step output has seen one row only; its final
+            # state (at t=0) has seen them all.
+            h_n = state[0] if isinstance(state, tuple) else state
+            last = torch.cat([h_n[-2], h_n[-1]], dim=1)
+        if self.cfg.readout == "last_max":
+            last = torch.cat([last, out.amax(dim=1)], dim=1)
+        return self.head(last)
 
 
 def _set_forget_bias(lstm: nn.LSTM, value: float) -> None:

@@ -73,6 +73,8 @@ BAD_OVERRIDES = [
     (["data.placement=device", "data.on_error=skip"], "data.on_error skip needs data.placement stream (or auto)"),
     (["model.cell=gru", "model.forget_bias=1"], "model.forget_bias applies to LSTM cells only, and model.cell is 'gru'"),
     (["data.placement=disk"], "data.placement: Input should be 'auto', 'stream' or 'device'"),
+    (["model.readout=mean"], "model.readout: Input should be 'last' or 'last_max'"),
+    (["model.embed_size=0"], "model.embed_size: Input should be greater than or equal to 1"),
 ]
 
 

@@ -259,3 +259,20 @@ def test_forget_bias_sets_the_forget_gates_and_nothing_else():
             rest = torch.cat([getattr(biased, name)[:8], getattr(biased, name)[16:]])
             assert torch.equal(rest, torch.cat([getattr(plain, name)[:8], getattr(plain, name)[16:]]))
     assert all(torch.equal(p, getattr(plain, n)) for n, p in biased.named_parameters() if n.startswith("weight"))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_row_embedding_and_max_readout_feed_the_head(bidirectional):
+    from pipeline.config import ModelConfig
+    from pipeline.model import SequenceClassifier
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(ModelConfig(hidden_size=8, bidirectional=bidirectional, embed_size=5, readout="last_max"))
+    x = torch.rand(3, 28, 28)
+    linear = model.embed[0]
+    rows = torch.relu(x @ linear.weight.T + linear.bias)  # each row on its own, the same layer for all 28
+    out, (h_n, _) = model.rnn(rows)
+    last = torch.cat([h_n[-2], h_n[-1]], dim=1) if bidirectional else out[:, -1]
+    expected = model.head(torch.cat([last, out.max(dim=1).values], dim=1))
+    assert model.rnn.input_size == 5 and model.head.in_features == 8 * (2 if bidirectional else 1) * 2
+    torch.testing.assert_close(model(x), expected)
