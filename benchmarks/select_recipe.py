@@ -1,0 +1,247 @@
+"""Choose a recipe on the validation split, then score only the chosen one on test.
+
+    python benchmarks/select_recipe.py --spec benchmarks/recipes/lstm_092.yaml --data data/fashion_mnist \
+        --work runs/select --device cuda --seeds 0,1,2 --parallel 6
+
+A spec lists candidates, each a config plus `key=value` overrides. Every candidate trains with
+every seed, each run in its own process, `--parallel` at a time (on a GPU they share it: one
+small LSTM leaves most of an H200 idle). The candidate with the highest mean final validation
+accuracy over the seeds wins. The report gives every run's validation figures and the test
+accuracy of the winner's runs alone: the trainer scores each run on test when it ends, but only
+a figure that played no part in the choice is honest to publish, so the others' test scores are
+never read.
+
+`--deadline-s` bounds the whole selection: a run still going then is stopped (SIGTERM: it
+checkpoints, and `--resume auto` could continue it) and reported as unfinished with its last
+validation figure, so a time-boxed machine still returns what it learned.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == _ROOT / "benchmarks":
+    sys.path[0] = str(_ROOT)
+elif str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import yaml  # noqa: E402
+
+from benchmarks.common import PY, ROOT, env_for_children, say, table  # noqa: E402
+
+
+@dataclass
+class Candidate:
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    why: str = ""
+
+
+@dataclass
+class Run:
+    candidate: Candidate
+    seed: int
+    out: Path
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    result: dict = field(default_factory=dict)
+
+
+def load_spec(path: Path) -> list[Candidate]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"error: cannot read the candidate spec {path} ({err}); give a YAML file with "
+                         "`candidates: [{name, config, overrides}]`") from None
+    items = raw.get("candidates") if isinstance(raw, dict) else None
+    if not isinstance(items, list) or not items:
+        raise SystemExit(f"error: {path} lists no candidates; it needs `candidates:` with at least one "
+                         "`{name, config, overrides}` entry")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not {"name", "config"} <= set(item) or set(item) - {"name", "config", "overrides", "why"}:
+            raise SystemExit(f"error: {path}, candidates[{i}]: each candidate has `name` and `config` and may have "
+                             f"`overrides` (a list of key=value) and `why`; got {item!r}")
+        if not (ROOT / item["config"]).is_file():
+            raise SystemExit(f"error: {path}, candidate {item['name']}: config {item['config']} does not exist")
+        out.append(Candidate(item["name"], item["config"], [str(o) for o in item.get("overrides") or []], item.get("why", "")))
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"error: {path}: candidate names must be unique; got {names}")
+    return out
+
+
+def command(run: Run, data: Path, device: str, precision: str | None) -> list[str]:
+    args = [PY, str(ROOT / "launch" / "train.py"), "--config", run.candidate.config, f"data.dir={data}",
+            f"output_dir={run.out}", f"train.seed={run.seed}", f"train.device={device}", "wandb.mode=disabled",
+            "train.progress_bar=false", "checkpoint.keep_last=1"]
+    if precision:
+        args.append(f"train.mixed_precision={precision}")
+    return args + run.candidate.overrides
+
+
+def read_result(run: Run) -> dict:
+    """Validation figures from what the run wrote; the test figure is read only for the winner."""
+    summary_path = run.out / "summary.json"
+    evals = []
+    metrics = run.out / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if "eval/accuracy" in event:
+                evals.append(event)
+    last = evals[-1] if evals else {}
+    shipped = "eval_ema/accuracy" if "eval_ema/accuracy" in last else "eval/accuracy"
+    out = {"candidate": run.candidate.name, "seed": run.seed, "finished": summary_path.is_file(),
+           "last_eval_step": last.get("step"), "val_accuracy": last.get(shipped),
+           "seconds": round(time.perf_counter() - run.started, 1) if run.started else None}
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        out.update(val_accuracy=summary["final_eval_accuracy"], best_val_accuracy=summary["best_eval_accuracy"],
+                   training_seconds=summary["wall_s"], steps=summary["steps"], weights=summary.get("weights"),
+                   mixed_precision=summary.get("mixed_precision"))
+    return out
+
+
+def run_all(runs: list[Run], data: Path, device: str, precision: str | None, parallel: int, deadline: float) -> None:
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < parallel and time.perf_counter() < deadline:
+            run = pending.pop(0)
+            run.out.parent.mkdir(parents=True, exist_ok=True)
+            log = open(run.out.parent / f"{run.out.name}.log", "w")
+            say(f"start {run.candidate.name} seed {run.seed}")
+            run.started = time.perf_counter()
+            run.proc = subprocess.Popen(command(run, data, device, precision), cwd=ROOT, env=env_for_children(),
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+            active.append(run)
+        if not active and pending:  # the deadline passed before these could start
+            for run in pending:
+                run.result = {"candidate": run.candidate.name, "seed": run.seed, "finished": False, "not_started": True}
+            return
+        time.sleep(1.0)
+        if time.perf_counter() > deadline:
+            stop_all(active)
+        for run in [r for r in active if r.proc.poll() is not None]:
+            run.result = read_result(run)
+            run.result["exit_code"] = run.proc.returncode
+            say(f"{run.candidate.name} seed {run.seed}: exit {run.proc.returncode}, "
+                f"validation {run.result.get('val_accuracy')}, {run.result.get('seconds')} s")
+            active.remove(run)
+
+
+def stop_all(active: list[Run]) -> None:
+    """SIGTERM to every run at once (the trainer checkpoints and exits), then SIGKILL what lingers."""
+    for run in active:
+        say(f"deadline: stopping {run.candidate.name} seed {run.seed}")
+        run.proc.send_signal(signal.SIGTERM)
+    for run in active:
+        try:
+            run.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            run.proc.wait()
+
+
+def mean_spread(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 5), "min": min(values), "max": max(values),
+            "range": round(max(values) - min(values), 5), "values": values} if values else {}
+
+
+def select(candidates: list[Candidate], seeds: list[int], work: Path, data: Path, device: str, precision: str | None,
+           parallel: int, deadline_s: float) -> dict:
+    runs = [Run(c, s, work / f"{c.name}-seed{s}") for s in seeds for c in candidates]  # seed-major: all start early
+    run_all(runs, data, device, precision, parallel, time.perf_counter() + deadline_s)
+    report: dict = {"device": device, "seeds": seeds, "runs": [r.result for r in runs],
+                    "candidates": {c.name: {"config": c.config, "overrides": c.overrides, "why": c.why} for c in candidates}}
+    complete = {}
+    for c in candidates:
+        mine = [r.result for r in runs if r.candidate is c]
+        if all(r.get("finished") and r.get("exit_code") == 0 for r in mine):
+            complete[c.name] = mean_spread([r["val_accuracy"] for r in mine])
+    report["val_by_candidate"] = complete
+    if not complete:
+        report["winner"] = None
+        return report
+    name = max(complete, key=lambda n: complete[n]["mean"])
+    say(f"chosen on validation: {name} (mean {complete[name]['mean']:.4f})")
+    winners = [r for r in runs if r.candidate.name == name]
+    for run in winners:  # the winner's runs alone are scored on test
+        run.result["test_accuracy"] = json.loads((run.out / "summary.json").read_text())["test_accuracy"]
+    report.update(winner=name, winner_runs=[r.result for r in winners], winner_val=complete[name],
+                  winner_test=mean_spread([r.result["test_accuracy"] for r in winners]))
+    return report
+
+
+def render(report: dict) -> str:
+    val = report.get("val_by_candidate", {})
+    rows = [[r["candidate"], r["seed"], r.get("val_accuracy"), r.get("best_val_accuracy"), r.get("training_seconds"),
+             "yes" if r.get("finished") else "no"] for r in report["runs"]]
+    parts = [table("Every run (validation only)", ["candidate", "seed", "val (final)", "val (best)", "training s", "finished"], rows)]
+    rows = [[name, s["mean"], s["range"]] for name, s in sorted(val.items(), key=lambda kv: -kv[1]["mean"])]
+    parts.append(table("Candidates that finished every seed", ["candidate", "val mean", "val range"], rows))
+    if report.get("winner"):
+        rows = [[r["seed"], r.get("val_accuracy"), r.get("test_accuracy"), r.get("training_seconds")] for r in report["winner_runs"]]
+        parts.append(table(f"Chosen on validation: {report['winner']}", ["seed", "val", "test", "training s"], rows))
+        t = report["winner_test"]
+        parts.append(f"test: mean {t['mean']:.4f}, range {t['range']:.4f} over {len(t['values'])} seeds")
+    else:
+        parts.append("no candidate finished every seed: nothing chosen")
+    return "\n\n".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", required=True, type=Path, help="YAML: candidates: [{name, config, overrides, why}]")
+    p.add_argument("--data", required=True, type=Path, help="prepared dataset with a validation split")
+    p.add_argument("--work", required=True, type=Path, help="where each run's output_dir goes")
+    p.add_argument("--out", type=Path, help="report JSON (default WORK/selection.json)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), help="override train.mixed_precision")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (they share the device)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: the cores divided among the runs)")
+    p.add_argument("--deadline-s", type=float, default=24 * 3600.0)
+    p.add_argument("--extra", action="append", default=[], help="key=value added to every candidate (smoke tests)")
+    args = p.parse_args(argv)
+    candidates = load_spec(args.spec)
+    for c in candidates:
+        c.overrides += args.extra
+    if not (args.data / "manifest.json").is_file():
+        print(f"error: {args.data} holds no manifest.json; run: python launch/prepare_data.py --dataset fashion_mnist "
+              f"--out {args.data}", file=sys.stderr)
+        return 2
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        print(f"error: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by every run: N runs x all cores would thrash
+    report = select(candidates, seeds, args.work.resolve(), args.data.resolve(), args.device, args.precision,
+                    max(1, args.parallel), args.deadline_s)
+    out = args.out or args.work / "selection.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    return 0 if report.get("winner") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
