@@ -1,0 +1,67 @@
+"""benchmarks/select_recipe.py: the recipe is chosen on validation, and only the chosen one's
+runs are read on test. Real training runs of configs/cpu_test.yaml, a few dozen steps each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import run_py
+
+
+def _spec(path, *candidates):
+    lines = ["candidates:"]
+    for name, overrides in candidates:
+        lines += [f"  - name: {name}", "    config: configs/cpu_test.yaml", f"    overrides: [{', '.join(overrides)}]"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+COMMON = ("train.max_steps=40", "eval.every_steps=20", "checkpoint.every_steps=20", "schedule.warmup_steps=5")
+
+
+@pytest.mark.slow
+def test_chosen_on_validation_and_only_the_winner_is_scored_on_test(tmp_path, fashion_shards):
+    # A learning rate of 1e-7 leaves the model at chance: the other candidate must win on validation.
+    spec = _spec(tmp_path / "spec.yaml", ("frozen", ["optim.lr=1e-7", *COMMON]), ("learns", list(COMMON)))
+    proc = run_py("benchmarks/select_recipe.py", "--spec", str(spec), "--data", str(fashion_shards), "--work",
+                  str(tmp_path / "work"), "--seeds", "0,1", "--parallel", "2", check=True, timeout=600)
+    report = json.loads((tmp_path / "work" / "selection.json").read_text())
+    assert report["winner"] == "learns" and "Chosen on validation: learns" in proc.stdout
+    assert set(report["val_by_candidate"]) == {"frozen", "learns"}
+    assert report["val_by_candidate"]["learns"]["mean"] > report["val_by_candidate"]["frozen"]["mean"] + 0.2
+    assert len(report["runs"]) == 4 and all(r["finished"] and r["exit_code"] == 0 for r in report["runs"])
+    # The losers' test scores exist on disk (the trainer always scores test) but are never read.
+    for run in report["runs"]:
+        assert ("test_accuracy" in run) == (run["candidate"] == "learns"), run
+    tests = []
+    for seed in (0, 1):
+        run_dir = tmp_path / "work" / f"learns-seed{seed}"
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"] == seed
+        tests.append(json.loads((run_dir / "summary.json").read_text())["test_accuracy"])
+    assert report["winner_test"]["values"] == tests
+    assert report["winner_test"]["mean"] == pytest.approx(sum(tests) / 2, abs=1e-5)
+    # The validation figure is the run's final one, on the weights it ships.
+    val = json.loads((tmp_path / "work" / "learns-seed0" / "summary.json").read_text())["final_eval_accuracy"]
+    assert report["winner_runs"][0]["val_accuracy"] == val
+
+
+@pytest.mark.slow
+def test_the_deadline_stops_runs_which_report_their_last_validation(tmp_path, fashion_shards):
+    spec = _spec(tmp_path / "spec.yaml", ("long", ["train.max_steps=100000", "eval.every_steps=10", "checkpoint.every_steps=1000"]))
+    proc = run_py("benchmarks/select_recipe.py", "--spec", str(spec), "--data", str(fashion_shards), "--work",
+                  str(tmp_path / "work"), "--seeds", "0", "--deadline-s", "20", timeout=300)
+    assert proc.returncode == 1 and "nothing chosen" in proc.stdout
+    run = json.loads((tmp_path / "work" / "selection.json").read_text())["runs"][0]
+    assert run["finished"] is False and run["exit_code"] == 143  # SIGTERM: the trainer checkpointed and left
+    assert run["val_accuracy"] is not None and run["last_eval_step"] >= 10
+    assert list((tmp_path / "work" / "long-seed0" / "checkpoints").iterdir())
+
+
+def test_a_spec_without_a_config_is_one_line(tmp_path, fashion_shards):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("candidates:\n  - name: a\n    overrides: [train.max_steps=5]\n")
+    proc = run_py("benchmarks/select_recipe.py", "--spec", str(spec), "--data", str(fashion_shards), "--work", str(tmp_path / "w"))
+    assert proc.returncode != 0 and "candidates[0]" in proc.stderr and "`config`" in proc.stderr
+    assert "Traceback" not in proc.stderr
