@@ -3,13 +3,13 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR DATA_DIR [BUDGET_S]
 # 1. a smoke run of the trainer on CUDA (bf16, cpu_test.yaml) - if it fails, the rest is pointless
 #    and only tests/test_devices.py runs, for the diagnosis;
-# 2. the recipe selection (benchmarks/select_recipe.py, benchmarks/recipes/lstm_092.yaml: every
-#    candidate x seeds 0-2 sharing the GPU), with tests/test_devices.py beside it;
+# 2. the recipe selection (benchmarks/select_recipe.py, SPEC, default benchmarks/recipes/lstm_gpu.yaml:
+#    every candidate x seeds 0-2 at once, sharing the GPU), with tests/test_devices.py beside it;
 # 3. the precision sweep (benchmarks/run.py --device $device --quick: trainer vs in-memory floor at
 #    batch 256/1024/4096 in fp32, bf16, fp16), alone on the GPU since it is timed;
 # 4. everything small that the runs wrote, and the chosen weights, packed into OUT_DIR/runs.tgz.
 # BUDGET_S (default 500) bounds steps 1-3: the selection gets what the others leave.
-# DEVICE=cpu and SELECT_EXTRA='--extra train.max_steps=20' rehearse it on a CPU machine.
+# DEVICE=cpu and SELECT_EXTRA='--extra train.max_steps=20 --extra eval.every_steps=10' rehearse it on a CPU machine.
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR DATA_DIR [BUDGET_S]}
 data=${2:?usage: gpu_check.sh OUT_DIR DATA_DIR [BUDGET_S]}
@@ -40,8 +40,8 @@ bench_s=120
 step "recipe selection, with tests/test_devices.py beside it"
 timeout 300 "$py" -m pytest -q tests/test_devices.py > "$out/test_devices.log" 2>&1 &
 tests=$!
-"$py" benchmarks/select_recipe.py --spec benchmarks/recipes/lstm_092.yaml --data "$data" --work "$work/select" \
-  --out "$out/selection.json" --device $device --seeds 0,1,2 --parallel 6 --deadline-s $(( $(left) - bench_s - 20 )) ${SELECT_EXTRA:-}
+"$py" benchmarks/select_recipe.py --spec "${SPEC:-benchmarks/recipes/lstm_gpu.yaml}" --data "$data" --work "$work/select" \
+  --out "$out/selection.json" --device $device --seeds 0,1,2 --parallel 16 --deadline-s $(( $(left) - bench_s - 20 )) ${SELECT_EXTRA:-}
 wait $tests; echo "tests/test_devices.py exit $?"; tail -3 "$out/test_devices.log"
 
 step "precision sweep (quick), alone on the GPU"

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.common import PY, ROOT, env_for_children, say, table  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 
 
 @dataclass
@@ -59,7 +61,8 @@ class Run:
     result: dict = field(default_factory=dict)
 
 
-def load_spec(path: Path) -> list[Candidate]:
+def load_spec(path: Path, extra: list[str] | tuple[str, ...] = ()) -> list[Candidate]:
+    """The spec's candidates, each with `extra` overrides appended, every one validated as a config."""
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -76,7 +79,13 @@ def load_spec(path: Path) -> list[Candidate]:
                              f"`overrides` (a list of key=value) and `why`; got {item!r}")
         if not (ROOT / item["config"]).is_file():
             raise SystemExit(f"error: {path}, candidate {item['name']}: config {item['config']} does not exist")
-        out.append(Candidate(item["name"], item["config"], [str(o) for o in item.get("overrides") or []], item.get("why", "")))
+        overrides = [str(o) for o in item.get("overrides") or []] + list(extra)
+        candidate = Candidate(item["name"], item["config"], overrides, item.get("why", ""))
+        try:  # a bad override fails here, not hours later in one candidate's runs
+            load_config(ROOT / candidate.config, candidate.overrides)
+        except ConfigError as err:
+            raise SystemExit(f"error: {path}, candidate {candidate.name}: {err}") from None
+        out.append(candidate)
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise SystemExit(f"error: {path}: candidate names must be unique; got {names}")
@@ -220,9 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=24 * 3600.0)
     p.add_argument("--extra", action="append", default=[], help="key=value added to every candidate (smoke tests)")
     args = p.parse_args(argv)
-    candidates = load_spec(args.spec)
-    for c in candidates:
-        c.overrides += args.extra
+    candidates = load_spec(args.spec, args.extra)
     if not (args.data / "manifest.json").is_file():
         print(f"error: {args.data} holds no manifest.json; run: python launch/prepare_data.py --dataset fashion_mnist "
               f"--out {args.data}", file=sys.stderr)

@@ -7,7 +7,9 @@ import json
 
 import pytest
 import yaml
-from conftest import run_py
+from conftest import ROOT, run_py
+
+from benchmarks.select_recipe import load_spec
 
 
 def _spec(path, *candidates):
@@ -65,3 +67,16 @@ def test_a_spec_without_a_config_is_one_line(tmp_path, fashion_shards):
     proc = run_py("benchmarks/select_recipe.py", "--spec", str(spec), "--data", str(fashion_shards), "--work", str(tmp_path / "w"))
     assert proc.returncode != 0 and "candidates[0]" in proc.stderr and "`config`" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (ROOT / "benchmarks" / "recipes").glob("*.yaml")))
+def test_shipped_candidate_specs_load(spec):
+    candidates = load_spec(ROOT / "benchmarks" / "recipes" / spec)
+    assert len(candidates) >= 1 and all(c.why for c in candidates)
+
+
+def test_a_bad_override_is_refused_before_any_run(tmp_path):
+    spec = _spec(tmp_path / "spec.yaml", ("ok", ["train.max_steps=50"]), ("typo", ["model.hiden_size=64"]))
+    with pytest.raises(SystemExit) as err:
+        load_spec(spec)
+    assert "candidate typo" in str(err.value) and "hiden_size" in str(err.value)
