@@ -128,7 +128,19 @@ def read_result(run: Run) -> dict:
 
 
 def run_all(runs: list[Run], data: Path, device: str, precision: str | None, parallel: int, deadline: float) -> None:
-    pending, active = list(runs), []
+    active: list[Run] = []
+    try:
+        _run_all(runs, active, data, device, precision, parallel, deadline)
+    except BaseException:
+        # Ctrl-C or SIGTERM to the selection: the runs (in sessions of their own, so that a terminal's
+        # Ctrl-C does not reach them half-way through a step) are stopped the way a deadline stops them.
+        stop_all(active, "the selection was stopped")
+        raise
+
+
+def _run_all(runs: list[Run], active: list[Run], data: Path, device: str, precision: str | None, parallel: int,
+             deadline: float) -> None:
+    pending = list(runs)
     while pending or active:
         while pending and len(active) < parallel and time.perf_counter() < deadline:
             run = pending.pop(0)
@@ -146,7 +158,7 @@ def run_all(runs: list[Run], data: Path, device: str, precision: str | None, par
             return
         time.sleep(1.0)
         if time.perf_counter() > deadline:
-            stop_all(active)
+            stop_all(active, "deadline")
         for run in [r for r in active if r.proc.poll() is not None]:
             run.result = read_result(run)
             run.result["exit_code"] = run.proc.returncode
@@ -155,10 +167,10 @@ def run_all(runs: list[Run], data: Path, device: str, precision: str | None, par
             active.remove(run)
 
 
-def stop_all(active: list[Run]) -> None:
+def stop_all(active: list[Run], why: str) -> None:
     """SIGTERM to every run at once (the trainer checkpoints and exits), then SIGKILL what lingers."""
     for run in active:
-        say(f"deadline: stopping {run.candidate.name} seed {run.seed}")
+        say(f"{why}: stopping {run.candidate.name} seed {run.seed}")
         run.proc.send_signal(signal.SIGTERM)
     for run in active:
         try:
@@ -215,6 +227,10 @@ def render(report: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", required=True, type=Path, help="YAML: candidates: [{name, config, overrides, why}]")
@@ -240,6 +256,7 @@ def main(argv=None) -> int:
         print(f"error: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _terminated)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by every run: N runs x all cores would thrash
     report = select(candidates, seeds, args.work.resolve(), args.data.resolve(), args.device, args.precision,

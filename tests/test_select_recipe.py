@@ -80,3 +80,28 @@ def test_a_bad_override_is_refused_before_any_run(tmp_path):
     with pytest.raises(SystemExit) as err:
         load_spec(spec)
     assert "candidate typo" in str(err.value) and "hiden_size" in str(err.value)
+
+
+@pytest.mark.slow
+def test_stopping_the_selection_stops_its_runs_with_a_checkpoint(tmp_path, fashion_shards):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = _spec(tmp_path / "spec.yaml", ("long", ["train.max_steps=100000", "eval.every_steps=10", "checkpoint.every_steps=1000"]))
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "benchmarks/select_recipe.py", "--spec", str(spec), "--data", str(fashion_shards),
+                             "--work", str(work), "--seeds", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = work / "long-seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and "eval/accuracy" in metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    assert "the selection was stopped: stopping long seed 0" in output
+    # The run got SIGTERM too (it lives in a session of its own): it checkpointed and is gone.
+    assert list((work / "long-seed0" / "checkpoints").iterdir())
+    leftover = subprocess.run(["pgrep", "-f", f"output_dir={work}/long-seed0"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
