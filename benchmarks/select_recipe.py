@@ -38,7 +38,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import yaml  # noqa: E402
 
-from benchmarks.common import PY, ROOT, env_for_children, say, table  # noqa: E402
+from benchmarks.common import PY, ROOT, env_for_children, read_events, say, stop_processes, table  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
@@ -104,16 +104,7 @@ def command(run: Run, data: Path, device: str, precision: str | None) -> list[st
 def read_result(run: Run) -> dict:
     """Validation figures from what the run wrote; the test figure is read only for the winner."""
     summary_path = run.out / "summary.json"
-    evals = []
-    metrics = run.out / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if "eval/accuracy" in event:
-                evals.append(event)
+    evals = [e for e in read_events(run.out / "metrics.jsonl") if "eval/accuracy" in e]
     last = evals[-1] if evals else {}
     shipped = "eval_ema/accuracy" if "eval_ema/accuracy" in last else "eval/accuracy"
     out = {"candidate": run.candidate.name, "seed": run.seed, "finished": summary_path.is_file(),
@@ -168,16 +159,10 @@ def _run_all(runs: list[Run], active: list[Run], data: Path, device: str, precis
 
 
 def stop_all(active: list[Run], why: str) -> None:
-    """SIGTERM to every run at once (the trainer checkpoints and exits), then SIGKILL what lingers."""
+    """Every run at once, as a deadline or a stopped selection asks."""
     for run in active:
         say(f"{why}: stopping {run.candidate.name} seed {run.seed}")
-        run.proc.send_signal(signal.SIGTERM)
-    for run in active:
-        try:
-            run.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            run.proc.kill()
-            run.proc.wait()
+    stop_processes([run.proc for run in active], grace_s=20)
 
 
 def mean_spread(values: list[float]) -> dict:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.common import PY, ROOT, env_for_children, say
+from benchmarks.common import PY, ROOT, env_for_children, read_events, say, stop_processes
 
 
 def run_baseline(tv_root: Path, work: Path, timeout: float, max_batches: int | None = None, device: str = "cpu") -> dict:
@@ -47,19 +46,6 @@ def run_baseline(tv_root: Path, work: Path, timeout: float, max_batches: int | N
             "train_samples_per_s": own["train_samples_per_s"], "train_samples": own["train_samples"]}
 
 
-def _events(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            break
-    return out
-
-
 def run_until(args: list[str], metrics: Path, target: float, timeout: float, log: Path, env: dict | None = None) -> dict:
     """Launch a trainer command; stop it (SIGTERM, then SIGKILL) once an eval event reaches `target`."""
     metrics.unlink(missing_ok=True)
@@ -69,7 +55,7 @@ def run_until(args: list[str], metrics: Path, target: float, timeout: float, log
         hit, evals, known_at = None, [], None
         try:
             while True:
-                evals = [e for e in _events(metrics) if "eval/accuracy" in e]
+                evals = [e for e in read_events(metrics) if "eval/accuracy" in e]
                 hit = next((e for e in evals if e["eval/accuracy"] >= target), None)
                 if hit is not None:
                     known_at = time.perf_counter() - launch
@@ -78,13 +64,7 @@ def run_until(args: list[str], metrics: Path, target: float, timeout: float, log
                     break
                 time.sleep(0.1)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_processes([proc], grace_s=60)
     return {
         "reached": hit is not None,
         "seconds": known_at,
