@@ -25,6 +25,7 @@ import pytest
 from conftest import ROOT, read_jsonl
 
 from pipeline.kube import local
+from pipeline.kube.podman import podman_env
 
 # In a container log of a successful job, none of these may appear.
 DIRTY = re.compile(r"Traceback|^\s+File \"|\bError\b|error:|^E\d{4} |terminate called|exit barrier", re.MULTILINE)
@@ -44,7 +45,7 @@ def require_podman() -> None:
 
 
 def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["podman", *args], capture_output=True, text=True, env=local.podman_env(), timeout=timeout)
+    proc = subprocess.run(["podman", *args], capture_output=True, text=True, env=podman_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}")
     return proc

@@ -534,15 +534,15 @@ def test_render_does_not_mutate_between_calls(config):
 # --- the local rehearsal's pods (submit.py --local) ---------------------------------------
 
 def test_local_pods_are_the_jobs_template_plus_what_the_job_controller_and_kubelet_add(config):
-    from pipeline.kube import local
+    from pipeline.kube import local_pods
 
     spec = _spec(config, gpus_per_node=0, name="rehearse")
     template = copy.deepcopy(_by_kind(render(spec))["Job"]["spec"]["template"]["spec"])
-    (config_map, pod), scratch = local.pod_documents(spec, 1)
+    (config_map, pod), scratch = local_pods.pod_documents(spec, 1)
     assert config_map == _by_kind(render(spec))["ConfigMap"]
     _strict(pod)  # still a valid v1 Pod
     assert pod["metadata"]["name"] == pod["spec"]["hostname"] == "rehearse-1" and pod["spec"]["subdomain"] == "rehearse"
-    assert pod["metadata"]["labels"][local.INDEX_LABEL] == "1"
+    assert pod["metadata"]["labels"][local_pods.INDEX_LABEL] == "1"
     assert pod["spec"]["securityContext"] == template["securityContext"]
     for kind in ("initContainers", "containers"):
         for ours, theirs in zip(pod["spec"][kind], template[kind], strict=True):
@@ -558,15 +558,15 @@ def test_local_pods_are_the_jobs_template_plus_what_the_job_controller_and_kubel
     assert set(mounts) == {"/tmp", "/home/app", "/dev/shm"} and len(set(mounts.values())) == 3
     assert all("/rehearse-1/" in p for p in mounts.values()) and sorted(map(str, scratch)) == sorted(mounts.values())
     assert mounts["/dev/shm"].startswith("/dev/shm/")  # medium: Memory stays in memory
-    (_, pod0), _ = local.pod_documents(spec, 0)
-    assert pod0["metadata"]["name"] == "rehearse-0" and not set(map(str, local.pod_documents(spec, 0)[1])) & set(mounts.values())
+    (_, pod0), _ = local_pods.pod_documents(spec, 0)
+    assert pod0["metadata"]["name"] == "rehearse-0" and not set(map(str, local_pods.pod_documents(spec, 0)[1])) & set(mounts.values())
 
 
 def test_local_gpu_pods_get_cdi_devices_of_their_own(config):
-    from pipeline.kube import local
+    from pipeline.kube import local_pods
 
     spec = _spec(config, gpus_per_node=2, name="rehearse")
-    (_, pod), _ = local.pod_documents(spec, 1)
+    (_, pod), _ = local_pods.pod_documents(spec, 1)
     limits = _container(pod["spec"], "trainer")["resources"]["limits"]
     assert "nvidia.com/gpu" not in limits and {k for k in limits if k.startswith("nvidia.com/gpu=")} == {
         "nvidia.com/gpu=2", "nvidia.com/gpu=3"}

@@ -3,6 +3,8 @@
 spec.py (what is asked, validated) -> command.py (the pod's command lines) -> pod.py (the pod)
 -> render.py (Job + Service, JobSet or TrainJob) -> kubectl.py / kustomize.py (where it goes).
 preflight.py runs inside the pods as the init container.
+local.py rehearses a Job on this machine (`submit.py --local`): local_pods.py turns the Job into
+pods, local_cluster.py stands in for its claims, Secret and Service, podman.py runs podman.
 """
 
 from pipeline.kube.build import build_spec

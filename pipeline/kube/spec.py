@@ -135,6 +135,14 @@ def _check_subdomain(value: str, what: str, flag: str) -> None:
 
 def validate(spec: JobSpec, fmt: Format) -> None:
     """Raise UserError naming the flag for anything Kubernetes or the launcher would reject."""
+    # In this order, so that of several mistakes the user is always told of the same one first.
+    _check_pods(spec, fmt)
+    _check_references(spec)
+    _check_launcher(spec)
+
+
+def _check_pods(spec: JobSpec, fmt: Format) -> None:
+    """The format, how many pods, on what image, under what names."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if spec.nodes < 1:
@@ -161,6 +169,10 @@ def validate(spec: JobSpec, fmt: Format) -> None:
             f"job name '{spec.name}' is too long for {spec.nodes} nodes with --format {fmt}: the pod hostname "
             f"'{longest}' exceeds 63 characters; use a --name of at most {room} characters"
         )
+
+
+def _check_references(spec: JobSpec) -> None:
+    """The namespace, claims, data URL, Secret and queue the job's objects name."""
     if spec.namespace is not None:
         _check_label(spec.namespace, "namespace", "--namespace")
     if spec.data_pvc and spec.data_url:
@@ -180,6 +192,10 @@ def validate(spec: JobSpec, fmt: Format) -> None:
         raise UserError(f"--wandb-secret-key '{spec.wandb_secret_key}' is not a valid Secret key")
     if spec.queue is not None:
         _check_label(spec.queue, "Kueue queue name", "--queue")
+
+
+def _check_launcher(spec: JobSpec) -> None:
+    """The launcher's port and restarts, the Job's retries, the preflight's timeout, resources and runtime."""
     if not 1 <= spec.port <= 65535:
         raise UserError(f"--port must be between 1 and 65535 (got {spec.port})")
     if spec.max_restarts < 0:
