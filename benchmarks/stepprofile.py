@@ -1,7 +1,7 @@
 """Where the time of one training step goes, for the CPU default config (configs/fashion_mnist.yaml,
 one process).
 
-1. The real trainer (`pipeline.training.loop.train`) runs a short job for its throughput. Then a
+1. The real trainer (`pipeline.training.run.train`) runs a short job for its throughput. Then a
    `Trainer` built from the same config is driven through its public pieces, each timed:
    the next batch from `trainer.batches`, `train_step(trainer.parts, batch)`, the metrics sink,
    `trainer.evaluator` and `trainer.checkpointer.save`. Eval and checkpoint costs are amortized
@@ -28,8 +28,8 @@ CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 
 def _timed_pieces(cfg, steps: int) -> tuple[dict, dict]:
     """Seconds and calls of each public piece of a Trainer over `steps` steps."""
-    from pipeline.training.loop import Trainer
     from pipeline.training.step import train_step
+    from pipeline.training.trainer import Trainer
 
     trainer = Trainer(cfg, None)
     seconds, calls = defaultdict(float), defaultdict(int)
@@ -112,8 +112,8 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     from pipeline.data.order import BatchLayout
     from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
     from pipeline.model import build_model, to_inputs
+    from pipeline.training.accelerator import build_accelerator
     from pipeline.training.batches import StreamBatches
-    from pipeline.training.loop import build_accelerator
     from pipeline.training.optimizer import build_optimizer, build_scheduler
 
     cfg = load_config(CONFIG, [f"data.dir={data_dir}", "output_dir=unused"])

@@ -1,6 +1,6 @@
 """Section 2: training samples/s of our trainer vs an in-memory floor, alternated A B A B.
 
-- ours: `pipeline.training.loop.train(cfg)` in this process, configs/cpu_test.yaml (LSTM 28->64,
+- ours: `pipeline.training.run.train(cfg)` in this process, configs/cpu_test.yaml (LSTM 28->64,
   Adam, cosine schedule, grad clip 1.0, data.num_workers 0) with the batch size under test,
   wandb disabled, one evaluation and one checkpoint at the very end (both outside the trainer's
   samples/s windows). samples/s = samples / seconds over the trainer's own log windows
@@ -38,7 +38,7 @@ def _cfg(config: Path, data_dir: Path, out: Path, batch: int, total_steps: int, 
 
 
 def ours_once(data_dir: Path, work: Path, batch: int, warm_steps: int, steps: int, config: Path = CONFIG, extra=()) -> dict:
-    from pipeline.training.loop import train
+    from pipeline.training.run import train
 
     out = work / f"ours-b{batch}"
     shutil.rmtree(out, ignore_errors=True)

@@ -3,7 +3,7 @@
     python launch/node.py --num_machines 2 --num_processes 2 --machine_rank 0 --main_process_ip HOST \\
         --main_process_port 29500 --multi_gpu --same_network launch/train.py --config ... --resume auto
 
-The rendered Kubernetes pods run this; pipeline/training/launcher.py says what it changes.
+The rendered Kubernetes pods run this; pipeline/distributed/launcher.py says what it changes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,6 @@ import sys
 from pipeline.errors import run_cli
 
 if __name__ == "__main__":
-    from pipeline.training.launcher import run_node
+    from pipeline.distributed.launcher import run_node
 
     run_cli(lambda: run_node(sys.argv[1:]))

@@ -20,16 +20,19 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main() -> int:
+def main(env) -> int:
     args = parse_args()
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad config is reported before torch is even imported
-    from pipeline.training.loop import train
+    from pipeline.training.run import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, env=env)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    from pipeline.distributed.launch_env import LaunchEnv
+
+    env = LaunchEnv.from_environ()  # the one read of the launcher's variables
+    run_cli(lambda: main(env), env)

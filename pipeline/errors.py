@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
+
+if TYPE_CHECKING:
+    from pipeline.distributed.launch_env import LaunchEnv
 
 
 class UserError(Exception):
@@ -15,39 +18,54 @@ class UserError(Exception):
 
     exit_code = 1
     label = "error"
+    # Raised alike on every rank of a multi-process run (a config error, an agreed decision): only the
+    # main process prints it. An instance may say so too (pipeline/distributed/agreement.py).
+    shared = False
 
 
 class ConfigError(UserError):
     exit_code = 2
+    shared = True
+
+
+class DeviceError(ConfigError):
+    """A config that this machine's devices cannot run: other machines of the job may differ."""
+
+    shared = False
 
 
 class DataError(UserError):
     exit_code = 1
 
 
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Run an entry point, turning UserError into a message and an exit status."""
+def run_cli(main: Callable[[], int | None], env: LaunchEnv | None = None) -> None:
+    """Run an entry point, turning UserError into a message and an exit status. `env`: the launch of a
+    process that may be one rank of several; an error every rank raises alike is printed by rank 0 only,
+    and every rank exits with its code."""
+    multi = env is not None and env.multi_process
     try:
         code = main()
     except UserError as err:
-        print(f"{err.label}: {err}", file=sys.stderr)
-        leave(err.exit_code)
+        if not (multi and err.shared and not env.is_main):
+            where = f" (rank {env.rank})" if multi and not err.shared else ""
+            print(f"{err.label}{where}: {err}", file=sys.stderr)
+        leave(err.exit_code, multi)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        leave(130)
+        leave(130, multi)
     except BrokenPipeError:  # `... | head`: the reader has gone; nothing left to say
         sys.stderr.close()
         sys.exit(141)
-    leave(code or 0)
+    leave(code or 0, multi)
 
 
-def leave(code: int) -> NoReturn:
+def leave(code: int, multi_process: bool = False) -> NoReturn:
     """Exit with `code`. A rank of a multi-process run skips the interpreter's teardown: everything it
     writes is written and closed by now, and in that teardown torch can destroy gloo's process group
     (still held by DDP) from a half-finalized interpreter, which aborts the process with
     'terminate called without an active exception' and turns a finished run into exit 1 (seen about
     once in 20 two-process runs here; pytorch/pytorch#190489, #179291)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if multi_process:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

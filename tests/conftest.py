@@ -128,7 +128,7 @@ def train_in_process(out: Path, shards: Path, *overrides: str, resume: str | Non
     import json
 
     from pipeline.config import load_config
-    from pipeline.training.loop import train
+    from pipeline.training.run import train
 
     cfg = load_config(ROOT / config, [f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false",
                                       "train.device=cpu", "wandb.mode=disabled", *overrides])

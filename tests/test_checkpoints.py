@@ -10,7 +10,7 @@ import shutil
 import pytest
 from conftest import read_jsonl, train_run
 
-from pipeline.training.checkpoint import file_digests, verify_checkpoint
+from pipeline.checkpoints.format import file_digests, verify_checkpoint
 
 RUN = ("wandb.mode=disabled", "train.max_steps=150", "eval.every_steps=50", "checkpoint.every_steps=50",
        "checkpoint.keep_last=3", "model.hidden_size=32")
@@ -67,8 +67,9 @@ def test_verify_names_a_missing_or_changed_file(tmp_path):
 
 
 def test_a_model_key_newer_than_the_checkpoint_resumes_at_its_default_and_is_refused_otherwise(tmp_path):
+    from pipeline.checkpoints.compatibility import IncompatibleCheckpoint, check_compatible
+    from pipeline.checkpoints.format import CheckpointMeta, TrainState
     from pipeline.config import ModelConfig
-    from pipeline.training.checkpoint import CheckpointMeta, IncompatibleCheckpoint, TrainState, check_compatible
 
     now = ModelConfig(hidden_size=32).model_dump()
     before = {k: v for k, v in now.items() if k != "forget_bias"}  # written before model.forget_bias existed

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, accelerate_cmd, run_py, train_args
 
 from pipeline.errors import ConfigError
-from pipeline.training.loop import check_gpu_count
+from pipeline.training.accelerator import check_gpu_count
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -16,8 +16,9 @@ from conftest import accelerate_cmd, free_port, train_args, train_run
 from processes import kill_tree, start_session, train_ranks, wait_for_step
 from safetensors.torch import load_file
 
+from pipeline.distributed.elastic import FRESH_STORE_VAR, init_restartable_process_group
+from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.errors import ConfigError
-from pipeline.training.elastic import FRESH_STORE_VAR, init_restartable_process_group
 
 TWO_NODES_SHARED_STORE = {
     "TORCHELASTIC_RUN_ID": "job", "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "1",
@@ -28,7 +29,7 @@ TWO_NODES_SHARED_STORE = {
 
 def test_restarts_across_nodes_on_a_shared_store_are_refused_up_front():
     with pytest.raises(ConfigError, match=f"export {FRESH_STORE_VAR}=1") as err:
-        init_restartable_process_group(timedelta(seconds=1), "gloo", TWO_NODES_SHARED_STORE)
+        init_restartable_process_group(timedelta(seconds=1), "gloo", LaunchEnv.from_environ(TWO_NODES_SHARED_STORE))
     assert "--max_restarts 1" in str(err.value) and "2 nodes" in str(err.value)
 
 
@@ -40,7 +41,7 @@ def test_restarts_across_nodes_on_a_shared_store_are_refused_up_front():
 ], ids=["plain", "fresh-store", "no-restarts", "one-process"])
 def test_launches_that_cannot_collide_are_left_to_accelerate(change):
     env = {k: v for k, v in {**TWO_NODES_SHARED_STORE, **change}.items() if v is not None}
-    assert init_restartable_process_group(timedelta(seconds=1), "gloo", env) is False
+    assert init_restartable_process_group(timedelta(seconds=1), "gloo", LaunchEnv.from_environ(env)) is False
     assert not dist.is_initialized()
 
 

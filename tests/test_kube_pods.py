@@ -22,6 +22,8 @@ import pytest
 from conftest import ROOT, free_port
 from processes import train_ranks, wait_for_step
 
+from pipeline.distributed.elastic import FRESH_STORE_VAR
+from pipeline.distributed.peers import PEER_LOST_EXIT_CODE
 from pipeline.kube import (
     PodPaths,
     build_spec,
@@ -33,8 +35,6 @@ from pipeline.kube import (
 )
 from pipeline.kube.render import TRAINER_BUG_CODES
 from pipeline.kube.spec import JobSpec
-from pipeline.training.elastic import FRESH_STORE_VAR
-from pipeline.training.peers import PEER_LOST_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import read_jsonl, train_args, train_run
 from processes import start_session, wait_for_step
 
-from pipeline.training.lease import LEASE_NAME, OutputDirBusy, OutputLease, job_identity
+from pipeline.distributed.launch_env import LaunchEnv
+from pipeline.distributed.lease import LEASE_NAME, OutputDirBusy, OutputLease
 
 
 def _plant(directory, *, host=None, pid=None, job_id=None, age_s=0.0, token="theirs"):
@@ -94,9 +95,12 @@ def test_heartbeat_refreshes_and_release_leaves_a_successor_alone(tmp_path):
 
 
 def test_job_identity():
-    assert job_identity({"PIPELINE_JOB_ID": "lstm-fashion", "TORCHELASTIC_RESTART_COUNT": "1"}) == "lstm-fashion"
-    assert job_identity({"TORCHELASTIC_RESTART_COUNT": "0"}) == f"launcher {os.getppid()} on {socket.gethostname()}"
-    assert job_identity({}) is None
+    def identity(environ):
+        return LaunchEnv.from_environ(environ).job_identity()
+
+    assert identity({"PIPELINE_JOB_ID": "lstm-fashion", "TORCHELASTIC_RESTART_COUNT": "1"}) == "lstm-fashion"
+    assert identity({"TORCHELASTIC_RESTART_COUNT": "0"}) == f"launcher {os.getppid()} on {socket.gethostname()}"
+    assert identity({}) is None
 
 
 @pytest.mark.slow

@@ -20,10 +20,10 @@ import torch
 from containers import DIRTY, Job, podman, require_podman, unique
 from safetensors.torch import load_file
 
+from pipeline.distributed.peers import PEER_LOST_EXIT_CODE
 from pipeline.kube import local
 from pipeline.kube.build import build_spec
 from pipeline.kube.render import TRAINER_BUG_CODES
-from pipeline.training.peers import PEER_LOST_EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
 

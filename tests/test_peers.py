@@ -19,7 +19,7 @@ import pytest
 import torch.distributed as dist
 from conftest import free_port, read_jsonl, train_run
 
-from pipeline.training.peers import Peer, PeerWatch
+from pipeline.distributed.peers import Peer, PeerWatch
 
 TIMEOUT_S = 2.0  # interval 0.5 s
 PREFIX = "pipeline/peers/test"

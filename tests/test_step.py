@@ -24,7 +24,7 @@ from pipeline.training.evaluation import evaluate
 DTYPE_PROBE = """
 import json, sys
 from pipeline.config import load_config
-from pipeline.training.loop import Trainer
+from pipeline.training.trainer import Trainer
 from pipeline.training.step import train_step
 cfg = load_config("configs/cpu_test.yaml", sys.argv[1:])
 trainer = Trainer(cfg, None)
@@ -214,7 +214,7 @@ ALLREDUCE_PROBE = """
 import sys, torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from pipeline.config import load_config
-from pipeline.training.loop import Trainer
+from pipeline.training.trainer import Trainer
 from pipeline.training.step import train_step
 trainer = Trainer(load_config("configs/cpu_test.yaml", sys.argv[1:]), None)
 calls = [0]

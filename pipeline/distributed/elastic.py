@@ -8,25 +8,20 @@ connect, sometimes they dial a dead port, sometimes they wait forever (pytorch/p
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
+from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.errors import ConfigError
 
 # Makes the agent start a fresh store for every rendezvous round; read by the agent, not the workers.
 FRESH_STORE_VAR = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
-def _restarts_share_a_store(env: dict[str, str]) -> bool:
-    return (
-        "TORCHELASTIC_RUN_ID" in env
-        and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
-        and int(env.get("WORLD_SIZE", "1")) > 1
-    )
+def _restarts_share_a_store(env: LaunchEnv) -> bool:
+    return env.elastic_run_id is not None and env.agent_store and env.max_restarts > 0 and env.multi_process
 
 
-def init_restartable_process_group(timeout: timedelta, backend: str, env: dict[str, str] | None = None) -> bool:
+def init_restartable_process_group(timeout: timedelta, backend: str, env: LaunchEnv) -> bool:
     """Create the default process group in a namespace of its own restart, if restarts can collide.
 
     Returns whether it did; otherwise Accelerate creates the group as usual. With one elastic
@@ -37,24 +32,23 @@ def init_restartable_process_group(timeout: timedelta, backend: str, env: dict[s
     # torch is imported here so that the manifests' renderer can share FRESH_STORE_VAR without it.
     import torch.distributed as dist
 
-    env = dict(os.environ) if env is None else env
     if not _restarts_share_a_store(env) or dist.is_initialized():
         return False
-    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
+    if env.group_world_size > 1:
         raise ConfigError(
-            f"elastic restarts (--max_restarts {env['TORCHELASTIC_MAX_RESTARTS']}) across "
-            f"{env['GROUP_WORLD_SIZE']} nodes share torch's rendezvous store between worker generations, and restarted "
+            f"elastic restarts (--max_restarts {env.max_restarts}) across "
+            f"{env.group_world_size} nodes share torch's rendezvous store between worker generations, and restarted "
             f"workers hang or fail joining it (pytorch/pytorch#135712); launch with --rdzv_backend c10d and export "
             f"{FRESH_STORE_VAR}=1 in the launcher's environment on every node (the manifests from launch/submit.py "
             "do), or launch with --max_restarts 0"
         )
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
-    generation = dist.PrefixStore(f"pipeline/restart-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+    generation = dist.PrefixStore(f"pipeline/restart-{env.restart_count or 0}", store)
     dist.init_process_group(
         backend=backend,
         store=generation,
-        rank=int(env["RANK"]),
-        world_size=int(env["WORLD_SIZE"]),
+        rank=env.rank,
+        world_size=env.world_size,
         timeout=timeout,
     )
     return True

@@ -27,7 +27,6 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 LEASE_NAME = "lease.json"
-JOB_ID_VAR = "PIPELINE_JOB_ID"
 
 
 class OutputDirBusy(UserError):
@@ -46,18 +45,6 @@ class Holder:
     def describe(self, now: float) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
         return f"pid {self.pid} on host {self.host}{job}, since {self.started} (heartbeat {now - self.heartbeat:.0f} s ago)"
-
-
-def job_identity(env: dict[str, str] | None = None) -> str | None:
-    """What stays the same when a job's trainer comes back, or None for a plain local run."""
-    env = dict(os.environ) if env is None else env
-    if env.get(JOB_ID_VAR):
-        return env[JOB_ID_VAR]
-    if "TORCHELASTIC_RESTART_COUNT" in env:
-        # Under torchrun / accelerate launch the elastic agent is the worker's parent, and it is the
-        # same process for every restart it makes.
-        return f"launcher {os.getppid()} on {socket.gethostname()}"
-    return None
 
 
 def _pid_alive(pid: int) -> bool:

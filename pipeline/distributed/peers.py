@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
+from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.errors import UserError
 
 # EX_TEMPFAIL: the job can go on once its pods are replaced; the Job's podFailurePolicy retries it.
@@ -127,16 +128,14 @@ class PeerWatch:
     # -- set-up ------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, accelerator, timeout_s: float | None, describe: Callable[[], str],
-              env: dict[str, str] | None = None) -> PeerWatch | None:
+    def start(cls, accelerator, timeout_s: float | None, describe: Callable[[], str], env: LaunchEnv) -> PeerWatch | None:
         """Collective. None for a single process or with train.peer_timeout_s unset."""
         if accelerator.num_processes == 1 or timeout_s is None:
             return None
         import torch.distributed as dist
         from accelerate.utils import broadcast_object_list
 
-        env = dict(os.environ) if env is None else env
-        master, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+        master, port = env.master_addr, env.master_port
         token = [secrets.token_hex(8) if accelerator.is_main_process else None]
         broadcast_object_list(token, from_process=0)  # one namespace per run, whatever the launcher's counters say
         prefix = f"pipeline/peers/{token[0]}"
@@ -146,7 +145,7 @@ class PeerWatch:
             return dist.TCPStore(master, port, is_master=False, wait_for_workers=False, timeout=store_timeout)
 
         rank = accelerator.process_index
-        me = Peer(rank, socket.gethostname(), _own_address(master, port), int(env.get("GROUP_RANK", "0")))
+        me = Peer(rank, socket.gethostname(), _own_address(master, port), env.group_rank)
         store = connect()
         store.set(f"{prefix}/peer/{rank}", json.dumps(me.__dict__))
         store.set(f"{prefix}/beat/{rank}", "0")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import signal
 
+from pipeline.distributed.agreement import any_rank
 from pipeline.errors import UserError
-from pipeline.training.collectives import any_rank
 
 
 class Preempted(UserError):
     exit_code = 128 + signal.SIGTERM
     label = "stopped"
+    shared = True  # every rank stops after the same step
 
 
 class StopSignal:

@@ -88,7 +88,7 @@ def _from_model_dir(path: Path) -> TrainedModel:
 
 
 def _from_checkpoint(path: Path) -> TrainedModel:
-    from pipeline.training.checkpoint import read_meta, verify_checkpoint
+    from pipeline.checkpoints.format import read_meta, verify_checkpoint
 
     problem = verify_checkpoint(path)
     if problem:

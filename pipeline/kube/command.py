@@ -80,7 +80,7 @@ def pod_command(spec: JobSpec, paths: PodPaths) -> list[str]:
     """The trainer container's full command line (with $(VAR) references for the kubelet).
 
     launch/node.py is `accelerate launch` with its failures in plain words and the worker's exit
-    code passed on to the pod (pipeline/training/launcher.py)."""
+    code passed on to the pod (pipeline/distributed/launcher.py)."""
     return [
         "python", "launch/node.py", *accelerate_args(spec),
         "launch/train.py", "--config", paths.config_file, *config_overrides(spec, paths),

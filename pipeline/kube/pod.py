@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.distributed.elastic import FRESH_STORE_VAR
+from pipeline.distributed.launch_env import JOB_ID_VAR
 from pipeline.kube.command import (
     MASTER_ADDR_VAR,
     MASTER_PORT_VAR,
@@ -23,8 +25,6 @@ from pipeline.kube.spec import (
     JobSpec,
     master_address,
 )
-from pipeline.training.elastic import FRESH_STORE_VAR
-from pipeline.training.lease import JOB_ID_VAR
 
 Obj = dict[str, Any]
 
@@ -74,12 +74,12 @@ def trainer_env(spec: JobSpec, fmt: Format) -> list[Obj]:
         # The image's working directory is read-only for the non-root user.
         {"name": "WANDB_DIR", "value": paths.output_dir},
         # A replacement pod of this job continues in output_dir without waiting for the dead
-        # pod's lease to expire (pipeline/training/lease.py).
+        # pod's lease to expire (pipeline/distributed/lease.py).
         {"name": JOB_ID_VAR, "value": spec.name},
     ]
     if spec.rendezvous == "c10d":
         # Read by the elastic agent: a fresh rendezvous store per round, so restarted workers on
-        # several nodes never read their predecessors' keys (see pipeline/training/elastic.py).
+        # several nodes never read their predecessors' keys (see pipeline/distributed/elastic.py).
         env.append({"name": FRESH_STORE_VAR, "value": "1"})
     if spec.wandb_entity:
         env.append({"name": "WANDB_ENTITY", "value": spec.wandb_entity})

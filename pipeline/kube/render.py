@@ -34,7 +34,7 @@ PATCH_MANAGER = "lstm-pipeline.submit"
 # (ConfigError) and 1 for missing data (DataError). The trainer container (launch/node.py) exits
 # with its worker's code: 2 is a bad config or command line, 3 a diverged run (a retry would
 # resume from the last good checkpoint and diverge again). Everything else is retried, 75 (a
-# lost peer, pipeline/training/peers.py) and 1 (other failures, e.g. a shard server down) among them.
+# lost peer, pipeline/distributed/peers.py) and 1 (other failures, e.g. a shard server down) among them.
 PREFLIGHT_BUG_CODES = (1, 2)
 TRAINER_BUG_CODES = (2, 3)
 

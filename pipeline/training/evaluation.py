@@ -94,18 +94,25 @@ class Evaluator:
         self.num_classes = num_classes
         self.device = device
         self.autocast = autocast
-        self.seconds: list[float] = []
+        self.seconds: list[float] = []  # per evaluation event
         self.last: EvalResult | None = None
 
     def __call__(self, model: torch.nn.Module) -> EvalResult:
-        """`model` is the unwrapped module: no collective runs, the other ranks are not involved."""
-        result = evaluate(model, self.images, self.labels, self.batch_size, self.device, self.autocast, self.num_classes)
-        self.seconds.append(result.seconds)
-        self.last = result
-        return result
+        """One scoring of `model`, the unwrapped module: no collective runs, the other ranks are not involved."""
+        return evaluate(model, self.images, self.labels, self.batch_size, self.device, self.autocast, self.num_classes)
+
+    def event(self, model: torch.nn.Module, average: torch.nn.Module | None = None) -> tuple[EvalResult, EvalResult | None]:
+        """One evaluation of the run: the weights, and their average beside them when there is one. It counts
+        once in `seconds` (both passes), and `last` is the score of the weights that will be saved."""
+        raw = self(model)
+        averaged = self(average) if average is not None else None
+        self.seconds.append(raw.seconds + (averaged.seconds if averaged else 0.0))
+        self.last = averaged or raw
+        return raw, averaged
 
     @property
     def mean_seconds(self) -> float | None:
+        """Of an evaluation event, every pass in it."""
         return sum(self.seconds) / len(self.seconds) if self.seconds else None
 
 

@@ -1,0 +1,91 @@
+"""The end of a run: the one score on test, the final model, summary.json, the plots, the last line.
+
+A run stopped early (SIGTERM, train.stop_at_step) is paused, not finished: test is scored only
+when every step has run, so that its resumed run logs what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.distributed.preemption import Preempted
+from pipeline.model import save_trained
+from pipeline.training.evaluation import EvalResult
+from pipeline.training.outputs import write_json_atomic, write_plots
+
+if TYPE_CHECKING:
+    from pipeline.training.trainer import Trainer
+
+
+def end_run(t: Trainer, stopped_by: str | None) -> dict[str, Any]:
+    """Collective: every rank's sample ids and skipped samples; the main process writes the rest."""
+    t.bar.close()
+    t.batches.save_sample_ids(t.out, t.accelerator.process_index)
+    counts = torch.tensor([float(t.batches.skipped_samples)], device=t.device)
+    skipped = int(t.accelerator.reduce(counts, reduction="sum").item())
+    if stopped_by == "SIGTERM":
+        raise Preempted(
+            f"SIGTERM received: every rank stopped after step {t.state.step} of {t.total_steps} and its checkpoint "
+            f"is in {t.checkpointer.root}; continue with --resume auto"
+        )
+    summary = _finish(t, skipped, stopped_by) if t.main else {}
+    t.accelerator.wait_for_everyone()
+    return summary
+
+
+def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[str, Any]:
+    """Main process: the one score on test, final model, summary.json, plots, the last line of the log."""
+    state, last = t.state, t.evaluator.last
+    if skipped_samples:
+        t.log(f"data.on_error=skip: the places of {skipped_samples} unreadable samples were taken by other samples "
+              "of their windows; every step and every other sample kept its place")
+    test = None
+    if state.step == t.total_steps:
+        test = last if t.eval_split == "test" else t.evaluator_for("test")(t.shipped)
+        t.sink.test(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
+    card = {**t.model_card(), "wandb_run_id": t.tracker.run_id, "steps": state.step,
+            "weights": t.run_info["weights"], **({"ema": t.cfg.train.ema.model_dump()} if t.ema else {})}
+    save_trained(t.shipped, t.out / "model", card)
+    summary = _summary(t, skipped_samples, test)
+    write_json_atomic(t.out / "summary.json", summary)
+    write_plots(t.out / "plots", t.sink.log.read(), test.confusion if test else None, t.manifest.class_names,
+                t.eval_split)
+    scores = (f"final {t.eval_split} accuracy {last.accuracy:.4f} (best {state.best_accuracy:.4f})"
+              if last else "no evaluation yet")
+    scores += f", test accuracy {test.accuracy:.4f}" if test else ", test not scored until the run completes"
+    if summary["completed"]:
+        t.log(f"done: {state.step} steps, {scores}, {summary['wall_s']:.1f} s; outputs in {t.out}")
+    else:
+        t.log(f"stopped at step {state.step} of {t.total_steps} ({stopped_by}), {scores}; continue with --resume auto")
+    return summary
+
+
+def _summary(t: Trainer, skipped_samples: int, test: EvalResult | None) -> dict[str, Any]:
+    state, last = t.state, t.evaluator.last
+    return {
+        **t.run_info,
+        "steps": state.step,
+        "samples_seen": state.samples_seen,
+        "global_batch_size": t.layout.global_batch,
+        "accumulation_steps": t.layout.accumulation,
+        "wall_s": t.sink.elapsed(),
+        "train_samples_per_s": t.window.samples_per_s,
+        # On eval_split, of the weights model/ holds (their average with train.ema).
+        "final_eval_accuracy": last.accuracy if last else None,
+        "final_eval_loss": last.loss if last else None,
+        "best_eval_accuracy": state.best_accuracy,
+        # The same weights, scored once on test at the end.
+        "test_accuracy": test.accuracy if test else None,
+        "test_loss": test.loss if test else None,
+        # Per evaluation event of this process (with train.ema, both passes of one event count once).
+        "eval_seconds_mean": t.evaluator.mean_seconds,
+        "evals": len(t.evaluator.seconds),
+        "skipped_steps": state.skipped_steps,
+        "skipped_samples": skipped_samples,
+        "resumed": t.resumed_from is not None,
+        "completed": state.step == t.total_steps,
+        "train_state": asdict(state),
+    }

@@ -1,0 +1,228 @@
+"""The Trainer's set-up: the data plan, the model and optimizer, the resume, and the run's outputs.
+
+A built Trainer holds everything one run needs; `run()` hands it to the loop (loop.py) and then to
+the end of the run (finish.py). The pieces do the work: `train_step` (step.py) computes one update,
+`TrainBatches` (batches.py) delivers this rank's data, `Evaluator` (evaluation.py) scores a split on
+rank 0, `Checkpointer` (checkpoint.py) owns the checkpoints, and `MetricsSink` (metrics.py) writes
+every event to metrics.jsonl, W&B and the progress bar at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, save_config
+from pipeline.data.augment import Augment
+from pipeline.data.manifest import Manifest, check_dataset, load_manifest
+from pipeline.data.order import BatchLayout
+from pipeline.data.resident import ResidentBatches, choose_placement
+from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, load_split_tensors, verify_shards
+from pipeline.distributed.agreement import any_rank, fail_together
+from pipeline.distributed.launch_env import LaunchEnv
+from pipeline.distributed.preemption import StopSignal
+from pipeline.errors import ConfigError, UserError
+from pipeline.model import build_model
+from pipeline.tracking import Tracker
+from pipeline.training.accelerator import build_accelerator
+from pipeline.training.batches import StreamBatches
+from pipeline.training.checkpoint import Checkpointer, TrainState
+from pipeline.training.ema import WeightAverage
+from pipeline.training.evaluation import Evaluator, eval_split
+from pipeline.training.finish import end_run
+from pipeline.training.loop import TrainingLoop
+from pipeline.training.metrics import MetricsSink, StepWindow
+from pipeline.training.optimizer import build_optimizer, build_scheduler
+from pipeline.training.outputs import MetricsLog, check_output_dir
+from pipeline.training.step import StepParts
+
+
+def total_steps(cfg: Config, plan: EpochPlan) -> int:
+    """Optimizer steps of the run; every epoch has plan.steps global batches, at any world size."""
+    return cfg.train.max_steps if cfg.train.max_steps is not None else plan.steps * cfg.train.epochs
+
+
+def required_free_bytes(model: torch.nn.Module, keep_last: int) -> int:
+    """Room for keep_last + 1 checkpoints (weights + Adam's two moments, fp32) and the final model, doubled."""
+    params = sum(p.numel() for p in model.parameters()) * 4
+    return 2 * (keep_last + 1) * 4 * params + 8 * 2**20
+
+
+def load_training_manifest(cfg: Config, source: ShardSource) -> Manifest:
+    manifest = load_manifest(cfg.data.dir, cfg.data.dataset)
+    check_dataset(manifest, cfg.data.dir, cfg.data.dataset)
+    verify_shards(manifest, source, "train", cfg.data.verify)
+    return manifest
+
+
+class Trainer:
+    """Set-up in __init__ (data plan, model, optimizer, resume, tracker); run() trains and ends the run."""
+
+    def __init__(self, cfg: Config, resume: str | None, accelerator: Accelerator | None = None,
+                 env: LaunchEnv | None = None):
+        self.cfg = cfg
+        self.env = env or LaunchEnv.from_environ()
+        self.accelerator = accelerator = accelerator or build_accelerator(cfg, self.env)
+        self.out = Path(cfg.output_dir)
+        self.main = accelerator.is_main_process
+        self.world = accelerator.num_processes
+        self.device = accelerator.device
+        self.rehearsal = cfg.train.gpu_rehearsal and self.device.type == "cuda"
+        self._plan_data()
+        self._build_training(resume)
+        self._build_outputs()
+
+    def _plan_data(self) -> None:
+        cfg = self.cfg
+        self.source = ShardSource(cfg.data.dir, cfg.data.base_url)
+        manifest, failure = None, None
+        try:
+            manifest = load_training_manifest(cfg, self.source)
+        except UserError as err:
+            failure = err
+        fail_together(self.accelerator, failure)  # every rank reads the data: one message, however many failed
+        self.manifest = manifest
+        self.placement = self._choose_placement()
+        self.layout = BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world)
+        self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer)
+        self.total_steps = total_steps(cfg, self.plan)
+        if cfg.train.max_steps is None and cfg.eval.every_steps > self.total_steps:
+            raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
+        self._log_plan()
+
+    def _build_training(self, resume: str | None) -> None:
+        """The model, its optimizer and average, the checkpoints, and the state resumed from one of them."""
+        cfg = self.cfg
+        self.parts = self._build_parts()
+        self.checkpointer = Checkpointer(
+            self.accelerator, self.out, cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
+            fingerprint=self.manifest.fingerprint, model_desc=cfg.model.model_dump(), config=cfg.to_dict(),
+            model_card=self.model_card(), order={"global_batch_size": self.layout.global_batch, "seed": cfg.train.seed,
+                                                 "shuffle_buffer": cfg.data.shuffle_buffer},
+            fault=self.env.fault)
+        self.uses_dropout = cfg.model.dropout > 0
+        self.unwrapped = self.accelerator.unwrap_model(self.parts.model)
+        # The average of the weights, on the main process (it alone evaluates and saves it).
+        self.ema = WeightAverage(self.unwrapped, cfg.train.ema.decay, cfg.train.ema.start_step) \
+            if cfg.train.ema and self.main else None
+        self.world_change: tuple[int, int] | None = None  # (world size that wrote the checkpoint, this one)
+        self.resumed_from = self._restore(resume)
+        self.state: TrainState = self.resumed_from[1] if self.resumed_from else TrainState()
+        if self.main:
+            save_config(cfg, self.out / "config.yaml")
+        self.batches = self._build_batches()
+
+    def _build_outputs(self) -> None:
+        """Evaluation, metrics, W&B and the progress bar."""
+        cfg = self.cfg
+        self.eval_split, warning = eval_split(cfg.eval.split, list(self.manifest.splits))
+        if warning and self.main:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        self.evaluator = self.evaluator_for(self.eval_split) if self.main else None
+        self.run_info = {
+            "world_size": self.world,
+            "distributed_type": self.accelerator.distributed_type.value,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "gpu_rehearsal": self.rehearsal,
+            "data_placement": self.placement,
+            "dataset_fingerprint": self.manifest.fingerprint,
+            "eval_split": self.eval_split,
+            "weights": "ema" if cfg.train.ema else "raw",
+        }
+        metrics_log = MetricsLog(self.out / "metrics.jsonl", self.state.step if self.resumed_from else None) if self.main else None
+        self.window = StepWindow(self.device, self.layout.global_batch)
+        # Last: nothing after it may fail, or the W&B run would be left unfinished.
+        self.tracker = Tracker.create(cfg.wandb, self.out, self.main, {**cfg.to_dict(), **self.run_info}, self.state.wandb_run_id)
+        self.bar = tqdm(total=self.total_steps, initial=self.state.step, dynamic_ncols=True, desc="train",
+                        disable=not self.main or not cfg.train.progress_bar or None)
+        self.sink = MetricsSink(metrics_log, self.tracker, self.bar, self.manifest.class_names)
+
+    def run(self, stop: StopSignal) -> dict[str, Any]:
+        """Train to the end, train.stop_at_step or an agreed SIGTERM; the summary on the main process."""
+        stopped_by = TrainingLoop(self).run(stop)
+        return end_run(self, stopped_by)
+
+    def log(self, message: str) -> None:
+        if self.main:
+            tqdm.write(f"[train] {message}")
+
+    def _log_plan(self) -> None:
+        cfg, accelerator, layout = self.cfg, self.accelerator, self.layout
+        dropped = self.manifest.split("train").num_samples - self.plan.steps * layout.global_batch
+        implicit = "" if cfg.train.global_batch_size else " (train.global_batch_size unset: batch_size x processes)"
+        self.log(f"world size {self.world} ({accelerator.distributed_type.value}, device {self.device}, "
+                 f"mixed precision {accelerator.mixed_precision}); global batch {layout.global_batch}{implicit} = "
+                 f"{self.world} process(es) x {layout.accumulation} accumulation step(s) x {layout.micro_batch}; "
+                 f"{self.plan.steps} steps per epoch, the last {dropped} samples of each epoch's order dropped; "
+                 f"{self.total_steps} steps")
+        if self.rehearsal:
+            self.log(f"GPU rehearsal: {self.world} ranks share {torch.cuda.device_count()} GPU(s) over gloo; this checks "
+                     "the multi-rank path (evaluation, checkpoints, resume), its speed means nothing")
+
+    def _build_parts(self) -> StepParts:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = build_model(cfg.model, self.manifest.image_shape, self.manifest.num_classes)
+        if self.main:
+            check_output_dir(self.out, min_free=required_free_bytes(model, cfg.checkpoint.keep_last))
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
+        model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
+        return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing)
+
+    def _choose_placement(self) -> str:
+        """Where the train split lives; the same on every rank, since steps per epoch depend on it."""
+        placement, why = choose_placement(self.cfg.data.placement, self.cfg.data.on_error, self.manifest, self.device)
+        if any_rank(self.accelerator, placement == "stream") and placement != "stream":
+            placement, why = "stream", "auto: another rank's device has too little free memory"
+        self.log(f"data placement {placement} ({why})")
+        return placement
+
+    def _build_batches(self) -> StreamBatches | ResidentBatches:
+        cfg, rank = self.cfg, self.accelerator.process_index
+        augment = Augment(cfg.train.seed, hflip=cfg.data.hflip, shift=cfg.data.shift, erase=cfg.data.erase,
+                          erase_area=cfg.data.erase_area)
+        if self.placement == "device":
+            return ResidentBatches(self.manifest, self.source, "train", self.plan, rank, self.device, augment,
+                                   record_sample_ids=cfg.data.record_sample_ids)
+        stream = TrainStream(self.manifest, self.source, "train", self.plan, rank, augment, workers=cfg.data.num_workers,
+                             on_error=cfg.data.on_error)
+        return StreamBatches(stream, seed=cfg.train.seed, data_dir=cfg.data.dir, pin_memory=self.device.type == "cuda",
+                             record_sample_ids=cfg.data.record_sample_ids)
+
+    def model_card(self) -> dict[str, Any]:
+        """Saved beside the weights (model/config.json, checkpoints): what evaluate and predict need."""
+        m = self.manifest
+        return {"image_shape": m.image_shape, "num_classes": m.num_classes, "class_names": m.class_names,
+                "dataset": m.dataset, "dataset_fingerprint": m.fingerprint,
+                "mixed_precision": self.accelerator.mixed_precision}
+
+    def _restore(self, resume: str | None) -> tuple[Path, TrainState] | None:
+        removed = self.checkpointer.clean_partial()
+        if removed:
+            self.log(f"removed {len(removed)} incomplete checkpoint(s): {', '.join(p.name for p in removed)}")
+        path = self.checkpointer.resolve(resume)
+        if path is None:
+            return None
+        state, written_by = self.checkpointer.restore(path, self.parts.model, self.parts.optimizer, self.parts.scheduler,
+                                                      ema=self.ema)
+        self.log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} of it)")
+        if written_by != self.world:
+            self.log(f"world size {written_by} -> {self.world}: the same global batch of {self.layout.global_batch}, now "
+                     f"{self.world} x {self.layout.accumulation} x {self.layout.micro_batch}")
+            self.world_change = (written_by, self.world)
+        return path, state
+
+    def evaluator_for(self, split: str) -> Evaluator:
+        return Evaluator(*load_split_tensors(self.manifest, self.source, split), self.cfg.eval.batch_size,
+                         self.manifest.num_classes, self.device, self.accelerator.autocast)
+
+    @property
+    def shipped(self) -> torch.nn.Module:
+        """The weights model/ will hold: their average when train.ema is set."""
+        return self.ema.model if self.ema else self.unwrapped
