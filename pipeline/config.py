@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
+from pipeline.files import mask_url
 
 
 class _Section(BaseModel):
@@ -31,7 +32,9 @@ class DataConfig(_Section):
     dir: str = Field(description="Prepared dataset directory holding manifest.json")
     dataset: Literal["mnist", "fashion_mnist"] = "fashion_mnist"
     base_url: Optional[str] = Field(
-        None, description="Read shards from BASE_URL/<url> (http(s)://, pipe:) instead of data.dir"
+        None, description="Read shards from BASE_URL/<url> (http(s)://, pipe:) instead of data.dir; credentials in it "
+        "(https://user:token@host/...) go to the server as HTTP basic auth, and are masked (https://***@host/...) "
+        "wherever the config is written or printed"
     )
     placement: Literal["auto", "stream", "device"] = Field(
         "auto",
@@ -231,16 +234,29 @@ class Config(_Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The config as it is written (config.yaml, checkpoints, W&B): credentials in URLs masked
+        (data.base_url https://user:token@host/... -> https://***@host/...). Reading uses the fields."""
+        return _masked(self.model_dump(mode="json"))
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_url(value)
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"command-line override '{item}' is not of the form key.sub=value (for example train.max_steps=100)")
+        raise ConfigError(mask_url(f"command-line override '{item}' is not of the form key.sub=value (for example "
+                                   "train.max_steps=100)"))
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"command-line override '{item}' has an empty key path")
+        raise ConfigError(mask_url(f"command-line override '{item}' has an empty key path"))
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -258,7 +274,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"command-line override '{item}': '{part}' is a value, not a section")
+                raise ConfigError(mask_url(f"command-line override '{item}': '{part}' is a value, not a section"))
             node = child
         node[path[-1]] = value
     return out
@@ -281,7 +297,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if "input" in e and e["type"] not in ("extra_forbidden", "missing") and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
         lines.append(f"{path}: {msg}")
-    return f"invalid config {source}: " + "; ".join(lines)
+    return mask_url(f"invalid config {source}: " + "; ".join(lines))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

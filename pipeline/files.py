@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 
@@ -13,3 +14,14 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# scheme://userinfo@ : the userinfo ends at the last '@' before the authority ends ('/', '?', '#').
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s@]*(?:@[^/?#\s@]*)*@")
+
+
+def mask_url(text: str) -> str:
+    """`text` with the credentials of every URL in it masked: https://user:token@host/x -> https://***@host/x.
+
+    For whatever is written or printed; the real URL is still the one to read from."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)

@@ -32,6 +32,7 @@ from pipeline.data.manifest import (
     write_manifest,
 )
 from pipeline.errors import DataError
+from pipeline.files import mask_url
 
 SPLITS = ("train", "val", "test")
 TAR_MTIME = 0  # fixed so the same input gives byte-identical shards
@@ -213,7 +214,7 @@ def iter_tar_blocks(fileobj, name: str) -> Iterator[tuple[str, np.ndarray, np.nd
     except DataError:
         raise
     except (tarfile.TarError, OSError, ValueError, EOFError) as err:
-        raise DataError(f"shard {name} is corrupt or truncated ({err}); re-run the preparation with --force") from None
+        raise DataError(mask_url(f"shard {name} is corrupt or truncated ({err}); re-run the preparation with --force")) from None
 
 
 def _with_url(files, name: str):

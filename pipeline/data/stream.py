@@ -15,6 +15,7 @@ step reach them through shared memory.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import sys
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ from pipeline.data import order
 from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, ShardEntry
 from pipeline.data.order import BatchLayout
+from pipeline.data.remote import PipeShard, ShardSourceError, is_http, open_remote, probe_sizes
 from pipeline.data.shards import iter_tar_blocks
 from pipeline.errors import DataError
-from pipeline.files import sha256_file
+from pipeline.files import mask_url, sha256_file
 
 
 @dataclass(frozen=True)
@@ -42,40 +44,46 @@ class ShardSource:
     base_url: str | None = None
 
     def location(self, shard: ShardEntry) -> str:
+        """Where the shard is read from: with data.base_url, the real URL (credentials and all)."""
         if self.base_url:
             return self.base_url.rstrip("/") + "/" + shard.url
         return str(Path(self.directory) / shard.url)
 
-    def open(self, shard: ShardEntry):
-        loc = self.location(shard)
-        if not self.base_url:
-            try:
-                return open(loc, "rb")
-            except OSError as err:
-                raise DataError(f"shard {loc} cannot be opened ({err.strerror}); check data.dir or re-run the preparation") from None
-        import webdataset as wds
+    def shown(self, shard: ShardEntry) -> str:
+        """The location as messages name it: a URL's credentials masked."""
+        return mask_url(self.location(shard))
 
+    def open(self, shard: ShardEntry):
+        """The shard's bytes; a transfer that fails raises ShardSourceError where it is read (remote.py)."""
+        loc = self.location(shard)
+        if self.base_url:
+            return open_remote(loc)
         try:
-            return wds.gopen(loc, "rb")
-        except Exception as err:  # gopen raises various types for curl/pipe failures
-            raise DataError(f"shard {loc} cannot be opened ({err}); check data.base_url") from None
+            return open(loc, "rb")
+        except OSError as err:
+            raise DataError(f"shard {loc} cannot be opened ({err.strerror}); check data.dir or re-run the preparation") from None
 
 
 def read_blocks(source: ShardSource, shard: ShardEntry) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     read = 0
     with source.open(shard) as stream:
-        for _, x, y, idx in iter_tar_blocks(stream, source.location(shard)):
+        for _, x, y, idx in iter_tar_blocks(stream, source.shown(shard)):
             read += len(y)
             yield x, y, idx
+        if isinstance(stream, PipeShard):  # the reader stops at the archive's end: did the command end well too?
+            stream.check()
     # tarfile takes a damaged header after the first one for the end of the archive, silently.
     if read != shard.num_samples:
-        raise DataError(f"shard {source.location(shard)} ended after {read} of its {shard.num_samples} samples: "
+        raise DataError(f"shard {source.shown(shard)} ended after {read} of its {shard.num_samples} samples: "
                         "it is truncated or corrupt; run prepare_data.py --verify on the dataset")
 
 
 def verify_shards(manifest: Manifest, source: ShardSource, split: str, mode: str) -> None:
     """Fail before training on missing or resized shards ('size'), or on changed bytes ('sha256')."""
-    if mode == "none" or source.base_url:
+    if mode == "none":
+        return
+    if source.base_url:
+        _verify_remote(manifest.split(split).shards, source, mode)
         return
     for shard in manifest.split(split).shards:
         path = Path(source.location(shard))
@@ -85,6 +93,27 @@ def verify_shards(manifest: Manifest, source: ShardSource, split: str, mode: str
             raise DataError(f"shard {path} is {path.stat().st_size} bytes, the manifest says {shard.bytes}; it is damaged")
         if mode == "sha256" and sha256_file(path) != shard.sha256:
             raise DataError(f"shard {path} does not match its sha256 in the manifest; it is damaged")
+
+
+def _verify_remote(shards: list[ShardEntry], source: ShardSource, mode: str) -> None:
+    """The server has every shard, at its size ('size': a HEAD request each, over http(s) only: a pipe's
+    size is known only by reading it) or with its bytes ('sha256': each read whole)."""
+    if mode == "sha256":
+        for shard in shards:
+            digest = hashlib.sha256()
+            with source.open(shard) as stream:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard.sha256:
+                raise DataError(f"shard {source.shown(shard)} does not match its sha256 in the manifest: the server's "
+                                "copy differs from the prepared one; upload the prepared dataset again")
+        return
+    if not is_http(source.base_url or ""):
+        return
+    for shard, size in zip(shards, probe_sizes([source.location(s) for s in shards]), strict=True):
+        if size is not None and size != shard.bytes:
+            raise DataError(f"shard {source.shown(shard)} is {size} bytes on the server, the manifest says {shard.bytes}: "
+                            "the server's copy differs from the prepared one; upload the prepared dataset again")
 
 
 @dataclass(frozen=True)
@@ -112,11 +141,18 @@ class WindowItem:
     skipped: int  # samples of the window's unreadable shards whose places here other samples took (on_error=skip)
 
 
+class FailureMessage(str):
+    """The message of a DataError that ended a worker's stream, with the error's exit code."""
+
+    exit_code: int = 1
+
+
 class TrainStream(IterableDataset):
     """Yields, for one rank and epoch from a starting step, a WindowItem per window; or, with
     on_error="raise", a str ending the stream: the message of a DataError (an exception raised in
     a DataLoader worker reaches the trainer wrapped in the worker's traceback text, which is no
-    message for a user)."""
+    message for a user), a FailureMessage that keeps its exit code. Without workers the error is
+    raised as it is."""
 
     def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: EpochPlan, rank: int,
                  augment: Augment, workers: int = 0, on_error: str = "raise"):
@@ -143,7 +179,11 @@ class TrainStream(IterableDataset):
         try:
             yield from self._windows(self._epoch.value, self._start.value, worker, workers)
         except DataError as err:
-            yield str(err)
+            if info is None:  # in the trainer's process: its exit code (75 for a source that may come back) stays
+                raise
+            message = FailureMessage(str(err))
+            message.exit_code = err.exit_code
+            yield message
 
     def _spans(self, epoch: int, start_step: int) -> Iterator[tuple[int, list[int], int, int]]:
         """(window index, its shards, first and end sequence position) of the windows this epoch still needs."""
@@ -192,7 +232,7 @@ class TrainStream(IterableDataset):
             lost = ~readable[chosen]
             good = np.flatnonzero(readable)
             if len(good) == 0:
-                names = ", ".join(self.source.location(self.shards[s]) for s in shards)
+                names = ", ".join(self.source.shown(self.shards[s]) for s in shards)
                 raise DataError(f"none of the shards {names} could be read, and data.on_error=skip has no sample of "
                                 f"their window (epoch {epoch}) to stand in for theirs")
             skipped = int(lost.sum())
@@ -208,10 +248,11 @@ class TrainStream(IterableDataset):
                 read += len(block[1])
                 yield block
         except DataError as err:
-            if self.on_error == "raise":
+            # data.on_error=skip is for bad bytes; a source that failed to deliver them ends the run
+            if self.on_error == "raise" or isinstance(err, ShardSourceError):
                 raise
             if self.rank == 0:  # every rank reads every shard: one of them says so
-                print(f"warning: data.on_error=skip: {shard.num_samples - read} samples of {self.source.location(shard)} "
+                print(f"warning: data.on_error=skip: {shard.num_samples - read} samples of {self.source.shown(shard)} "
                       f"skipped ({err})", file=sys.stderr, flush=True)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import WandbConfig
+from pipeline.files import mask_url
 from pipeline.tracking import media, session
 from pipeline.tracking.provenance import provenance
 from pipeline.tracking.secrets import scrub
@@ -72,6 +73,9 @@ class Tracker:
             config = {**run_config, "provenance": provenance()}
             # Name, notes, tags and config all end up on the server: scrub them all.
             kwargs = scrub(session.init_kwargs(wandb_cfg, choice.mode, wandb_dir, config, resume_run_id, environ))
+            # wandb records the command line (sys.argv) with the run, at its start and again at its end:
+            # a URL's credentials given there (data.base_url=https://user:token@...) are masked for good.
+            sys.argv[:] = [mask_url(arg) for arg in scrub(sys.argv)]
             import wandb
 
             run = wandb.init(**kwargs)

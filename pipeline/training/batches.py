@@ -55,8 +55,10 @@ class StreamBatches:
         held: dict[int, WindowItem] = {}
         expected = first
         for item in self.loader:
-            if isinstance(item, str):  # a worker hit bad data in raise mode: its message
-                raise DataError(item)
+            if isinstance(item, str):  # a worker hit bad data in raise mode, or a failed transfer: its message
+                err = DataError(item)
+                err.exit_code = getattr(item, "exit_code", err.exit_code)  # a transfer's 75 or 2 survives the worker
+                raise err
             self.skipped_samples += item.skipped
             held[item.index] = item
             while expected in held:
