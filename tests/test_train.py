@@ -1,23 +1,32 @@
-"""Real training runs on the real Fashion-MNIST shards: one process, two gloo processes, resume."""
+"""Real training runs on the real Fashion-MNIST shards: one process, two gloo processes, resume.
+
+What a resume or a start refuses is checked in this process, on the real config loader and the
+real checks (fast); one end-to-end run shows the refusal as a user meets it: exit 2, one paragraph.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_jsonl, train_run
+from conftest import ROOT, read_jsonl, train_in_process, train_run
 from safetensors.torch import load_file
 
+from pipeline.checkpoints.compatibility import IncompatibleCheckpoint, check_compatible
+from pipeline.checkpoints.format import CheckpointMeta, TrainState, read_meta, write_meta
 from pipeline.config import load_config
+from pipeline.data import manifest as mf
+from pipeline.data.order import BatchLayout
+from pipeline.errors import ConfigError
 from pipeline.model import build_model, load_trained
 
-pytestmark = pytest.mark.slow
 NO_WANDB = "wandb.mode=disabled"
-
-
+@pytest.mark.slow
 def test_fast_recipe_reaches_the_tutorials_accuracy(tmp_path, fashion_shards):
     """configs/fashion_mnist_fast.yaml's promise: the classic tutorial's one-epoch accuracy
     (0.82-0.84 on the machines measured) within its 350 steps, on resident data with fused Adam."""
@@ -26,8 +35,7 @@ def test_fast_recipe_reaches_the_tutorials_accuracy(tmp_path, fashion_shards):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data_placement"] == "device" and summary["steps"] == 350
     assert summary["final_eval_accuracy"] >= 0.84, summary["final_eval_accuracy"]
-
-
+@pytest.mark.slow
 def test_cpu_test_mode_end_to_end(tmp_path, fashion_shards):
     out = tmp_path / "run"
     proc = train_run(out, fashion_shards, NO_WANDB)
@@ -55,8 +63,7 @@ def test_cpu_test_mode_end_to_end(tmp_path, fashion_shards):
         acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
     assert abs(acc - summary["test_accuracy"]) < 1e-3
     assert "Traceback" not in proc.stderr
-
-
+@pytest.mark.slow
 def test_two_process_gloo_run(tmp_path, fashion_shards):
     out = tmp_path / "ddp"
     train_run(out, fashion_shards, NO_WANDB, "train.max_steps=240", "eval.every_steps=40", "checkpoint.every_steps=120",
@@ -84,8 +91,7 @@ def cpu_runs_bf16_lstm() -> bool:
         return True
     except RuntimeError:
         return False
-
-
+@pytest.mark.slow
 def test_bf16_on_cpu_trains_or_is_refused_where_the_cpu_has_no_kernel(tmp_path, fashion_shards):
     out = tmp_path / "bf16"
     proc = train_run(out, fashion_shards, NO_WANDB, "train.mixed_precision=bf16", "train.max_steps=100", check=False)
@@ -98,8 +104,7 @@ def test_bf16_on_cpu_trains_or_is_refused_where_the_cpu_has_no_kernel(tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mixed_precision"] == "bf16"
     assert summary["final_eval_accuracy"] > 0.6
-
-
+@pytest.mark.slow
 def test_grad_clip_bounds_applied_norm(tmp_path, fashion_shards):
     # SGD with lr 1 and no momentum: the weight change is exactly the applied (clipped) gradient.
     out = tmp_path / "clip"
@@ -115,8 +120,7 @@ def test_grad_clip_bounds_applied_norm(tmp_path, fashion_shards):
     logged = read_jsonl(out / "metrics.jsonl")[0]["train/grad_norm"]
     assert logged > 10 * clip, "the test needs a gradient far above the clip"
     assert applied == pytest.approx(clip, rel=1e-3)
-
-
+@pytest.mark.slow
 def test_exact_resume_bit_identical(tmp_path, fashion_shards):
     common = (NO_WANDB, "train.max_steps=200", "model.num_layers=2", "model.dropout=0.2", "data.placement=stream",
               "data.num_workers=2", "data.hflip=true", "train.batch_size=512", "train.global_batch_size=512",
@@ -138,30 +142,116 @@ def test_exact_resume_bit_identical(tmp_path, fashion_shards):
     assert json.loads((split / "summary.json").read_text())["resumed"] is True
 
 
-def test_resume_refuses_another_model_data_global_batch_or_seed_naming_both(tmp_path, fashion_shards):
+# What a resume must not change, as a user would change it, and the words that name it: before -> after.
+CHANGES = [("train.global_batch_size=128", "train.global_batch_size 256 -> 128"), ("train.seed=1", "train.seed 0 -> 1"),
+           ("data.shuffle_buffer=1024", "data.shuffle_buffer 4096 -> 1024"),
+           ("model.hidden_size=32", "different model.hidden_size (hidden_size=64)")]
+
+
+def cpu_test_config(shards, *overrides: str):
+    """configs/cpu_test.yaml through the real loader, with overrides as a command line gives them."""
+    return load_config(ROOT / "configs/cpu_test.yaml", [f"data.dir={shards}", "train.device=cpu", NO_WANDB, *overrides])
+
+
+def run_order(cfg, world: int = 1) -> dict[str, int]:
+    """What a run records of its order of samples (the trainer's Checkpointer(order=...)) at a world size."""
+    layout = BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, world)
+    return {"global_batch_size": layout.global_batch, "seed": cfg.train.seed, "shuffle_buffer": cfg.data.shuffle_buffer}
+
+
+@pytest.fixture
+def saved(tmp_path, fashion_shards):
+    """The state.json of a checkpoint of configs/cpu_test.yaml on the real shards, written and read back as
+    checkpoints are: (its meta, its directory, the shards' manifest)."""
+    cfg = cpu_test_config(fashion_shards)
+    manifest = mf.load_manifest(fashion_shards)
+    path = tmp_path / "run" / "checkpoints" / "step-00000050"
+    path.mkdir(parents=True)
+    write_meta(path, CheckpointMeta(state=TrainState(step=50, epoch=0, step_in_epoch=50), fingerprint=manifest.fingerprint,
+                                    model=cfg.model.model_dump(), world_size=1, config=cfg.to_dict(), order=run_order(cfg)))
+    return read_meta(path), path, manifest
+
+
+def refusal(meta, path, fingerprint: str, cfg, world: int = 1) -> IncompatibleCheckpoint | None:
+    try:
+        check_compatible(meta, path, fingerprint, cfg.model.model_dump(), run_order(cfg, world))
+    except IncompatibleCheckpoint as err:
+        return err
+    return None
+
+
+def test_resume_accepts_the_same_run_at_any_world_size_that_divides_its_global_batch(saved, fashion_shards):
+    meta, path, manifest = saved
+    for world in (1, 2):
+        assert refusal(meta, path, manifest.fingerprint, cpu_test_config(fashion_shards), world) is None
+    # What may change: how long it runs, how often it evaluates.
+    later = cpu_test_config(fashion_shards, "train.max_steps=600", "eval.every_steps=100")
+    assert refusal(meta, path, manifest.fingerprint, later) is None
+
+
+@pytest.mark.parametrize("change,said", CHANGES)
+def test_resume_refuses_another_model_global_batch_or_seed_naming_both(saved, fashion_shards, change, said):
+    meta, path, manifest = saved
+    refused = refusal(meta, path, manifest.fingerprint, cpu_test_config(fashion_shards, change))
+    assert refused is not None and refused.exit_code == 2, change
+    message = str(refused)
+    assert message.startswith(f"checkpoint {path} ") and said in message, message
+    assert "\n" not in message and message.endswith("or start a new output_dir"), message  # one paragraph, with the way out
+
+
+def test_resume_refuses_another_dataset_naming_both(saved, fashion_shards, tmp_path):
+    meta, path, manifest = saved
+    other = mf.load_manifest(fashion_shards)  # the same split, less its last shard: another prepared dataset
+    dropped = other.splits["train"].shards.pop()
+    other.splits["train"].num_samples -= dropped.num_samples
+    other.fingerprint = mf.fingerprint(other.dataset, other.splits)
+    (tmp_path / "other").mkdir()
+    mf.write_manifest(other, tmp_path / "other")
+    fingerprint = mf.load_manifest(tmp_path / "other").fingerprint
+    assert fingerprint != manifest.fingerprint
+    refused = refusal(meta, path, fingerprint, cpu_test_config(tmp_path / "other"))
+    assert refused is not None and refused.exit_code == 2
+    assert (f"was trained on dataset {manifest.fingerprint[:12]}, but data.dir holds {fingerprint[:12]}; resume with "
+            "the same prepared dataset") in str(refused)
+
+
+def test_config_dataset_must_match_the_prepared_data_in_process(fashion_shards):
+    cfg = cpu_test_config(fashion_shards, "data.dataset=mnist")
+    with pytest.raises(ConfigError) as refused:
+        mf.check_dataset(mf.load_manifest(cfg.data.dir, cfg.data.dataset), cfg.data.dir, cfg.data.dataset)
+    message = str(refused.value)
+    assert refused.value.exit_code == 2
+    assert message.startswith(f"data.dataset is mnist, but the prepared dataset in {fashion_shards} holds fashion_mnist")
+    assert "set data.dataset=fashion_mnist" in message and "--dataset mnist" in message
+
+
+@pytest.mark.slow
+def test_resume_refusals_end_to_end(tmp_path, fashion_shards):
+    """The trainer records what the checks above are given, and a user meets the refusal as exit 2 and one paragraph."""
     out = tmp_path / "run"
-    train_run(out, fashion_shards, NO_WANDB, "train.max_steps=50")
-    proc = train_run(out, fashion_shards, NO_WANDB, "train.max_steps=50", "model.hidden_size=32", resume="auto", check=False)
-    assert proc.returncode == 2 and "model.hidden_size" in proc.stderr and "Traceback" not in proc.stderr
-    for change, said in (("train.global_batch_size=128", "train.global_batch_size 256 -> 128"),
-                         ("train.seed=1", "train.seed 0 -> 1"), ("data.shuffle_buffer=1024", "data.shuffle_buffer 4096 -> 1024")):
-        proc = train_run(out, fashion_shards, NO_WANDB, "train.max_steps=50", change, resume="auto", check=False)
-        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    train_in_process(out, fashion_shards, "train.max_steps=50")
+    for change, said in CHANGES:  # the real resume, in this process
+        with pytest.raises(IncompatibleCheckpoint, match=re.escape(said)):
+            train_in_process(out, fashion_shards, "train.max_steps=50", change, resume="auto")
     other = tmp_path / "other_data"
-    import shutil
-
     shutil.copytree(fashion_shards, other)
-    from pipeline.data import manifest as mf
-
     m = mf.load_manifest(other)
-    m.splits["train"].shards = m.splits["train"].shards[:-1]
-    m.splits["train"].num_samples -= 1250
+    m.splits["train"].num_samples -= m.splits["train"].shards.pop().num_samples
     m.fingerprint = mf.fingerprint(m.dataset, m.splits)
     mf.write_manifest(m, other)
-    proc = train_run(out, other, NO_WANDB, "train.max_steps=50", resume="auto", check=False)
-    assert proc.returncode == 2 and "trained on dataset" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(IncompatibleCheckpoint, match="trained on dataset"):
+        train_in_process(out, other, "train.max_steps=50", resume="auto")
+    # As a user meets it: the command line, its exit status, its one paragraph.
+    proc = train_run(out, fashion_shards, NO_WANDB, "train.max_steps=50", CHANGES[0][0], resume="auto", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [proc.stderr.strip().splitlines()[-1]], proc.stderr  # one, and the last word
+    assert errors[0].startswith(f"error: checkpoint {out / 'checkpoints' / 'step-00000050'} was trained with another "
+                                f"order of samples ({CHANGES[0][1]})") and errors[0].endswith("start a new output_dir")
+    assert not (out / "checkpoints" / "step-00000100").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])  # the host decides the skip / the fused kernel skips on the device
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, fashion_shards, fused):
     out = tmp_path / "nan"
@@ -174,8 +264,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, fashion_shards, fu
     assert good, "the last good checkpoint is kept"
     weights = load_file(good[-1] / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
-
-
+@pytest.mark.slow
 def test_config_dataset_must_match_the_prepared_data(tmp_path, fashion_shards):
     out = tmp_path / "run"
     proc = train_run(out, fashion_shards, NO_WANDB, "data.dataset=mnist", check=False)

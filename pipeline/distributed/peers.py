@@ -45,10 +45,18 @@ SIGN_OFF_WAIT_S = 10.0
 SIGN_OFF_GRACE_S = 2.0
 
 _DONE = b"done"
-# Transport failures of gloo and NCCL, as opposed to a bug in the step that happens to be a RuntimeError.
+# Transport failures in the transport's own words, as opposed to a bug in the step that happens to be a
+# RuntimeError (and may well say "send" or "recv"). gloo raises a plain RuntimeError from its tcp
+# transport: pair.cc's "Connection closed by peer [10.0.0.2]:4242", "Read error [10.0.0.2]:4242: Connection
+# reset by peer", "Read timeout [..]:..", "writev [..]:..: Broken pipe", "Socket closed [..]:..", and
+# unbound_buffer.cc's "Timed out waiting 1800000ms for recv operation to complete"; NCCL's say "NCCL error
+# in: ..., remote process exited or there was a network error" or name an ncclRemoteError/ncclSystemError.
+# Case-sensitive: these are quoted words, not topics.
 _TRANSPORT = re.compile(
-    r"Connection (closed|reset|refused)|Broken pipe|Socket (closed|Timeout)|Timed out waiting|recv|send|"
-    r"NCCL (error|communicator)|unhandled system error|remote process exited", re.IGNORECASE)
+    r"Connection (closed|reset) by (remote )?peer|Connection refused|Connection timed out|Broken pipe|No route to host|"
+    r"(Read|Write|Connect) (error|timeout) \[|writev \[|Socket (unexpectedly )?closed \[|Socket Timeout|"
+    r"Timed out waiting \d+ms for (send|recv) operation to complete|Application timeout caused pair closure|"
+    r"NCCL error|NCCL communicator was aborted|ncclRemoteError|ncclSystemError|remote process exited")
 _ADDRESS = re.compile(r"\[([0-9a-fA-F:.]+?)\]:\d+")
 
 
@@ -225,12 +233,17 @@ class PeerWatch:
                 f"node's network is cut. {self._tail()}")
 
     def explain(self, err: BaseException) -> PeerLost | None:
-        """A PeerLost for a transport failure seen by the training thread (a dead peer), else None."""
+        """A PeerLost for a transport failure seen by the training thread (a dead peer), else None.
+
+        A transport failure is one of torch.distributed's own exception types for the backend (NCCL) and
+        the network (the store's client), or a RuntimeError in the transport's own words (gloo raises no
+        type of its own). Anything else is a bug or a bad input, which a retry would only repeat: exit 75
+        would have the Job's podFailurePolicy retry it without end."""
         import torch.distributed as dist
 
         text = str(err)
         is_transport = isinstance(err, (dist.DistBackendError, dist.DistNetworkError)) or (
-            isinstance(err, RuntimeError) and _TRANSPORT.search(text))
+            isinstance(err, RuntimeError) and _TRANSPORT.search(text) is not None)
         if not is_transport:
             return None
         if self.lost:
