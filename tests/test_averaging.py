@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import read_jsonl, train_in_process
 from safetensors.torch import load_file
@@ -39,6 +40,7 @@ def test_the_average_copies_until_its_start_then_moves_a_fraction_towards_the_we
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
+@pytest.mark.slow  # trains
 def test_averaged_weights_resume_bit_for_bit_and_are_what_model_holds(tmp_path, fashion_shards):
     full = train_in_process(tmp_path / "straight", fashion_shards, *EMA)
     train_in_process(tmp_path / "split", fashion_shards, *EMA, "train.stop_at_step=20")
@@ -58,9 +60,11 @@ def test_averaged_weights_resume_bit_for_bit_and_are_what_model_holds(tmp_path, 
     # Both curves, at every evaluation; the best and the final figures are the average's.
     evals = [e for e in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "eval/accuracy" in e]
     assert [e["step"] for e in evals] == [20, 40] and all("eval_ema/accuracy" in e for e in evals)
+    assert full["evals"] == len(evals), "an evaluation event scores both weights and counts once"
     assert full["final_eval_accuracy"] == evals[-1]["eval_ema/accuracy"] != evals[-1]["eval/accuracy"]
 
 
+@pytest.mark.slow  # trains
 def test_resume_without_the_saved_average_would_differ(tmp_path, fashion_shards):
     """What the bit-for-bit test guards: an average restarted from the weights at the resume ends elsewhere."""
     train_in_process(tmp_path / "straight", fashion_shards, *EMA)

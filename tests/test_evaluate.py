@@ -59,6 +59,12 @@ def test_evaluate_reproduces_the_runs_final_accuracy(trained, fashion_shards, tm
         # The run's one score on test, to the last digit.
         assert report["accuracy"] == summary["test_accuracy"], name
         assert report["loss"] == summary["test_loss"], name
+    # On the split the run evaluated during training: its last evaluation, to the last digit.
+    val = _evaluate("--model", str(trained / "model"), "--data", str(fashion_shards), "--split", "val",
+                    "--out", str(tmp_path / "val"))
+    assert val.returncode == 0 and summary["eval_split"] == "val", val.stderr
+    report = json.loads((tmp_path / "val" / "eval.json").read_text())
+    assert (report["accuracy"], report["loss"]) == (summary["final_eval_accuracy"], summary["final_eval_loss"])
     report = json.loads((tmp_path / "one" / "eval.json").read_text())
     confusion = np.array(report["confusion"])
     assert [r["support"] for r in report["per_class"]] == confusion.sum(axis=1).tolist() == [1000] * 10
