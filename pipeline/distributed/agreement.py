@@ -70,8 +70,12 @@ def fail_together(accelerator, failure: BaseException | None,
         reasons = texts[0]
     else:
         reasons = "; ".join(f"rank {', '.join(str(r) for r, t, _, _ in failed if t == text)}: {text}" for text in texts)
-    err = error(reasons) if error else UserError(reasons)
-    if error is None:
+    if error is not None:
+        err = error(reasons)
+    elif reasons == str(failure) and isinstance(failure, UserError):
+        err = failure  # every rank failed alike: its own error, class and all
+    else:
+        err = UserError(reasons)
         err.exit_code, err.label = failed[0][2], failed[0][3]
     err.shared = True
     raise err
