@@ -243,6 +243,11 @@ def test_a_bug_that_mentions_send_or_recv_is_not_a_lost_peer_but_the_transport_s
     for err in (store_gone, nccl):
         lost = watch.explain(err)
         assert lost is not None and lost.exit_code == 75, err
+    # NCCL's type raised for a wrong call is still a bug.
+    misuse = dist.DistBackendError("NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:317, invalid usage "
+                                   "(run with NCCL_DEBUG=WARN for details), NCCL version 2.21.5\nncclInvalidUsage: This "
+                                   "usually reflects invalid usage of NCCL library.")
+    assert watch.explain(misuse) is None
 
 
 GLOO_PEER = """

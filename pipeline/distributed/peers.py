@@ -56,7 +56,10 @@ _TRANSPORT = re.compile(
     r"Connection (closed|reset) by (remote )?peer|Connection refused|Connection timed out|Broken pipe|No route to host|"
     r"(Read|Write|Connect) (error|timeout) \[|writev \[|Socket (unexpectedly )?closed \[|Socket Timeout|"
     r"Timed out waiting \d+ms for (send|recv) operation to complete|Application timeout caused pair closure|"
-    r"NCCL error|NCCL communicator was aborted|ncclRemoteError|ncclSystemError|remote process exited")
+    r"NCCL error|NCCL communicator was aborted|ncclRemoteError|ncclSystemError|remote process exited|"
+    r"Watchdog caught collective operation timeout")
+# NCCL's words for a call that was wrong, not a peer that went away: a bug, however it is raised.
+_MISUSE = re.compile(r"ncclInvalidUsage|ncclInvalidArgument|invalid usage|invalid argument", re.IGNORECASE)
 _ADDRESS = re.compile(r"\[([0-9a-fA-F:.]+?)\]:\d+")
 
 
@@ -244,7 +247,7 @@ class PeerWatch:
         text = str(err)
         is_transport = isinstance(err, (dist.DistBackendError, dist.DistNetworkError)) or (
             isinstance(err, RuntimeError) and _TRANSPORT.search(text) is not None)
-        if not is_transport:
+        if not is_transport or _MISUSE.search(text):
             return None
         if self.lost:
             return PeerLost(self.lost)
