@@ -65,7 +65,7 @@ def _timed_pieces(cfg, steps: int) -> tuple[dict, dict]:
 
 def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
     from pipeline.config import load_config
-    from pipeline.training import loop
+    from pipeline.training.run import train
 
     base = load_config(CONFIG, [f"data.dir={data_dir}"])
     every = min(50, steps)
@@ -78,7 +78,7 @@ def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
                                           "wandb.mode=disabled", "train.progress_bar=false"])
     with quiet(work / "profile-trainer.log"):
         start = time.perf_counter()
-        summary = loop.train(cfgs["profile-trainer"])
+        summary = train(cfgs["profile-trainer"])
         wall = time.perf_counter() - start
         seconds, calls = _timed_pieces(cfgs["profile-pieces"], steps)
     cfg = cfgs["profile-trainer"]
