@@ -30,4 +30,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    from pipeline.distributed.launch_env import LaunchEnv
+
+    run_cli(lambda env: main(), LaunchEnv.from_environ)  # under accelerate launch: one rank of several

@@ -34,5 +34,4 @@ def main(env) -> int:
 if __name__ == "__main__":
     from pipeline.distributed.launch_env import LaunchEnv
 
-    env = LaunchEnv.from_environ()  # the one read of the launcher's variables
-    run_cli(lambda: main(env), env)
+    run_cli(main, LaunchEnv.from_environ)  # the one read of the launcher's variables

@@ -36,6 +36,9 @@ class DataConfig(_Section):
         "(https://user:token@host/...) go to the server as HTTP basic auth, and are masked (https://***@host/...) "
         "wherever the config is written or printed"
     )
+    retry_s: float = Field(
+        60.0, ge=0, description="With data.base_url: how long a transient transfer failure (refused, timed out, HTTP 5xx) "
+        "is tried again, with pauses of 1, 2, 4 ... s, before the run exits 75")
     placement: Literal["auto", "stream", "device"] = Field(
         "auto",
         description="device: hold the train split in the training device's memory and draw batches there (no loader); "

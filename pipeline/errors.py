@@ -10,6 +10,11 @@ if TYPE_CHECKING:
     from pipeline.distributed.launch_env import LaunchEnv
 
 
+# EX_TEMPFAIL (sysexits.h): the job can go on as it is once the cause has passed (a lost peer, a shard
+# server down); the Kubernetes Job's podFailurePolicy retries it, and fails fast on the codes of bugs.
+EX_TEMPFAIL = 75
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing data, corrupt file).
 
@@ -38,25 +43,32 @@ class DataError(UserError):
     exit_code = 1
 
 
-def run_cli(main: Callable[[], int | None], env: LaunchEnv | None = None) -> None:
-    """Run an entry point, turning UserError into a message and an exit status. `env`: the launch of a
-    process that may be one rank of several; an error every rank raises alike is printed by rank 0 only,
+def run_cli(main: Callable[..., int | None], launch_env: Callable[[], LaunchEnv] | None = None) -> None:
+    """Run an entry point, turning UserError into a message and an exit status.
+
+    With `launch_env` (LaunchEnv.from_environ), the process may be one rank of several: the environment is
+    read here, once, and handed to main(env); an error every rank raises alike is printed by rank 0 only,
     and every rank exits with its code."""
-    multi = env is not None and env.multi_process
+    env: LaunchEnv | None = None
     try:
-        code = main()
+        if launch_env is None:
+            code = main()
+        else:
+            env = launch_env()
+            code = main(env)
     except UserError as err:
+        multi = env is not None and env.multi_process
         if not (multi and err.shared and not env.is_main):
             where = f" (rank {env.rank})" if multi and not err.shared else ""
             print(f"{err.label}{where}: {err}", file=sys.stderr)
         leave(err.exit_code, multi)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        leave(130, multi)
+        leave(130, env is not None and env.multi_process)
     except BrokenPipeError:  # `... | head`: the reader has gone; nothing left to say
         sys.stderr.close()
         sys.exit(141)
-    leave(code or 0, multi)
+    leave(code or 0, env is not None and env.multi_process)
 
 
 def leave(code: int, multi_process: bool = False) -> NoReturn:

@@ -124,9 +124,11 @@ def _one_paragraph(proc, code: int, url_shown: str) -> None:
 
 def test_closed_port_is_transient(tmp_path, fashion_shards):
     url = f"https://{USER}:{TOKEN}@127.0.0.1:{closed_port()}/shards"
-    proc = train_run(tmp_path / "out", fashion_shards, *FAST, "data.placement=stream", f"data.base_url={url}", check=False)
+    proc = train_run(tmp_path / "out", fashion_shards, *FAST, "data.placement=stream", f"data.base_url={url}",
+                     "data.retry_s=3", check=False)
     _one_paragraph(proc, 75, mask_url(url) + "/train/")
     assert "refused" in proc.stderr and "shard server is running" in proc.stderr
+    assert "(tried 3 times over 3 s)" in proc.stderr, "data.retry_s=3: pauses of 1 and 2 s"
 
 
 def test_not_found_is_permanent(tmp_path, fashion_shards, serve):
@@ -157,6 +159,19 @@ def test_http_statuses(fashion_shards, serve, monkeypatch, status, code):
         list(read_blocks(ShardSource(str(fashion_shards), f"http://{USER}:{TOKEN}@{host}"), shard))
     assert err.value.exit_code == code and f"HTTP {status}" in str(err.value) and TOKEN not in str(err.value)
     assert len(seen) == (3 if code == 75 else 1), "only a transient failure is tried again"
+
+
+def test_backoff_doubles_up_to_fifteen_seconds_within_the_budget():
+    assert remote.backoff(0) == () and remote.backoff(3) == (1.0, 2.0)
+    assert remote.backoff(60) == (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0) and sum(remote.backoff(60)) == 60
+
+
+def test_a_source_error_crosses_processes_whole():
+    import pickle
+
+    err = remote.ShardSourceError(f"http://{USER}:{TOKEN}@h/x", "the connection was refused", "check it", True)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is remote.ShardSourceError and str(back) == str(err) and back.exit_code == 75
 
 
 def test_a_silent_server_times_out(fashion_shards, monkeypatch):

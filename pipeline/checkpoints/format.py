@@ -11,7 +11,8 @@ Layout of `output_dir/checkpoints/step-00000100/`:
 
 A checkpoint is written into `.tmp-step-...` and renamed when complete, so a crash mid-write
 leaves a temp dir that the next start removes, never a half checkpoint that looks whole.
-Training (pipeline/training/checkpoint.py) and inference (pipeline/inference/models.py) both read
+Training (the Checkpointer, pipeline/training/checkpoint.py; the write and load of the files,
+checkpoint_io.py) and inference (pipeline/inference/models.py) both find, read and verify
 checkpoints through this module.
 """
 
@@ -70,7 +71,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -84,6 +85,7 @@ def remove_partial(output_dir: str | Path) -> list[Path]:
 
 class DamagedCheckpoint(UserError):
     exit_code = 2
+    shared = True  # the main process verifies; every rank raises what it found
 
 
 def write_meta(directory: Path, meta: CheckpointMeta) -> None:
@@ -102,7 +104,7 @@ def _write_json(path: Path, payload: dict) -> None:
 def file_digests(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory` but state.json, by relative path."""
     digests = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "state.json"):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != STATE_FILE):
         digests[path.relative_to(directory).as_posix()] = sha256_file(path)
     return digests
 
@@ -125,7 +127,7 @@ def verify_checkpoint(path: Path) -> str | None:
 
 def read_meta(path: Path) -> CheckpointMeta:
     try:
-        raw = json.loads((path / "state.json").read_text())
+        raw = json.loads((path / STATE_FILE).read_text())
         return CheckpointMeta(
             state=TrainState(**raw["state"]), fingerprint=raw["fingerprint"], model=raw["model"],
             world_size=raw["world_size"], config=raw.get("config", {}), files=raw.get("files", {}),

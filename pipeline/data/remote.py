@@ -5,8 +5,10 @@ A transfer that fails ends in a `ShardSourceError`: one paragraph naming the URL
 masked), the transfer's own reason (the HTTP status, the socket's error, the command's exit status)
 and what to check. It is raised where the bytes are read, so a shard that never arrived is never
 called corrupt: only bytes that did arrive are decoded (shards.py). A transient failure (connection
-refused, timed out, HTTP 5xx) is tried again a few times, and then exits 75 (EX_TEMPFAIL: the job
-may be retried as it is); a permanent one (HTTP 404, 401/403, a bad URL) exits 2.
+refused, timed out, HTTP 5xx) is tried again with growing pauses for up to `data.retry_s` (60 s by
+default: a server restart or a short overload passes without ending a job of many nodes), and then
+exits 75 (EX_TEMPFAIL: the job may be retried as it is); a permanent one (HTTP 404, 401/403, a bad
+URL) exits 2 at once.
 
 http(s) is read here rather than by webdataset's `curl` pipe: curl's `-s` hid its reason and its
 exit status surfaced only as an OSError from the pipe's close, after the empty stream had already
@@ -28,16 +30,28 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.distributed.peers import PEER_LOST_EXIT_CODE
-from pipeline.errors import DataError
+from pipeline.errors import EX_TEMPFAIL, DataError
 from pipeline.files import mask_url
 
-EX_TEMPFAIL = PEER_LOST_EXIT_CODE  # 75, as for a lost peer: the job can go on when the cause has passed
 EX_PERMANENT = 2  # retrying the job as it is cannot help: fix the URL, the credentials or the upload
 TIMEOUT_S = 30.0  # connect, and each read: no byte for this long is a failed transfer
-RETRY_DELAYS_S = (1.0, 3.0)  # a transient failure is tried again after each of these, then reported
+RETRY_S = 60.0  # data.retry_s's default
+
+
+def backoff(budget_s: float) -> tuple[float, ...]:
+    """Pauses before each new try of a transient failure: 1, 2, 4, ... s, at most 15 s each, adding up to budget_s."""
+    delays, total, step = [], 0.0, 1.0
+    while total + min(step, 15.0) <= budget_s:
+        delays.append(min(step, 15.0))
+        total += delays[-1]
+        step *= 2
+    return tuple(delays)
+
+
+RETRY_DELAYS_S = backoff(RETRY_S)  # a transient failure is tried again after each of these, then reported
 PROBE_THREADS = 8
 _CHUNK = 1 << 16
+MAX_BREAKS = 3  # a transfer that breaks off more often than this is reported (transient)
 
 
 class ShardSourceError(DataError):
@@ -51,6 +65,10 @@ class ShardSourceError(DataError):
         super().__init__(self.message)
         self.transient = transient
         self.exit_code = EX_TEMPFAIL if transient else EX_PERMANENT
+        self._args = (url, reason, advice, transient)
+
+    def __reduce__(self):  # crosses processes whole (a loader worker, a broadcast between ranks)
+        return type(self), self._args, self.__dict__
 
     def __str__(self) -> str:
         # webdataset's tar iterator appends " @ <stream>" to the args of what passes through it.
@@ -122,15 +140,18 @@ def _request(url: str, method: str = "GET", offset: int = 0):
     return urllib.request.urlopen(req, timeout=TIMEOUT_S)
 
 
-def _with_retries(url: str, attempt, what: str = ""):
-    """attempt()'s value; a transient failure is tried again after each of RETRY_DELAYS_S, then reported."""
-    for delay in (*RETRY_DELAYS_S, None):
+def _with_retries(url: str, attempt, what: str = "", delays: tuple[float, ...] | None = None):
+    """attempt()'s value; a transient failure is tried again after each of `delays` (RETRY_DELAYS_S), then reported."""
+    delays = RETRY_DELAYS_S if delays is None else delays
+    for delay in (*delays, None):
         try:
             return attempt()
         except (OSError, http.client.HTTPException, ValueError) as err:
+            if isinstance(err, urllib.error.HTTPError):
+                err.close()  # its socket, at once rather than when it is collected
             reason, advice, transient = _classify(err)
         if not transient or delay is None:
-            tries = f" (tried {len(RETRY_DELAYS_S) + 1} times)" if transient and RETRY_DELAYS_S else ""
+            tries = f" (tried {len(delays) + 1} times over {sum(delays):.0f} s)" if transient and delays else ""
             raise ShardSourceError(url, f"{what}{reason}{tries}", advice, transient) from None
         time.sleep(delay)
     raise AssertionError("unreachable")
@@ -140,12 +161,13 @@ class HttpShard(io.RawIOBase):
     """A shard's bytes over http(s). A transfer that breaks off is taken up where it stopped (a Range
     request, or the bytes already read skipped), as a refused one is tried again."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, delays: tuple[float, ...] | None = None):
         super().__init__()
         self.url = url
+        self.delays = RETRY_DELAYS_S if delays is None else delays
         self.got = 0
         self.breaks = 0
-        self.response = _with_retries(url, lambda: _request(url))
+        self.response = _with_retries(url, lambda: _request(url), delays=self.delays)
 
     def __repr__(self) -> str:
         return f"<shard {mask_url(self.url)}>"
@@ -169,20 +191,28 @@ class HttpShard(io.RawIOBase):
         self.response.close()
         self.breaks += 1
         what = f"the transfer broke off after {self.got} bytes ({_detail(broke)})"
-        if self.breaks > len(RETRY_DELAYS_S):
+        if self.breaks > MAX_BREAKS:
             raise ShardSourceError(self.url, f"{what}, {self.breaks} times", _UP, True)
-        self.response = _with_retries(self.url, self._reopen, f"{what}, and taking it up failed: ")
+        self.response = _with_retries(self.url, self._reopen, f"{what}, and taking it up failed: ", self.delays)
 
     def _reopen(self):
         response = _request(self.url, offset=self.got)
-        if response.status == 200:  # no Range support: the whole shard again, the part already read skipped
-            skip = self.got
+        try:
+            if response.status == 206:  # the rest, if the server says it starts where the stream stopped
+                if not (response.headers.get("Content-Range") or "").startswith(f"bytes {self.got}-"):
+                    raise http.client.HTTPException(f"the server resumed at another byte "
+                                                    f"({response.headers.get('Content-Range')!r}, wanted {self.got})")
+                return response
+            skip = self.got  # no Range support: the whole shard again, the part already read skipped
             while skip:
                 chunk = response.read(min(skip, _CHUNK))
                 if not chunk:
                     raise http.client.IncompleteRead(b"", skip)
                 skip -= len(chunk)
-        return response
+            return response
+        except BaseException:
+            response.close()
+            raise
 
     def close(self) -> None:
         if getattr(self, "response", None) is not None:
@@ -190,7 +220,7 @@ class HttpShard(io.RawIOBase):
         super().close()
 
 
-def probe_size(url: str) -> int | None:
+def probe_size(url: str, delays: tuple[float, ...] | None = None) -> int | None:
     """The shard's size as the server gives it (HEAD); None where it does not say."""
     def head():
         try:
@@ -198,19 +228,24 @@ def probe_size(url: str) -> int | None:
                 return response.headers.get("Content-Length")
         except urllib.error.HTTPError as err:
             if err.code in (405, 501):  # HEAD not supported: nothing to check, the read will tell
+                err.close()
                 return None
             raise
-    length = _with_retries(url, head)
+    length = _with_retries(url, head, delays=delays)
     return int(length) if length and length.isdigit() else None
 
 
-def probe_sizes(urls: list[str]) -> list[int | None]:
-    """probe_size of each: the first alone (an unreachable server is reported once, at once), then the rest in parallel."""
+def probe_sizes(urls: list[str], delays: tuple[float, ...] | None = None) -> list[int | None]:
+    """probe_size of each: the first alone (an unreachable server is reported once, at once), then the rest in
+    parallel; the first failure among those ends the probe without waiting for the others."""
     if not urls:
         return []
-    first = probe_size(urls[0])
-    with ThreadPoolExecutor(PROBE_THREADS) as pool:
-        return [first, *pool.map(probe_size, urls[1:])]
+    first = probe_size(urls[0], delays)
+    pool = ThreadPoolExecutor(PROBE_THREADS)
+    try:
+        return [first, *pool.map(lambda url: probe_size(url, delays), urls[1:])]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class PipeShard(io.RawIOBase):
@@ -259,5 +294,5 @@ class PipeShard(io.RawIOBase):
         super().close()
 
 
-def open_remote(url: str) -> io.RawIOBase:
-    return HttpShard(url) if is_http(url) else PipeShard(url)
+def open_remote(url: str, delays: tuple[float, ...] | None = None) -> io.RawIOBase:
+    return HttpShard(url, delays) if is_http(url) else PipeShard(url)

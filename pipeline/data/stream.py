@@ -30,7 +30,7 @@ from pipeline.data import order
 from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, ShardEntry
 from pipeline.data.order import BatchLayout
-from pipeline.data.remote import PipeShard, ShardSourceError, is_http, open_remote, probe_sizes
+from pipeline.data.remote import PipeShard, ShardSourceError, backoff, is_http, open_remote, probe_sizes
 from pipeline.data.shards import iter_tar_blocks
 from pipeline.errors import DataError
 from pipeline.files import mask_url, sha256_file
@@ -42,6 +42,10 @@ class ShardSource:
 
     directory: str
     base_url: str | None = None
+    retry_s: float | None = None  # data.retry_s: how long a transient transfer failure is tried again (remote.py)
+
+    def retry_delays(self) -> tuple[float, ...] | None:
+        return None if self.retry_s is None else backoff(self.retry_s)
 
     def location(self, shard: ShardEntry) -> str:
         """Where the shard is read from: with data.base_url, the real URL (credentials and all)."""
@@ -57,7 +61,7 @@ class ShardSource:
         """The shard's bytes; a transfer that fails raises ShardSourceError where it is read (remote.py)."""
         loc = self.location(shard)
         if self.base_url:
-            return open_remote(loc)
+            return open_remote(loc, self.retry_delays())
         try:
             return open(loc, "rb")
         except OSError as err:
@@ -110,7 +114,7 @@ def _verify_remote(shards: list[ShardEntry], source: ShardSource, mode: str) -> 
         return
     if not is_http(source.base_url or ""):
         return
-    for shard, size in zip(shards, probe_sizes([source.location(s) for s in shards]), strict=True):
+    for shard, size in zip(shards, probe_sizes([source.location(s) for s in shards], source.retry_delays()), strict=True):
         if size is not None and size != shard.bytes:
             raise DataError(f"shard {source.shown(shard)} is {size} bytes on the server, the manifest says {shard.bytes}: "
                             "the server's copy differs from the prepared one; upload the prepared dataset again")
@@ -148,11 +152,11 @@ class FailureMessage(str):
 
 
 class TrainStream(IterableDataset):
-    """Yields, for one rank and epoch from a starting step, a WindowItem per window; or, with
-    on_error="raise", a str ending the stream: the message of a DataError (an exception raised in
-    a DataLoader worker reaches the trainer wrapped in the worker's traceback text, which is no
-    message for a user), a FailureMessage that keeps its exit code. Without workers the error is
-    raised as it is."""
+    """Yields, for one rank and epoch from a starting step, a WindowItem per window; or a str ending
+    the stream: the message of a DataError (bad bytes with on_error="raise"; a failed transfer under
+    either setting), as a FailureMessage that keeps its exit code (an exception raised in a
+    DataLoader worker reaches the trainer wrapped in the worker's traceback text, which is no
+    message for a user). Without workers the error is raised as it is."""
 
     def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: EpochPlan, rank: int,
                  augment: Augment, workers: int = 0, on_error: str = "raise"):

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pipeline.errors import ConfigError
 from pipeline.faults import FAULT_VAR, FaultPoint
 
 JOB_ID_VAR = "PIPELINE_JOB_ID"
@@ -39,19 +40,29 @@ class LaunchEnv:
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> LaunchEnv:
         env = os.environ if environ is None else environ
         under_agent = "TORCHELASTIC_RESTART_COUNT" in env
-        port = env.get("MASTER_PORT")
+
+        def number(name: str, default: int | None) -> int | None:
+            raw = env.get(name)
+            if not raw:
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(f"the launcher's environment variable {name}={raw!r} is not a whole number; launch with "
+                                  "accelerate launch or torchrun, which set it, or unset it") from None
+
         return cls(
-            rank=int(env.get("RANK", "0")),
-            world_size=int(env.get("WORLD_SIZE", "1")),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
-            group_rank=int(env.get("GROUP_RANK", "0")),
-            group_world_size=int(env.get("GROUP_WORLD_SIZE", "1")),
+            rank=number("RANK", 0),
+            world_size=number("WORLD_SIZE", 1),
+            local_world_size=number("LOCAL_WORLD_SIZE", 1),
+            group_rank=number("GROUP_RANK", 0),
+            group_world_size=number("GROUP_WORLD_SIZE", 1),
             master_addr=env.get("MASTER_ADDR"),
-            master_port=int(port) if port else None,
+            master_port=number("MASTER_PORT", None),
             elastic_run_id=env.get("TORCHELASTIC_RUN_ID"),
             agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
-            max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")),
-            restart_count=int(env["TORCHELASTIC_RESTART_COUNT"]) if under_agent else None,
+            max_restarts=number("TORCHELASTIC_MAX_RESTARTS", 0),
+            restart_count=number("TORCHELASTIC_RESTART_COUNT", 0) if under_agent else None,
             job_id=env.get(JOB_ID_VAR) or None,
             agent=f"launcher {os.getppid()} on {socket.gethostname()}" if under_agent else None,
             fault=FaultPoint.parse(env.get(FAULT_VAR)),

@@ -35,10 +35,10 @@ from datetime import timedelta
 from typing import Callable
 
 from pipeline.distributed.launch_env import LaunchEnv
-from pipeline.errors import UserError
+from pipeline.errors import EX_TEMPFAIL, UserError
 
-# EX_TEMPFAIL: the job can go on once its pods are replaced; the Job's podFailurePolicy retries it.
-PEER_LOST_EXIT_CODE = 75
+# The job can go on once its pods are replaced; the Job's podFailurePolicy retries it.
+PEER_LOST_EXIT_CODE = EX_TEMPFAIL
 # How long machine 0 waits for the other machines to sign off, and then for their launchers to
 # reach their exit barrier (a worker's interpreter exit plus the launcher's 0.1 s poll).
 SIGN_OFF_WAIT_S = 10.0
@@ -59,7 +59,7 @@ _TRANSPORT = re.compile(
     r"NCCL error|NCCL communicator was aborted|ncclRemoteError|ncclSystemError|remote process exited|"
     r"Watchdog caught collective operation timeout")
 # NCCL's words for a call that was wrong, not a peer that went away: a bug, however it is raised.
-_MISUSE = re.compile(r"ncclInvalidUsage|ncclInvalidArgument|invalid usage|invalid argument", re.IGNORECASE)
+_MISUSE = re.compile(r"ncclInvalidUsage|ncclInvalidArgument|NCCL error.*invalid (usage|argument)")
 _ADDRESS = re.compile(r"\[([0-9a-fA-F:.]+?)\]:\d+")
 
 

@@ -32,9 +32,10 @@ TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"  # field names as of Kubeflow Tra
 PATCH_MANAGER = "lstm-pipeline.submit"
 # Exit codes that mean "a bug, retrying cannot help": the preflight exits 2 for a bad config
 # (ConfigError) and 1 for missing data (DataError). The trainer container (launch/node.py) exits
-# with its worker's code: 2 is a bad config or command line, 3 a diverged run (a retry would
-# resume from the last good checkpoint and diverge again). Everything else is retried, 75 (a
-# lost peer, pipeline/distributed/peers.py) and 1 (other failures, e.g. a shard server down) among them.
+# with its worker's code: 2 is a bad config or command line, or a shard server that refuses for
+# good (404, 401/403: pipeline/data/remote.py), 3 a diverged run (a retry would resume from the
+# last good checkpoint and diverge again). Everything else is retried, 75 (a lost peer,
+# pipeline/distributed/peers.py; a shard server down or overloaded past data.retry_s) among them.
 PREFLIGHT_BUG_CODES = (1, 2)
 TRAINER_BUG_CODES = (2, 3)
 

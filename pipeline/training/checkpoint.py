@@ -21,11 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-
 from pipeline.checkpoints.compatibility import check_compatible
 from pipeline.checkpoints.format import (
-    EMA_FILE,
+    STATE_FILE,
     CheckpointMeta,
     DamagedCheckpoint,
     TrainState,
@@ -75,9 +73,11 @@ class Checkpointer:
         if resume == "auto":
             return self._on_main(self._newest_verified)
         path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise UserError(f"--resume {resume} is not a complete checkpoint directory (no state.json); "
+        if not (path / STATE_FILE).is_file():
+            err = UserError(f"--resume {resume} is not a complete checkpoint directory (no state.json); "
                             f"use --resume auto or one of {self.root}/step-*")
+            err.shared = True  # every rank looked at the same path
+            raise err
         problem = self._on_main(lambda: verify_checkpoint(path))
         if problem:
             raise DamagedCheckpoint(
@@ -112,16 +112,13 @@ class Checkpointer:
 
     def restore(self, path: Path, model, optimizer, scheduler, ema=None) -> tuple[TrainState, int]:
         """Check that `path` fits this run, load it into the prepared objects; its state and the world size that wrote it."""
-        meta = read_meta(path)
+        try:
+            meta = read_meta(path)
+        except UserError as err:  # every rank read the same file
+            err.shared = True
+            raise
         check_compatible(meta, path, self.fingerprint, self.model_desc, self.order)
-        load_checkpoint(self.accelerator, path, model, optimizer, scheduler)
-        if ema is not None:
-            if (path / EMA_FILE).is_file():
-                ema.load_state_dict(load_file(path / EMA_FILE, device="cpu"))
-            else:  # train.ema was turned on for the resumed run: the average starts from the weights
-                ema.load_state_dict(self.accelerator.unwrap_model(model).state_dict())
-                print(f"warning: {path} holds no weight average; train.ema starts averaging from its weights",
-                      file=sys.stderr, flush=True)
+        load_checkpoint(self.accelerator, path, model, optimizer, scheduler, ema)
         return meta.state, meta.world_size
 
     def latest(self) -> Path | None:

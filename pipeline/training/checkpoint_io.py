@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -87,7 +88,8 @@ def _agree_or_fail(accelerator, failure: BaseException | None, tmp: Path, step: 
     fail_together(accelerator, failure, error)
 
 
-def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> None:
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema=None) -> None:
+    """Into the prepared objects; `ema`, the main process's WeightAverage, from its own file."""
     unwrapped = accelerator.unwrap_model(model)
     # Everything is read into host memory and load_state_dict copies it onto the model's device:
     # multi-process CPU runs place tensors on "cpu:0", a device safetensors rejects and torch.load
@@ -97,3 +99,11 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> Non
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True, map_location="cpu"))
+    if ema is None:
+        return
+    if (path / EMA_FILE).is_file():
+        ema.load_state_dict(load_file(path / EMA_FILE, device="cpu"))
+    else:  # train.ema was turned on for the resumed run: the average starts from the weights
+        ema.load_state_dict(unwrapped.state_dict())
+        print(f"warning: {path} holds no weight average; train.ema starts averaging from its weights",
+              file=sys.stderr, flush=True)

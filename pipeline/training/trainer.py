@@ -2,9 +2,10 @@
 
 A built Trainer holds everything one run needs; `run()` hands it to the loop (loop.py) and then to
 the end of the run (finish.py). The pieces do the work: `train_step` (step.py) computes one update,
-`TrainBatches` (batches.py) delivers this rank's data, `Evaluator` (evaluation.py) scores a split on
-rank 0, `Checkpointer` (checkpoint.py) owns the checkpoints, and `MetricsSink` (metrics.py) writes
-every event to metrics.jsonl, W&B and the progress bar at once.
+`StreamBatches` (batches.py) or `ResidentBatches` (data/resident.py) deliver this rank's data,
+`Evaluator` (evaluation.py) scores a split on rank 0, `Checkpointer` (checkpoint.py) owns the
+checkpoints, and `MetricsSink` (metrics.py) writes every event to metrics.jsonl, W&B and the
+progress bar at once.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pipeline.data.manifest import Manifest, check_dataset, load_manifest
 from pipeline.data.order import BatchLayout
 from pipeline.data.resident import ResidentBatches, choose_placement
 from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, load_split_tensors, verify_shards
-from pipeline.distributed.agreement import any_rank, fail_together
+from pipeline.distributed.agreement import any_rank, fail_together, on_main
 from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.distributed.preemption import StopSignal
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.files import mask_url
 from pipeline.model import build_model
 from pipeline.tracking import Tracker
 from pipeline.training.accelerator import build_accelerator
@@ -53,13 +55,6 @@ def required_free_bytes(model: torch.nn.Module, keep_last: int) -> int:
     return 2 * (keep_last + 1) * 4 * params + 8 * 2**20
 
 
-def load_training_manifest(cfg: Config, source: ShardSource) -> Manifest:
-    manifest = load_manifest(cfg.data.dir, cfg.data.dataset)
-    check_dataset(manifest, cfg.data.dir, cfg.data.dataset)
-    verify_shards(manifest, source, "train", cfg.data.verify)
-    return manifest
-
-
 class Trainer:
     """Set-up in __init__ (data plan, model, optimizer, resume, tracker); run() trains and ends the run."""
 
@@ -79,14 +74,8 @@ class Trainer:
 
     def _plan_data(self) -> None:
         cfg = self.cfg
-        self.source = ShardSource(cfg.data.dir, cfg.data.base_url)
-        manifest, failure = None, None
-        try:
-            manifest = load_training_manifest(cfg, self.source)
-        except UserError as err:
-            failure = err
-        fail_together(self.accelerator, failure)  # every rank reads the data: one message, however many failed
-        self.manifest = manifest
+        self.source = ShardSource(cfg.data.dir, cfg.data.base_url, cfg.data.retry_s)
+        self.manifest = self._read_manifest()
         self.placement = self._choose_placement()
         self.layout = BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world)
         self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer)
@@ -94,6 +83,24 @@ class Trainer:
         if cfg.train.max_steps is None and cfg.eval.every_steps > self.total_steps:
             raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
         self._log_plan()
+
+    def _read_manifest(self) -> Manifest:
+        """Every rank reads the manifest and checks the shards it reads from disk (each node may hold its own
+        copy): one message, however many failed. Shards on a server are the same for every rank: the main
+        process alone asks the server, and every rank learns the answer."""
+        cfg, manifest, failure = self.cfg, None, None
+        try:
+            manifest = load_manifest(cfg.data.dir, cfg.data.dataset)
+            check_dataset(manifest, cfg.data.dir, cfg.data.dataset)
+            if not self.source.base_url:
+                verify_shards(manifest, self.source, "train", cfg.data.verify)
+        except UserError as err:
+            failure = err
+        fail_together(self.accelerator, failure)
+        if self.source.base_url:
+            on_main(self.accelerator, lambda: verify_shards(manifest, self.source, "train", cfg.data.verify),
+                    lambda err: DataError(f"checking the shards at data.base_url failed ({mask_url(str(err))})"))
+        return manifest
 
     def _build_training(self, resume: str | None) -> None:
         """The model, its optimizer and average, the checkpoints, and the state resumed from one of them."""
@@ -168,8 +175,9 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_model(cfg.model, self.manifest.image_shape, self.manifest.num_classes)
-        if self.main:
-            check_output_dir(self.out, min_free=required_free_bytes(model, cfg.checkpoint.keep_last))
+        # The main process alone writes there; every rank learns if it cannot, and ends with its reason.
+        on_main(self.accelerator, lambda: check_output_dir(self.out, required_free_bytes(model, cfg.checkpoint.keep_last)),
+                lambda err: UserError(f"output_dir {self.out} cannot be checked ({err})"))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
         model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
