@@ -313,3 +313,21 @@ def test_evaluations_longer_than_the_peer_timeout_do_not_lose_the_waiting_rank(t
     evals = [e for e in read_jsonl(out / "metrics.jsonl") if "eval/seconds" in e]
     # The premise: each evaluation outlasted the peer timeout (2 s) that the waiting rank watches.
     assert len(evals) == 2 and min(e["eval/seconds"] for e in evals) > 2, evals
+
+
+def test_from_the_side_of_a_cut_link_the_silent_store_is_named_not_the_peer_whose_beat_it_read_last(server):
+    """The cut-off side's last read of the store may hold a peer's beat older than the read itself by up
+    to a beat: judging that peer silent before the store would name the wrong failure."""
+    ranks = Ranks(2, server.port)
+    watch = ranks.watches[1]
+    watch.connect = lambda: (_ for _ in ()).throw(RuntimeError("Connection reset by peer"))  # the link is cut
+    watch.store = None
+    now = time.monotonic()
+    watch._store_ok = now - (TIMEOUT_S - 3 * watch.interval_s)  # the store's last answer, before the cut
+    watch._last_change[0] = now - TIMEOUT_S  # rank 0's beat as that answer held it: a beat older
+    watch.begin()
+    try:
+        ranks.wait_until(lambda: ranks.lost[1], within=3 * TIMEOUT_S, what="rank 1 declares something")
+    finally:
+        ranks.stop()
+    assert ranks.lost[1][0].startswith("lost contact with the job: the rendezvous store"), ranks.lost[1]

@@ -205,6 +205,11 @@ class PeerWatch:
             if now - self._store_ok >= self.timeout_s:
                 self._declare(self._store_lost_message())
                 return
+            # A peer is judged silent only on a recent answer of the store: from the side of a cut link
+            # its last beat may be older than the store's last answer by up to a beat, and naming that
+            # peer would hide what this side sees, that nobody answers.
+            if now - self._store_ok >= 2 * self.interval_s:
+                continue
             for peer in self.peers:
                 silent = now - self._last_change[peer.rank]
                 if peer.rank != self.me.rank and peer.rank not in self._done and silent >= self.timeout_s:
