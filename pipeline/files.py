@@ -5,14 +5,20 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (checkpoints and IDX files need not fit in memory twice)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        return sha256_stream(f)
+
+
+def sha256_stream(stream: BinaryIO) -> str:
+    """Hex sha256 of what a binary stream holds to its end (a file, a shard over the network), 1 MiB at a time."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 

@@ -237,6 +237,15 @@ def test_verify_size_over_http(tmp_path, fashion_shards, serve):
         verify_shards(manifest, ShardSource(str(fashion_shards), f"http://{host}"), "train", "size")
 
 
+def test_verify_sha256_over_http(fashion_shards, serve):
+    manifest = load_manifest(fashion_shards)
+    host, _ = serve(fashion_shards)
+    verify_shards(manifest, ShardSource(str(fashion_shards), f"http://{host}"), "train", "sha256")
+    manifest.split("train").shards[2].sha256 = "0" * 64
+    with pytest.raises(DataError, match="train-00002.tar does not match its sha256 in the manifest: the server's copy"):
+        verify_shards(manifest, ShardSource(str(fashion_shards), f"http://{host}"), "train", "sha256")
+
+
 @pytest.mark.slow
 def test_credentials_reach_no_file_and_no_output(tmp_path, fashion_shards, serve):
     host, seen = serve(fashion_shards, auth=_basic(USER, TOKEN))

@@ -15,7 +15,6 @@ step reach them through shared memory.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import sys
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pipeline.data.order import BatchLayout
 from pipeline.data.remote import PipeShard, ShardSourceError, backoff, is_http, open_remote, probe_sizes
 from pipeline.data.shards import iter_tar_blocks
 from pipeline.errors import DataError
-from pipeline.files import mask_url, sha256_file
+from pipeline.files import mask_url, sha256_file, sha256_stream
 
 
 @dataclass(frozen=True)
@@ -104,11 +103,9 @@ def _verify_remote(shards: list[ShardEntry], source: ShardSource, mode: str) -> 
     size is known only by reading it) or with its bytes ('sha256': each read whole)."""
     if mode == "sha256":
         for shard in shards:
-            digest = hashlib.sha256()
             with source.open(shard) as stream:
-                while chunk := stream.read(1 << 20):
-                    digest.update(chunk)
-            if digest.hexdigest() != shard.sha256:
+                digest = sha256_stream(stream)
+            if digest != shard.sha256:
                 raise DataError(f"shard {source.shown(shard)} does not match its sha256 in the manifest: the server's "
                                 "copy differs from the prepared one; upload the prepared dataset again")
         return
