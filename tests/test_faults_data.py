@@ -100,7 +100,7 @@ def test_manifest_problems_refused(tmp_path, fashion_shards):
 
     m = mf.load_manifest(fashion_shards)
     del m.splits["test"]
-    m.fingerprint = mf.fingerprint(m.dataset, m.splits)
+    m.fingerprint = mf.fingerprint(m)
     mf.write_manifest(m, data)
     proc = train_run(tmp_path / "b", data, *SHORT, check=False)
     assert proc.returncode == 1 and "no split 'test'" in proc.stderr and "Traceback" not in proc.stderr
@@ -113,7 +113,7 @@ def test_shard_url_leaving_the_dataset_is_refused(tmp_path, fashion_shards, url)
     data = _copy(fashion_shards, tmp_path / "data")
     m = mf.load_manifest(data)
     m.splits["train"].shards[0].url = url
-    m.fingerprint = mf.fingerprint(m.dataset, m.splits)
+    m.fingerprint = mf.fingerprint(m)
     mf.write_manifest(m, data)
     proc = train_run(tmp_path / "out", data, *SHORT, "data.verify=none", check=False)
     assert proc.returncode == 2, proc.stderr

@@ -136,8 +136,8 @@ def test_sample_random_numbers_are_the_same_bits_in_numpy_and_torch():
 def test_augmentation_mirrors_and_shifts_each_sample_by_its_own_draw(fashion_shards):
     manifest = load_manifest(fashion_shards)
     source = ShardSource(str(fashion_shards))
-    x, _, ids = next(read_blocks(source, manifest.split("train").shards[0]))
-    ids = ids.astype(np.int64)
+    block = next(read_blocks(source, manifest.split("train").shards[0]))
+    x, ids = block.fixed("train-0"), block.ids
     out = AUGMENT.numpy(x, ids, epoch=0)
     seen = set()
     for img, orig in zip(out, x, strict=True):

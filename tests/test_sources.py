@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import sources
 from pipeline.errors import DataError
+from pipeline.sources import idx as sources
 
 
 def test_real_fashion_files_parse(fashion_idx):

@@ -204,7 +204,7 @@ def test_resume_refuses_another_dataset_naming_both(saved, fashion_shards, tmp_p
     other = mf.load_manifest(fashion_shards)  # the same split, less its last shard: another prepared dataset
     dropped = other.splits["train"].shards.pop()
     other.splits["train"].num_samples -= dropped.num_samples
-    other.fingerprint = mf.fingerprint(other.dataset, other.splits)
+    other.fingerprint = mf.fingerprint(other)
     (tmp_path / "other").mkdir()
     mf.write_manifest(other, tmp_path / "other")
     fingerprint = mf.load_manifest(tmp_path / "other").fingerprint
@@ -237,7 +237,7 @@ def test_resume_refusals_end_to_end(tmp_path, fashion_shards):
     shutil.copytree(fashion_shards, other)
     m = mf.load_manifest(other)
     m.splits["train"].num_samples -= m.splits["train"].shards.pop().num_samples
-    m.fingerprint = mf.fingerprint(m.dataset, m.splits)
+    m.fingerprint = mf.fingerprint(m)
     mf.write_manifest(m, other)
     with pytest.raises(IncompatibleCheckpoint, match="trained on dataset"):
         train_in_process(out, other, "train.max_steps=50", resume="auto")

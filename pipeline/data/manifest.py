@@ -13,13 +13,14 @@ import os
 import posixpath
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError, DataError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "pipeline.shards/v1"
+FORMAT = "pipeline.shards/v2"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -45,6 +46,10 @@ def unsafe_url_reason(url: str) -> str | None:
     return None
 
 
+class OldManifest(DataError):
+    """A manifest of another format version: the data must be prepared again."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -56,8 +61,24 @@ class ShardEntry(_Strict):
     bytes: int = Field(ge=1)
 
 
+class Histogram(_Strict):
+    edges: list[float] = Field(description="Bin edges in steps: bin i holds lengths in [edges[i], edges[i+1]), the last bin closed")
+    counts: list[int]
+
+
+class LengthStats(_Strict):
+    """Sequence lengths (steps) of a split."""
+
+    min: int = Field(ge=1)
+    median: float
+    max: int = Field(ge=1)
+    histogram: Histogram
+
+
 class SplitEntry(_Strict):
     num_samples: int = Field(ge=1)
+    class_counts: dict[str, int] = Field(description="Cases per class name, in class order")
+    lengths: LengthStats
     shards: list[ShardEntry] = Field(min_length=1)
 
 
@@ -66,26 +87,39 @@ class SourceEntry(_Strict):
     bytes: int = Field(ge=1)
 
 
-class Validation(_Strict):
-    """How the validation split was held out of another split."""
+class HeldOut(_Strict):
+    """How a split was made: given by the source, or held out of another split by seed."""
 
-    from_split: str
-    num_samples: int = Field(ge=1)
-    seed: int
-    stratified_by: str
+    origin: Literal["source", "held_out"]
+    from_split: str | None = Field(None, description="With origin held_out: the split it was taken from")
+    size: float | None = Field(None, description="A fraction of from_split (below 1) or a number of cases, as asked")
+    seed: int | None = None
+    stratified_by: str | None = Field(None, description="'label': each class gives its share")
+    grouped_by: str | None = Field(None, description="'group': no group has cases in two splits")
+
+
+class Normalization(_Strict):
+    """Per-channel statistics of the train split's steps (every valid step of every case, padding excluded)."""
+
+    split: str = "train"
+    mean: list[float]
+    std: list[float]
 
 
 class Manifest(_Strict):
     format: str = FORMAT
     dataset: str
-    image_shape: list[int]
-    dtype: str
+    features: int = Field(ge=1, description="Channels per step")
+    dtype: Literal["uint8", "float16", "float32"] = Field(description="The values' dtype in the shards")
     label_dtype: str
-    num_classes: int
+    num_classes: int = Field(ge=2)
     class_names: list[str]
+    image_shape: list[int] | None = Field(None, description="[steps, features] of the image data sets (MNIST family); "
+                                          "absent for sequences")
     block_size: int = Field(ge=1, description="Samples packed per tar record")
     shuffle_seed: int = Field(description="Seed of the permutation applied to train before packing")
-    validation: Validation | None = Field(None, description="Absent in datasets prepared without a validation split")
+    splitting: dict[str, HeldOut] = Field(description="How each split was made")
+    normalization: Normalization
     sources: dict[str, SourceEntry]
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     splits: dict[str, SplitEntry]
@@ -95,13 +129,15 @@ class Manifest(_Strict):
             raise DataError(f"dataset {self.dataset} has no split '{name}' (it has {', '.join(self.splits)})")
         return self.splits[name]
 
+    @property
+    def validation(self) -> HeldOut | None:
+        return self.splitting.get("val")
 
-def fingerprint(dataset: str, splits: dict[str, SplitEntry]) -> str:
-    """Identity of the data a model was trained on: the shard contents, in order."""
-    payload = {
-        "dataset": dataset,
-        "splits": {name: [(s.url, s.sha256) for s in split.shards] for name, split in sorted(splits.items())},
-    }
+
+def fingerprint(manifest: Manifest) -> str:
+    """Identity of the data a model was trained on: everything the manifest says (the shard contents in
+    order, splits, classes, statistics, sources) but the fingerprint itself."""
+    payload = manifest.model_dump(mode="json", exclude={"fingerprint"})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -129,14 +165,15 @@ def load_manifest(directory: str | Path, dataset_hint: str = "fashion_mnist") ->
         )
     try:
         raw = json.loads(path.read_text())
+        if isinstance(raw, dict) and raw.get("format") != FORMAT:
+            raise OldManifest(f"{path} has format {raw.get('format')!r}, written by another version of this pipeline; "
+                              f"this version reads {FORMAT!r}. Prepare the data again: {prepare_hint(directory, dataset_hint)} --force")
         manifest = Manifest.model_validate(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not valid JSON ({err}); re-run {prepare_hint(directory, dataset_hint)} --force") from None
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:5])
         raise DataError(f"{path} does not match the manifest schema ({problems}); re-run the preparation with --force") from None
-    if manifest.format != FORMAT:
-        raise DataError(f"{path} has format {manifest.format!r}; this version reads {FORMAT!r}")
     for name, split in manifest.splits.items():
         total = sum(s.num_samples for s in split.shards)
         if total != split.num_samples:
@@ -150,14 +187,22 @@ def load_manifest(directory: str | Path, dataset_hint: str = "fashion_mnist") ->
                     "paths that stay inside the dataset directory. Nothing was read. The manifest was edited or comes from "
                     f"a source you should not trust; re-run {prepare_hint(directory, dataset_hint)} --force"
                 )
-    if fingerprint(manifest.dataset, manifest.splits) != manifest.fingerprint:
-        raise DataError(f"{path}: the fingerprint does not match the shard list; the manifest was edited by hand")
+    if fingerprint(manifest) != manifest.fingerprint:
+        raise DataError(f"{path}: the fingerprint does not match what the manifest says; the manifest was edited by hand")
     return manifest
 
 
 def check_dataset(manifest: Manifest, directory: str | Path, expected: str) -> None:
     """The config's data.dataset must name what the directory holds: class names and reference
     figures differ between MNIST and Fashion-MNIST though the shapes are the same."""
+    if manifest.image_shape is None:
+        lengths = manifest.split("train").lengths
+        raise ConfigError(
+            f"{directory} holds sequences ({manifest.dataset}: {manifest.features} channel(s) of {manifest.dtype}, "
+            f"{lengths.min} to {lengths.max} steps). This version trains on the image data sets (MNIST, Fashion-MNIST) "
+            "only: sequences of other shapes are prepared and verified with launch/prepare_data.py, and the model, "
+            "batches and evaluation that read them are not here yet"
+        )
     if manifest.dataset != expected:
         raise ConfigError(
             f"data.dataset is {expected}, but the prepared dataset in {directory} holds {manifest.dataset} (its "

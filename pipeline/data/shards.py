@@ -1,64 +1,50 @@
-"""Write packed webdataset shards and their manifest; verify them.
+"""The shard format: packed webdataset tar records of ragged sequences; writing, reading, verifying.
 
-Each tar record packs `block_size` samples: `x.npy` (uint8 [n, 28, 28]), `y.npy` (int64 [n])
-and `idx.npy` (int64 [n], the sample's index in the source IDX file). Tar pads every member to
-512 bytes plus a 512-byte header, so one member per sample costs ~2.5 KiB for a 784-byte image
-and decodes ~200x slower (webdataset/webdataset#115); a block costs one header per array.
+Each tar record packs up to `block_size` cases: `x.npy` (their steps concatenated, [sum of lengths,
+features], in the data set's dtype), `len.npy` (int32 [n], each case's steps), `y.npy` (int64 [n],
+class indices) and `idx.npy` (int64 [n], each case's index in its source file). Tar pads every
+member to 512 bytes plus a 512-byte header, so one member per sample costs ~2.5 KiB for a 784-byte
+image and decodes ~200x slower (webdataset/webdataset#115); a block costs one header per array.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import shutil
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.data import sources
-from pipeline.data.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    ShardEntry,
-    SourceEntry,
-    SplitEntry,
-    Validation,
-    fingerprint,
-    load_manifest,
-    write_manifest,
-)
+from pipeline.data.manifest import ShardEntry, load_manifest
 from pipeline.errors import DataError
 from pipeline.files import mask_url
 
-SPLITS = ("train", "val", "test")
 TAR_MTIME = 0  # fixed so the same input gives byte-identical shards
+MEMBERS = ("x.npy", "len.npy", "y.npy", "idx.npy")
 
 
-@dataclass(frozen=True)
-class ShardOptions:
-    block_size: int = 256
-    train_shards: int = 44
-    test_shards: int = 8
-    shuffle_seed: int = 0
-    val_size: int = 5000  # held out of train for choosing recipes; 0: no validation split
-    val_shards: int = 4
-    val_seed: int = 0
+@dataclass
+class Block:
+    """One record: a run of cases, ragged."""
 
+    values: np.ndarray  # [sum(lengths), features]
+    lengths: np.ndarray  # int64 [n]
+    labels: np.ndarray  # int64 [n]
+    ids: np.ndarray  # int64 [n]
 
-def hold_out(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Indices of a validation set of `size` samples, stratified by class: each class gives its
-    share of `size` (largest remainders settle the rounding), chosen by a generator of `seed`."""
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * size / len(labels)
-    take = np.floor(exact).astype(int)
-    take[np.argsort(-(exact - take), kind="stable")[: size - take.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
-    return np.sort(np.concatenate(chosen))
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def fixed(self, name: str) -> np.ndarray:
+        """The cases as one array [n, steps, features]: for data sets of one length (the images)."""
+        steps = int(self.lengths[0]) if len(self.lengths) else 0
+        if (self.lengths != steps).any():
+            raise DataError(f"shard {name} holds cases of {int(self.lengths.min())} to {int(self.lengths.max())} steps "
+                            "where every case should have the same length")
+        return self.values.reshape(len(self.lengths), steps, self.values.shape[1])
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -76,141 +62,30 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_shard(path: Path, key_prefix: str, images: np.ndarray, labels: np.ndarray, index: np.ndarray, block_size: int) -> ShardEntry:
+def write_shard(path: Path, key_prefix: str, blocks: Iterable[Block]) -> ShardEntry:
+    """One shard of these blocks, written through a temporary name; its manifest entry."""
     tmp = path.with_suffix(".tar.tmp")
+    count = 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for b, start in enumerate(range(0, len(images), block_size)):
-            sl = slice(start, start + block_size)
+        for b, block in enumerate(blocks):
             key = f"{key_prefix}-{b:04d}"
-            _add_member(tar, f"{key}.x.npy", _npy_bytes(images[sl]))
-            _add_member(tar, f"{key}.y.npy", _npy_bytes(labels[sl].astype(np.int64)))
-            _add_member(tar, f"{key}.idx.npy", _npy_bytes(index[sl].astype(np.int64)))
+            arrays = (block.values, block.lengths.astype(np.int32), block.labels.astype(np.int64), block.ids.astype(np.int64))
+            for member, array in zip(MEMBERS, arrays, strict=True):
+                _add_member(tar, f"{key}.{member}", _npy_bytes(array))
+            count += len(block)
     tmp.replace(path)
     data = path.read_bytes()
-    return ShardEntry(
-        url=f"{path.parent.name}/{path.name}",
-        num_samples=len(images),
-        sha256=hashlib.sha256(data).hexdigest(),
-        bytes=len(data),
-    )
+    return ShardEntry(url=f"{path.parent.name}/{path.name}", num_samples=count,
+                      sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
 
-def write_split(out: Path, name: str, split: sources.Split, num_shards: int, options: ShardOptions,
-                members: np.ndarray | None = None) -> SplitEntry:
-    """The split's shards; `members`: which samples of the source file it takes (the rest of train
-    goes to the validation split), recorded as their ids."""
-    members = np.arange(len(split.labels), dtype=np.int64) if members is None else members
-    n = len(members)
-    if num_shards > n:
-        raise DataError(f"cannot cut {n} {name} samples into {num_shards} shards")
-    index = members
-    if name == "train":
-        # Spread classes and source order evenly over shards, so any shard subset is a fair sample.
-        index = members[np.random.default_rng(options.shuffle_seed).permutation(n)]
-    images, labels = split.images[index], split.labels[index]
-    split_dir = out / name
-    split_dir.mkdir(parents=True, exist_ok=True)
-    bounds = [i * n // num_shards for i in range(num_shards + 1)]
-    shards = []
-    for s in range(num_shards):
-        lo, hi = bounds[s], bounds[s + 1]
-        shards.append(
-            write_shard(split_dir / f"{name}-{s:05d}.tar", f"{name}-{s:05d}", images[lo:hi], labels[lo:hi], index[lo:hi], options.block_size)
-        )
-    return SplitEntry(num_samples=n, shards=shards)
-
-
-def _is_ours(out: Path, path: Path) -> bool:
-    rel = path.relative_to(out)
-    if rel.name in (MANIFEST_NAME, f".{MANIFEST_NAME}.tmp"):
-        return len(rel.parts) == 1
-    if rel.parts[0] in SPLITS:
-        return len(rel.parts) == 1 or (len(rel.parts) == 2 and (rel.name.endswith(".tar") or rel.name.endswith(".tar.tmp")))
-    return False
-
-
-def _check_output_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a directory")
-    if not out.exists():
-        return
-    foreign = [p for p in out.rglob("*") if not _is_ours(out, p)]
-    if foreign:
-        listed = ", ".join(str(p.relative_to(out)) for p in foreign[:3])
-        raise DataError(
-            f"--out {out} holds files that are not shards of this pipeline ({listed}{', ...' if len(foreign) > 3 else ''}); "
-            "choose an empty or new directory, so nothing of yours is overwritten or deleted"
-        )
-
-
-@dataclass
-class PrepareResult:
-    manifest: Manifest
-    seconds: float
-    skipped: bool
-
-
-def prepare(
-    dataset: str,
-    out: str | Path,
-    source: str | Path | None = None,
-    options: ShardOptions = ShardOptions(),
-    force: bool = False,
-    download_dir: str | Path | None = None,
-    mirrors: list[str] | None = None,
-    force_download: bool = False,
-) -> PrepareResult:
-    out = Path(out)
-    start = time.perf_counter()
-    _check_output_dir(out)
-    if (out / MANIFEST_NAME).is_file() and not force:
-        manifest = load_manifest(out)
-        if manifest.dataset != dataset:
-            raise DataError(f"--out {out} already holds {manifest.dataset}; choose another directory for {dataset}")
-        return PrepareResult(manifest, time.perf_counter() - start, skipped=True)
-    # Either a forced rebuild or an interrupted one (no manifest): start clean.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for split in SPLITS:
-        shutil.rmtree(out / split, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-    spec, paths = sources.locate(dataset, source, download_dir, mirrors, force_download)
-    num_classes = len(spec.class_names)
-    train = sources.load_split(paths, "train", num_classes)
-    if not 0 <= options.val_size < len(train.labels):
-        raise DataError(f"--val-size {options.val_size} must be between 0 and the train split's {len(train.labels)}")
-    held = hold_out(train.labels, options.val_size, options.val_seed) if options.val_size else np.zeros(0, np.int64)
-    kept = np.setdiff1d(np.arange(len(train.labels)), held)
-    splits = {"train": write_split(out, "train", train, options.train_shards, options, kept)}
-    if options.val_size:
-        splits["val"] = write_split(out, "val", train, options.val_shards, options, held)
-    splits["test"] = write_split(out, "test", sources.load_split(paths, "test", num_classes), options.test_shards, options)
-    manifest = Manifest(
-        dataset=dataset,
-        image_shape=list(sources.IMAGE_SHAPE),
-        dtype="uint8",
-        label_dtype="int64",
-        num_classes=num_classes,
-        class_names=spec.class_names,
-        block_size=options.block_size,
-        shuffle_seed=options.shuffle_seed,
-        validation=Validation(from_split="train", num_samples=options.val_size, seed=options.val_seed,
-                              stratified_by="label") if options.val_size else None,
-        sources={name: SourceEntry(**info) for name, info in sources.describe_sources(paths).items()},
-        fingerprint=fingerprint(dataset, splits),
-        splits=splits,
-    )
-    write_manifest(manifest, out)
-    return PrepareResult(manifest, time.perf_counter() - start, skipped=False)
-
-
-def iter_tar_blocks(fileobj, name: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (key, x, y, idx) per record of an open tar stream; raise DataError naming `name`."""
+def iter_tar_blocks(fileobj, name: str) -> Iterator[tuple[str, Block]]:
+    """Yield (key, block) per record of an open tar stream; raise DataError naming `name`."""
     import webdataset as wds
 
     try:
         for sample in wds.tariterators.group_by_keys(_with_url(wds.tariterators.tar_file_iterator(fileobj), name)):
-            yield sample["__key__"], *_decode_record(sample, name)
+            yield sample["__key__"], _decode_record(sample, name)
     except DataError:
         raise
     except (tarfile.TarError, OSError, ValueError, EOFError) as err:
@@ -224,16 +99,17 @@ def _with_url(files, name: str):
         yield f
 
 
-def _decode_record(sample: dict, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _decode_record(sample: dict, name: str) -> Block:
     try:
-        x = np.load(io.BytesIO(sample["x.npy"]), allow_pickle=False)
-        y = np.load(io.BytesIO(sample["y.npy"]), allow_pickle=False)
-        idx = np.load(io.BytesIO(sample["idx.npy"]), allow_pickle=False)
+        x, lengths, y, idx = (np.load(io.BytesIO(sample[m]), allow_pickle=False) for m in MEMBERS)
     except KeyError as err:
-        raise DataError(f"shard {name}: record {sample.get('__key__')} lacks member {err}") from None
-    if not (x.ndim == 3 and x.dtype == np.uint8 and len(x) == len(y) == len(idx)):
-        raise DataError(f"shard {name}: record {sample.get('__key__')} has inconsistent arrays {x.shape}/{y.shape}/{idx.shape}")
-    return x, y, idx
+        raise DataError(f"shard {name}: record {sample.get('__key__')} lacks member {err}; it was written by another "
+                        "version of this pipeline or damaged: prepare the data again with --force") from None
+    n = len(lengths)
+    if not (x.ndim == 2 and lengths.ndim == 1 and len(y) == len(idx) == n and int(lengths.sum()) == len(x)):
+        raise DataError(f"shard {name}: record {sample.get('__key__')} has inconsistent arrays "
+                        f"{x.shape}/{lengths.shape}/{y.shape}/{idx.shape}")
+    return Block(x, lengths.astype(np.int64), y, idx)
 
 
 def verify(directory: str | Path, check_hash: bool = True) -> list[str]:
@@ -256,7 +132,7 @@ def verify(directory: str | Path, check_hash: bool = True) -> list[str]:
                 problems.append(f"{path}: sha256 differs from the manifest (the file was modified or damaged)")
                 continue
             try:
-                count = sum(len(y) for _, _, y, _ in iter_tar_blocks(io.BytesIO(data), str(path)))
+                count = sum(len(block) for _, block in iter_tar_blocks(io.BytesIO(data), str(path)))
             except DataError as err:
                 problems.append(f"{path}: unreadable ({err})")
                 continue

@@ -30,7 +30,7 @@ from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, ShardEntry
 from pipeline.data.order import BatchLayout
 from pipeline.data.remote import PipeShard, ShardSourceError, backoff, is_http, open_remote, probe_sizes
-from pipeline.data.shards import iter_tar_blocks
+from pipeline.data.shards import Block, iter_tar_blocks
 from pipeline.errors import DataError
 from pipeline.files import mask_url, sha256_file, sha256_stream
 
@@ -67,12 +67,12 @@ class ShardSource:
             raise DataError(f"shard {loc} cannot be opened ({err.strerror}); check data.dir or re-run the preparation") from None
 
 
-def read_blocks(source: ShardSource, shard: ShardEntry) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def read_blocks(source: ShardSource, shard: ShardEntry) -> Iterator[Block]:
     read = 0
     with source.open(shard) as stream:
-        for _, x, y, idx in iter_tar_blocks(stream, source.shown(shard)):
-            read += len(y)
-            yield x, y, idx
+        for _, block in iter_tar_blocks(stream, source.shown(shard)):
+            read += len(block)
+            yield block
         if isinstance(stream, PipeShard):  # the reader stops at the archive's end: did the command end well too?
             stream.check()
     # tarfile takes a damaged header after the first one for the end of the archive, silently.
@@ -221,9 +221,9 @@ class TrainStream(IterableDataset):
         at = 0
         for s in shards:
             at_end = at + self.sizes[s]
-            for bx, by, bi in self._read_shard(self.shards[s]):
-                n = len(by)
-                x[at:at + n], y[at:at + n], ids[at:at + n] = bx, by, bi
+            for block in self._read_shard(self.shards[s]):
+                n = len(block)
+                x[at:at + n], y[at:at + n], ids[at:at + n] = block.fixed(self.source.shown(self.shards[s])), block.labels, block.ids
                 readable[at:at + n] = True
                 at += n
             at = at_end
@@ -241,12 +241,12 @@ class TrainStream(IterableDataset):
             chosen[lost] = good[np.arange(skipped) % len(good)]
         return self.augment.numpy(x[chosen], ids[chosen], epoch), y[chosen], ids[chosen], skipped
 
-    def _read_shard(self, shard: ShardEntry) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _read_shard(self, shard: ShardEntry) -> Iterator[Block]:
         """Its blocks; with on_error=skip, those read before it failed (the rest are stand-ins' places)."""
         read = 0
         try:
             for block in read_blocks(self.source, shard):
-                read += len(block[1])
+                read += len(block)
                 yield block
         except DataError as err:
             # data.on_error=skip is for bad bytes; a source that failed to deliver them ends the run
@@ -281,10 +281,10 @@ def load_split_arrays(manifest: Manifest, source: ShardSource, split: str) -> tu
     sample ids int64 [n])."""
     xs, ys, ids = [], [], []
     for shard in manifest.split(split).shards:
-        for x, y, idx in read_blocks(source, shard):
-            xs.append(x)
-            ys.append(y.astype(np.int64))
-            ids.append(idx.astype(np.int64))
+        for block in read_blocks(source, shard):
+            xs.append(block.fixed(source.shown(shard)))
+            ys.append(block.labels.astype(np.int64))
+            ids.append(block.ids.astype(np.int64))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)
 
 

