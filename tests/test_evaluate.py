@@ -106,15 +106,20 @@ def test_predict_on_png_files_agrees_with_evaluate(trained, fashion_shards, tmp_
     assert lines[24]["class"] == evaluated[0]
 
 
-def test_bad_inputs_exit_2_naming_the_file(trained, fashion_shards, tmp_path):
+def test_bad_inputs_exit_2_naming_the_file(trained, fashion_shards, examples, tmp_path):
     model = trained / "model"
     # data with another class count than the model predicts
     other = tmp_path / "five_classes"
     shutil.copytree(fashion_shards, other)
     m = mf.load_manifest(other)
     m.num_classes, m.class_names = 5, m.class_names[:5]
+    m.fingerprint = mf.fingerprint(m)
     mf.write_manifest(m, other)
     _user_error(_evaluate("--model", str(model), "--data", str(other)), "has 5 classes", "predicts 10")
+    # sequences, not images
+    sequences = tmp_path / "japanese_vowels"
+    run_py("launch/prepare_data.py", "--from", str(examples / "JapaneseVowels"), "--out", str(sequences), check=True)
+    _user_error(_evaluate("--model", str(model), "--data", str(sequences)), "holds sequences (JapaneseVowels, 12 channel(s))")
     # a directory that is no model of ours
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -39,6 +39,10 @@ def default_out(model_path: Path, split: str) -> Path:
 
 def check_fits(trained: TrainedModel, manifest, data_dir: str) -> None:
     """The data must be what the model reads and predicts: same image shape, same classes."""
+    if manifest.image_shape is None:
+        raise UnusableModel(f"{data_dir} holds sequences ({manifest.dataset}, {manifest.features} channel(s)), but the model "
+                            f"in {trained.source} reads images of shape {trained.image_shape}; evaluate it on the image "
+                            "data set it was trained for")
     if list(manifest.image_shape) != list(trained.image_shape):
         raise UnusableModel(f"{data_dir} holds images of shape {manifest.image_shape}, but the model in {trained.source} "
                             f"reads {trained.image_shape}; evaluate it on data prepared the same way")
