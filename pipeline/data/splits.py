@@ -32,10 +32,27 @@ def hold_out(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * size / len(labels)
     take = np.floor(exact).astype(int)
-    take[np.argsort(-(exact - take), kind="stable")[: size - take.sum()]] += 1
+    by_remainder = np.argsort(-(exact - take), kind="stable")
+    take[by_remainder[: size - take.sum()]] += 1
+    _keep_one_of_each(take, counts, by_remainder)
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
     return np.sort(np.concatenate(chosen))
+
+
+def _keep_one_of_each(take: np.ndarray, counts: np.ndarray, order: np.ndarray) -> None:
+    """A class is never held out whole (a small data set would lose it from training): its place goes to
+    classes with cases to spare, in `order`. Where nothing binds (every class larger than its share) the
+    shares stay as they are."""
+    room = np.maximum(counts - 1, 0)
+    short = int(np.maximum(take - room, 0).sum())
+    np.minimum(take, room, out=take)
+    for c in order:
+        if short == 0:
+            return
+        extra = min(short, int(room[c] - take[c]))
+        take[c] += extra
+        short -= extra
 
 
 def hold_out_groups(labels: np.ndarray, groups: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -72,7 +89,7 @@ def source_splits(split: np.ndarray, file: str) -> np.ndarray:
     for code, name in enumerate(SPLIT_NAMES):
         codes[split == name] = code
     if (codes < 0).any():
-        bad = split[np.flatnonzero(codes < 0)[0]]
+        bad = str(split[np.flatnonzero(codes < 0)[0]])
         raise InputError(f"{file}: a case has split {bad!r}; split names are {', '.join(SPLIT_NAMES)}. Rename it, or "
                          "leave the split out to have the test and validation splits drawn by seed")
     if not (codes == TRAIN).any():
@@ -110,6 +127,6 @@ def _check_groups(codes: np.ndarray, groups: np.ndarray | None) -> None:
         for b in range(a + 1, 3):
             shared = np.intersect1d(groups[codes == a], groups[codes == b])
             if len(shared):
-                raise InputError(f"group {shared[0]!r} has cases in both the {SPLIT_NAMES[a]} and {SPLIT_NAMES[b]} "
+                raise InputError(f"group {str(shared[0])!r} has cases in both the {SPLIT_NAMES[a]} and {SPLIT_NAMES[b]} "
                                  f"splits ({len(shared)} such group(s)): the source's split leaks groups. Fix the split, "
                                  "or leave it out to have splits drawn by group")

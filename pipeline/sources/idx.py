@@ -20,7 +20,6 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.files import sha256_file
 from pipeline.sources.base import Cases, SourceInfo
 
 FASHION_CLASSES = [
@@ -230,13 +229,6 @@ def load_split(paths: dict[tuple[str, str], Path], split: str, num_classes: int)
             f"{paths[(split, 'labels')]} holds {len(labels)} labels; they must come from the same release"
         )
     return Split(images, labels)
-
-
-def describe_sources(paths: dict[tuple[str, str], Path]) -> dict[str, dict]:
-    return {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(paths.values(), key=lambda p: p.name)
-    }
 
 
 class IdxSource:
