@@ -31,6 +31,8 @@ def parse_args() -> argparse.Namespace:
     own.add_argument("--split-column", help="Parquet: the split of each case (train, val, test)")
     own.add_argument("--missing", choices=["refuse", "interpolate", "zero"], default="refuse",
                      help="missing values (NaN; '?' in .ts): refuse them (default), fill linearly in time, or with 0")
+    own.add_argument("--dtype", choices=["float16", "float32"],
+                     help="the shards' dtype, narrowed on purpose (default: the source's: uint8, float16 or float32)")
     own.add_argument("--test-size", type=float, default=0.2,
                      help="where the source has no test split: a fraction (default 0.2) or a count, stratified")
     own.add_argument("--split-seed", type=int, default=0, help="seed of the held-out splits")

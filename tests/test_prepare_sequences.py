@@ -242,3 +242,18 @@ def _steps(x: np.ndarray):
     import pyarrow as pa
 
     return pa.ListArray.from_arrays(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32), pa.array(x.ravel()))
+
+
+def test_narrowed_on_purpose_to_float16(examples, fsdd, tmp_path):
+    out = tmp_path / "half"
+    prepare("--from", str(examples / "fsdd" / "digits.npz"), "--out", str(out), "--dtype", "float16")
+    assert load_manifest(out).dtype == "float16"
+    starts = np.concatenate([[0], np.cumsum(fsdd["lengths"])])
+    i, (values, _) = next(iter(read_split(out, "test").items()))
+    assert values.dtype == np.float16
+    np.testing.assert_array_equal(values, fsdd["X"][starts[i]:starts[i + 1]].astype(np.float16))
+    huge = tmp_path / "huge.npz"
+    x = fsdd["X"].copy()
+    x[starts[7] + 1, 2] = 1e6
+    np.savez(huge, X=x, lengths=fsdd["lengths"], y=fsdd["y"])
+    _refused(["--from", str(huge), "--out", str(tmp_path / "h"), "--dtype", "float16"], "index 7", "float16's range")

@@ -31,7 +31,7 @@ from pipeline.data.staging import STAGING_DIR, Staging
 from pipeline.data.statistics import ChannelMoments, class_counts, length_stats
 from pipeline.errors import DataError
 from pipeline.files import sha256_file
-from pipeline.sources.base import SPLIT_NAMES, InputError, Source, check_cases
+from pipeline.sources.base import SPLIT_NAMES, Cases, InputError, Source, check_cases
 
 SHARD_BYTES = 32 * 2**20  # a shard's size when the count is chosen for you: big enough to stream well
 IMAGE_SHARDS = {"train": 44, "val": 4, "test": 8}  # the image data sets' own counts, which their figures rest on
@@ -47,6 +47,7 @@ class ShardOptions:
     test_size: float = 0.2  # where the source has no test split of its own
     split_seed: int = 0
     missing: str = "refuse"  # NaN / '?': refuse, interpolate or zero (pipeline/sources/base.py)
+    dtype: str | None = None  # the shards' dtype when narrowed on purpose (float16); None: the source's
 
 
 @dataclass
@@ -66,10 +67,11 @@ def prepare(source: Source, out: str | Path, options: ShardOptions = ShardOption
     if done is not None:
         return PrepareResult(done, time.perf_counter() - start, skipped=True)
     created = not out.exists()
-    staging = Staging(out, source.info.features, source.info.dtype)
+    dtype = np.dtype(options.dtype) if options.dtype else source.info.dtype
+    staging = Staging(out, source.info.features, dtype)
     try:
         for cases in source.cases():
-            staging.add(check_cases(cases, source.info.features, options.missing))
+            staging.add(fits_dtype(check_cases(cases, source.info.features, options.missing), dtype))
         staging.close()
         codes, made = _choose_splits(source, staging, options)
         _clear(out)
@@ -82,6 +84,18 @@ def prepare(source: Source, out: str | Path, options: ShardOptions = ShardOption
     staging.remove()
     write_manifest(manifest, out)
     return PrepareResult(manifest, time.perf_counter() - start, skipped=False)
+
+
+def fits_dtype(cases: Cases, dtype: np.dtype) -> Cases:
+    """Values narrowed to float16 must still be finite: float16 ends at 65504."""
+    if dtype == np.float16 and cases.values.dtype != np.float16 and len(cases.values):
+        big = np.abs(cases.values) > np.finfo(np.float16).max
+        if big.any():
+            row = int(np.flatnonzero(big.any(axis=1))[0])
+            case = int(np.searchsorted(np.cumsum(cases.lengths), row, side="right"))
+            raise InputError(f"{cases.case(case)} holds a value beyond float16's range (65504); prepare without "
+                             "--dtype float16, or scale the values first")
+    return cases
 
 
 def _already_prepared(out: Path, dataset: str, force: bool) -> Manifest | None:
@@ -131,7 +145,7 @@ def _write_dataset(source: Source, staging: Staging, out: Path, dataset: str, co
         entries[split] = _write_split(out, split, rows, count, staging, options.block_size,
                                       moments if split == "train" else None, info.class_names)
     manifest = Manifest(
-        dataset=dataset, features=info.features, dtype=str(info.dtype), label_dtype="int64",
+        dataset=dataset, features=info.features, dtype=str(staging.dtype), label_dtype="int64",
         num_classes=len(info.class_names), class_names=info.class_names,
         image_shape=list(info.image_shape) if info.image_shape else None, block_size=options.block_size,
         shuffle_seed=options.shuffle_seed, splitting=made, normalization=moments.result(),

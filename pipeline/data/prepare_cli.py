@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
     shards = {split: getattr(args, f"{split}_shards") for split in ("train", "val", "test")}
     options = ShardOptions(args.block_size, {k: v for k, v in shards.items() if v is not None} or None,
                            val_size=args.val_size, test_size=args.test_size, split_seed=args.split_seed,
-                           missing=args.missing)
+                           missing=args.missing, dtype=args.dtype)
     source = _source(args)
     for note in source.info.notes:
         print(f"note: {note}")

@@ -96,7 +96,7 @@ def _from_checkpoint(path: Path) -> TrainedModel:
     meta = read_meta(path)
     card = dict(meta.model_card)
     if not card:  # written before checkpoints carried a model card: the config and the weights tell
-        from pipeline.data.sources import get_spec
+        from pipeline.sources.idx import get_spec
 
         dataset = meta.config.get("data", {}).get("dataset", "fashion_mnist")
         card = {"image_shape": [28, 28], "num_classes": 10, "class_names": get_spec(dataset).class_names, "dataset": dataset,
