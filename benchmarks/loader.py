@@ -103,7 +103,7 @@ def write_per_sample(data_dir: Path, out: Path, n_samples: int | None, num_shard
     from pipeline.data.manifest import load_manifest
     from pipeline.data.stream import ShardSource, load_split_tensors
 
-    images, labels = load_split_tensors(load_manifest(data_dir), ShardSource(str(data_dir)), "train")
+    images, _, labels = load_split_tensors(load_manifest(data_dir), ShardSource(str(data_dir)), "train")
     images, labels = images.numpy(), labels.numpy()
     n = len(labels) if not n_samples else min(n_samples, len(labels))
     out.mkdir(parents=True, exist_ok=True)

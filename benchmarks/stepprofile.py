@@ -125,7 +125,7 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     source = StreamBatches(stream, seed=0, data_dir=str(data_dir), pin_memory=False, record_sample_ids=False)
     batches = [micro[0] for micro in source.epoch(0, 0, min(plan.steps, warm + steps))]
     torch.manual_seed(0)
-    model = build_model(cfg.model, manifest.image_shape, manifest.num_classes)
+    model = build_model(cfg.model, manifest.features, manifest.num_classes)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, 10_000)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -70,12 +70,12 @@ class Floor:
         from pipeline.data.stream import ShardSource, load_split_tensors
 
         manifest = load_manifest(data_dir)
-        x, y = load_split_tensors(manifest, ShardSource(str(data_dir)), "train")
+        x, _, y = load_split_tensors(manifest, ShardSource(str(data_dir)), "train")
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
         self.device = torch.device(device)
         self.x = x[perm].to(self.device).float().div_(255.0).contiguous()
         self.y = y[perm].to(self.device).contiguous()
-        self.image_shape, self.num_classes = manifest.image_shape, manifest.num_classes
+        self.features, self.num_classes = manifest.features, manifest.num_classes
         self.config = config
         self.extra = list(extra)  # config overrides the trainer is measured with (e.g. optim.fused=true)
         self.precision = precision
@@ -86,7 +86,7 @@ class Floor:
 
         cfg = _cfg(self.config, data_dir, Path("unused"), batch, warm_steps + steps, warm_steps, self.extra)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, self.image_shape, self.num_classes).to(self.device)
+        model = build_model(cfg.model, self.features, self.num_classes).to(self.device)
         model.train()
         opt = build_optimizer(model, cfg.optim)
         sched = build_scheduler(opt, cfg.schedule, warm_steps + steps)

@@ -30,7 +30,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     dir: str = Field(description="Prepared dataset directory holding manifest.json")
-    dataset: Literal["mnist", "fashion_mnist"] = "fashion_mnist"
+    dataset: Optional[str] = Field(
+        None, description="The data set data.dir must hold (its manifest's name), so that a config meant for one is "
+        "never trained on another; null: whatever data.dir holds")
     base_url: Optional[str] = Field(
         None, description="Read shards from BASE_URL/<url> (http(s)://, pipe:) instead of data.dir; credentials in it "
         "(https://user:token@host/...) go to the server as HTTP basic auth, and are masked (https://***@host/...) "
@@ -60,6 +62,9 @@ class DataConfig(_Section):
                          "rectangle blanked (random erasing)")
     erase_area: tuple[float, float] = Field((0.02, 0.25), description="Random erasing: the rectangle's area, as a "
                                             "fraction of the image, drawn from this range")
+    length_buckets: bool = Field(
+        True, description="Where lengths vary: each window's samples are arranged so that a micro-batch holds samples "
+        "of similar length (less padding; pipeline/data/order.py); the same global batches at any world size")
     allow_pipe: bool = False
     record_sample_ids: bool = Field(
         False, description="Audit: write each rank's trained sample indices to output_dir/sample_ids/rank-N.npy"

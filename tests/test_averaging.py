@@ -21,7 +21,7 @@ EMA = ("train.ema={decay: 0.9, start_step: 5}", "model.hidden_size=32", "train.m
 
 def test_the_average_copies_until_its_start_then_moves_a_fraction_towards_the_weights():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=4), [28, 28], 10)
+    model = build_model(ModelConfig(hidden_size=4), 28, 10)
     ema = WeightAverage(model, decay=0.75, start_step=2)
     history = []
     for step in range(1, 6):

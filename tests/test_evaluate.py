@@ -84,7 +84,7 @@ def test_predict_on_png_files_agrees_with_evaluate(trained, fashion_shards, tmp_
     assert _evaluate("--model", str(trained / "model"), "--data", str(fashion_shards), "--out", str(out)).returncode == 0
     with open(out / "predictions.csv") as f:
         evaluated = {int(r["index"]): r["predicted_class"] for r in csv.DictReader(f)}
-    images, _ = load_split_tensors(mf.load_manifest(fashion_shards), ShardSource(str(fashion_shards)), "test")
+    images, _, _ = load_split_tensors(mf.load_manifest(fashion_shards), ShardSource(str(fashion_shards)), "test")
     paths = []
     for i in range(24):
         path = tmp_path / f"test-{i:02d}.png"

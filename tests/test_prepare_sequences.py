@@ -3,7 +3,6 @@ determinism, and bad input refused with the file and the case named, nothing hal
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -212,13 +211,6 @@ def test_unknown_formats_and_mixed_flags_are_refused(tmp_path, examples):
              "Parquet only")
     _refused(["--from", str(examples / "JapaneseVowels"), "--out", str(tmp_path / "o"), "--dataset", "mnist"],
              "--dataset")
-
-
-def test_training_on_sequences_is_refused_clearly_for_now(fsdd_shards, tmp_path):
-    proc = run_py("launch/train.py", "--config", "configs/cpu_test.yaml", f"data.dir={fsdd_shards}",
-                  f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled")
-    assert proc.returncode == 2 and "holds sequences (fsdd: 13 channel(s)" in proc.stderr and "Traceback" not in proc.stderr
-    assert json.loads((fsdd_shards / "manifest.json").read_text())["image_shape"] is None
 
 
 def test_parquet_gives_the_same_shards_as_the_npz_it_was_written_from(fsdd, fsdd_shards, tmp_path):

@@ -64,7 +64,7 @@ def test_non_finite_gradient_is_never_applied():
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=8), [28, 28], 10)
+    model = build_model(ModelConfig(hidden_size=8), 28, 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -94,7 +94,7 @@ class AlwaysThree(torch.nn.Module):
 
 def test_confusion_rows_are_true_classes_and_columns_predictions(fashion_shards, tmp_path):
     manifest = load_manifest(fashion_shards)
-    images, labels = load_split_tensors(manifest, ShardSource(str(fashion_shards)), "test")
+    images, _, labels = load_split_tensors(manifest, ShardSource(str(fashion_shards)), "test")
     images, labels = images[:1500], labels[:1500]
     result = evaluate(AlwaysThree(), images, labels, 500, torch.device("cpu"), contextlib.nullcontext, 10)
     per_true = np.bincount(labels.numpy(), minlength=10)
@@ -138,7 +138,7 @@ def test_the_step_reads_nothing_back_from_the_device(fused):
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=8), [28, 28], 10)
+    model = build_model(ModelConfig(hidden_size=8), 28, 10)
     optimizer = build_optimizer(model, OptimConfig(name="adam", fused=fused))
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer.optimizer, lambda step: 1.0), grad_clip=1.0)
@@ -162,7 +162,7 @@ def test_fused_optimizer_skips_a_non_finite_update_on_the_device():
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=8), [28, 28], 10)
+    model = build_model(ModelConfig(hidden_size=8), 28, 10)
     optimizer = build_optimizer(model, OptimConfig(name="adamw", fused=True))
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = StepParts(accelerator, model, optimizer, LambdaLR(optimizer.optimizer, lambda step: 1.0))

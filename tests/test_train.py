@@ -58,7 +58,7 @@ def test_cpu_test_mode_end_to_end(tmp_path, fashion_shards):
     from pipeline.data.manifest import load_manifest
     from pipeline.data.stream import ShardSource, load_split_tensors
 
-    x, y = load_split_tensors(load_manifest(fashion_shards), ShardSource(str(fashion_shards)), "test")
+    x, _, y = load_split_tensors(load_manifest(fashion_shards), ShardSource(str(fashion_shards)), "test")
     with torch.no_grad():
         acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
     assert abs(acc - summary["test_accuracy"]) < 1e-3
@@ -114,7 +114,7 @@ def test_grad_clip_bounds_applied_norm(tmp_path, fashion_shards):
               "train.log_every_steps=1")
     cfg = load_config(out / "config.yaml")
     torch.manual_seed(cfg.train.seed)
-    initial = build_model(cfg.model, [28, 28], 10).state_dict()
+    initial = build_model(cfg.model, 28, 10).state_dict()
     final = load_file(out / "model" / "model.safetensors")
     applied = math.sqrt(sum(((final[k] - initial[k]).double() ** 2).sum().item() for k in initial))
     logged = read_jsonl(out / "metrics.jsonl")[0]["train/grad_norm"]

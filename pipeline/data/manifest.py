@@ -152,11 +152,13 @@ def write_manifest(manifest: Manifest, directory: Path) -> Path:
     return target
 
 
-def prepare_hint(directory: str | Path, dataset: str = "fashion_mnist") -> str:
-    return f"python launch/prepare_data.py --dataset {dataset} --out {directory}"
+def prepare_hint(directory: str | Path, dataset: str | None = "fashion_mnist") -> str:
+    if dataset in ("mnist", "fashion_mnist"):
+        return f"python launch/prepare_data.py --dataset {dataset} --out {directory}"
+    return f"python launch/prepare_data.py --from YOUR_DATA --out {directory}"
 
 
-def load_manifest(directory: str | Path, dataset_hint: str = "fashion_mnist") -> Manifest:
+def load_manifest(directory: str | Path, dataset_hint: str | None = "fashion_mnist") -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(
@@ -192,18 +194,10 @@ def load_manifest(directory: str | Path, dataset_hint: str = "fashion_mnist") ->
     return manifest
 
 
-def check_dataset(manifest: Manifest, directory: str | Path, expected: str) -> None:
-    """The config's data.dataset must name what the directory holds: class names and reference
+def check_dataset(manifest: Manifest, directory: str | Path, expected: str | None) -> None:
+    """The config's data.dataset, when set, must name what the directory holds: class names and reference
     figures differ between MNIST and Fashion-MNIST though the shapes are the same."""
-    if manifest.image_shape is None:
-        lengths = manifest.split("train").lengths
-        raise ConfigError(
-            f"{directory} holds sequences ({manifest.dataset}: {manifest.features} channel(s) of {manifest.dtype}, "
-            f"{lengths.min} to {lengths.max} steps). This version trains on the image data sets (MNIST, Fashion-MNIST) "
-            "only: sequences of other shapes are prepared and verified with launch/prepare_data.py, and the model, "
-            "batches and evaluation that read them are not here yet"
-        )
-    if manifest.dataset != expected:
+    if expected is not None and manifest.dataset != expected:
         raise ConfigError(
             f"data.dataset is {expected}, but the prepared dataset in {directory} holds {manifest.dataset} (its "
             f"{MANIFEST_NAME} says so). To train on it, set data.dataset={manifest.dataset}; to train on {expected}, "

@@ -125,3 +125,85 @@ def chunk_index(layout: BatchLayout, rank: int, accumulation_step: int) -> int:
 def chunk_seed(seed: int, global_step: int, chunk: int) -> int:
     """The torch seed of one micro-batch's dropout: the same whichever rank computes the chunk."""
     return int(np.random.SeedSequence([seed, global_step, chunk, 2]).generate_state(1)[0])
+
+
+# --- Length-bucketed order (an option; the functions above are unchanged) -------------------------
+#
+# For variable-length samples a micro-batch is padded to its longest member, so random chunks waste
+# most of the compute. The bucketed order keeps the windows (same shards, same samples in each
+# window, same bounded shuffle a stream can afford) and only rearranges the samples inside a window
+# so that every chunk of the global grid (positions [c*m, (c+1)*m)) holds samples of similar length.
+# It depends on the window's lengths, its first sequence position and m, never on the world size,
+# so the micro-batches stay the same at any W dividing G/m.
+
+
+def window_segments(lo: int, size: int, micro_batch: int) -> np.ndarray:
+    """Sizes of the pieces of the chunk grid that window positions [lo, lo+size) fall into, in order.
+
+    Windows hold whole shards, so their ends are generally not multiples of m: the first and last
+    piece may be partial (the rest of that chunk belongs to the neighbouring window)."""
+    hi = lo + size
+    cuts = np.arange((lo // micro_batch + 1) * micro_batch, hi, micro_batch, dtype=np.int64)
+    return np.diff(np.concatenate([[lo], cuts, [hi]])).astype(np.int64)
+
+
+def bucketed_window_permutation(lengths: np.ndarray, seed: int, epoch: int, index: int, lo: int,
+                                micro_batch: int) -> np.ndarray:
+    """The bucketed order of a window's samples: a permutation p of range(len(lengths)), sample p[i]
+    at sequence position lo + i (like `window_permutation`, which it replaces).
+
+    The window's samples sorted by length (ties in `window_permutation`'s order, so equal lengths
+    stay shuffled by the seed) are cut into consecutive runs, one per grid piece of the window; which
+    run goes to which piece is drawn from (seed, epoch, index, 3), so short and long chunks are
+    spread over the window instead of ascending. With all lengths equal there is nothing to bucket
+    and the result is exactly `window_permutation`: bucketing fixed-length data keeps the published
+    order."""
+    lengths = np.asarray(lengths)
+    base = window_permutation(seed, epoch, index, len(lengths))
+    if len(lengths) == 0 or np.ptp(lengths) == 0:
+        return base
+    ranked = base[np.argsort(lengths[base], kind="stable")]  # by length; ties in the seeded order
+    pieces = window_segments(lo, len(lengths), micro_batch)
+    draw = np.random.default_rng([seed, epoch, index, 3]).permutation(len(pieces))
+    # Runs of the sorted samples, taken in the drawn order of pieces, each as long as its piece.
+    run_start = np.zeros(len(pieces), np.int64)
+    run_start[draw] = np.concatenate([[0], np.cumsum(pieces[draw])[:-1]])
+    piece_start = np.concatenate([[0], np.cumsum(pieces)[:-1]])
+    out = np.empty(len(lengths), dtype=base.dtype)
+    for start, run, size in zip(piece_start.tolist(), run_start.tolist(), pieces.tolist(), strict=True):
+        out[start:start + size] = ranked[run:run + size]
+    return out
+
+
+def bucketed_epoch_order(shard_sizes: list[int], lengths: np.ndarray, seed: int, epoch: int, window: int,
+                         micro_batch: int) -> np.ndarray:
+    """`epoch_order` with each window bucketed by length; `lengths` is indexed by split position."""
+    lengths = np.asarray(lengths)
+    if len(lengths) != sum(shard_sizes):
+        raise ValueError(f"{len(lengths)} lengths for a split of {sum(shard_sizes)} samples")
+    offsets = shard_offsets(shard_sizes)
+    parts, lo = [], 0
+    for i, shards in enumerate(windows(shard_sizes, seed, epoch, window)):
+        members = np.concatenate([np.arange(offsets[s], offsets[s] + shard_sizes[s]) for s in shards])
+        parts.append(members[bucketed_window_permutation(lengths[members], seed, epoch, i, lo, micro_batch)])
+        lo += len(members)
+    return np.concatenate(parts)
+
+
+def padding_waste(micro_batches: list[np.ndarray] | np.ndarray) -> float:
+    """Padded steps per real step: sum over micro-batches of (size x longest - sum of lengths),
+    over the sum of lengths. 0 when every micro-batch is of one length."""
+    padded = real = 0
+    for lengths in micro_batches:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(lengths):
+            padded += len(lengths) * int(lengths.max()) - int(lengths.sum())
+            real += int(lengths.sum())
+    return padded / real if real else 0.0
+
+
+def epoch_padding_waste(sequence: np.ndarray, lengths: np.ndarray, layout: BatchLayout) -> float:
+    """The padding waste of an epoch trained in this order: its whole global batches (the partial
+    last one is dropped), cut into chunks of m. The chunks do not depend on the world size."""
+    used = len(sequence) // layout.global_batch * layout.global_batch
+    return padding_waste(np.asarray(lengths)[sequence[:used]].reshape(-1, layout.micro_batch))

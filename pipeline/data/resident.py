@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.data import order
+from pipeline.data import order, ragged
 from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest
 from pipeline.data.stream import EpochPlan, ShardSource, load_split_arrays, save_sample_ids
@@ -41,9 +41,10 @@ def choose_placement(requested: str, on_error: str, manifest: Manifest, device: 
 
 
 def split_bytes(manifest: Manifest, split: str) -> int:
-    """Device memory the split takes: uint8 images plus int64 labels and sample ids."""
-    pixels = int(np.prod(manifest.image_shape))
-    return manifest.split(split).num_samples * (pixels + 16)
+    """Device memory the split takes, padded to its longest case, plus int64 lengths, labels and sample ids."""
+    entry = manifest.split(split)
+    steps = entry.lengths.max * manifest.features * np.dtype(manifest.dtype).itemsize
+    return entry.num_samples * (steps + 24)
 
 
 def free_memory(device: torch.device) -> int:
@@ -61,8 +62,10 @@ class ResidentBatches:
 
     def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: EpochPlan, rank: int,
                  device: torch.device, augment: Augment, record_sample_ids: bool = False):
-        x, y, ids = load_split_arrays(manifest, source, split)
+        x, lengths, y, ids = load_split_arrays(manifest, source, split)
         self.x, self.y, self.ids = (torch.from_numpy(a).to(device) for a in (x, y, ids))
+        self.host_lengths = lengths  # the order and each micro-batch's longest case come from here: no device sync
+        self.lengths = torch.from_numpy(lengths).to(device)
         self.sizes = [s.num_samples for s in manifest.split(split).shards]
         self.plan = plan
         self.rank = rank
@@ -70,17 +73,29 @@ class ResidentBatches:
         self.augment = augment
         self.sample_ids: list[np.ndarray] | None = [] if record_sample_ids else None
         self.skipped_samples = 0  # every shard was read and counted at load: nothing is skipped later
+        self.padding = ragged.PaddingCount()
 
     def epoch(self, epoch: int, start: int, count: int) -> Iterator[list[tuple[torch.Tensor, ...]]]:
         """`count` steps of `epoch` from step `start`: each the rank's micro-batches, in accumulation order."""
         plan, layout = self.plan, self.plan.layout
-        sequence = torch.from_numpy(order.epoch_order(self.sizes, plan.seed, epoch, plan.window)).to(self.device)
+        if plan.length_buckets:
+            host = order.bucketed_epoch_order(self.sizes, self.host_lengths, plan.seed, epoch, plan.window, layout.micro_batch)
+        else:
+            host = order.epoch_order(self.sizes, plan.seed, epoch, plan.window)
+        sequence = torch.from_numpy(host).to(self.device)
         for step in range(start, start + count):
             micro = []
             for a in range(layout.accumulation):
-                rows = sequence[order.micro_positions(layout, self.rank, step, a)]
+                where = order.micro_positions(layout, self.rank, step, a)
+                rows = sequence[where]
                 ids = self.ids[rows]
-                micro.append((self.augment.torch(self.x[rows], ids, epoch), self.y[rows], ids))
+                if plan.ragged:  # padded to this micro-batch's longest case
+                    run = self.host_lengths[host[where]]
+                    self.padding.add(run)
+                    longest = int(run.max())
+                    micro.append((self.x[rows, :longest], self.y[rows], ids, self.lengths[rows]))
+                else:
+                    micro.append((self.augment.torch(self.x[rows], ids, epoch), self.y[rows], ids, None))
             if self.sample_ids is not None:
                 self.sample_ids.append(torch.cat([b[2] for b in micro]).cpu().numpy())
             yield micro

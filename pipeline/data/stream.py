@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data import order
+from pipeline.data import order, ragged
 from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, ShardEntry
 from pipeline.data.order import BatchLayout
@@ -125,10 +125,21 @@ class EpochPlan:
     seed: int
     window: int  # data.shuffle_buffer: samples per window, at least
     steps: int  # global batches per epoch (the same in every epoch)
+    length_buckets: bool = False  # micro-batches of similar lengths (order.bucketed_window_permutation)
+    ragged: bool = False  # the samples' lengths vary: micro-batches are padded and carry their lengths
 
     @classmethod
-    def make(cls, manifest: Manifest, split: str, layout: BatchLayout, seed: int, window: int) -> EpochPlan:
-        return cls(layout, seed, window, order.steps_in_epoch(manifest.split(split).num_samples, layout.global_batch))
+    def make(cls, manifest: Manifest, split: str, layout: BatchLayout, seed: int, window: int,
+             length_buckets: bool = True) -> EpochPlan:
+        ragged = varying_lengths(manifest)
+        return cls(layout, seed, window, order.steps_in_epoch(manifest.split(split).num_samples, layout.global_batch),
+                   length_buckets and ragged, ragged)
+
+
+def varying_lengths(manifest: Manifest) -> bool:
+    """Whether the data set's cases differ in length (in any split): then batches are padded and masked."""
+    spans = [(s.lengths.min, s.lengths.max) for s in manifest.splits.values()]
+    return len({v for span in spans for v in span}) > 1
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,8 @@ class WindowItem:
     """A worker's hand-over: this rank's samples of window `index`, in sequence order."""
 
     index: int
-    x: torch.Tensor  # uint8 [n, H, W]
+    x: torch.Tensor  # the samples' steps concatenated [sum of lengths, F], the data set's dtype
+    lengths: torch.Tensor  # int64 [n]
     y: torch.Tensor
     ids: torch.Tensor
     skipped: int  # samples of the window's unreadable shards whose places here other samples took (on_error=skip)
@@ -159,7 +171,7 @@ class TrainStream(IterableDataset):
                  augment: Augment, workers: int = 0, on_error: str = "raise"):
         self.shards = manifest.split(split).shards
         self.sizes = [s.num_samples for s in self.shards]
-        self.image_shape = tuple(manifest.image_shape)
+        self.features, self.dtype = manifest.features, np.dtype(manifest.dtype)
         self.workers = workers
         self.source = source
         self.plan = plan
@@ -209,25 +221,13 @@ class TrainStream(IterableDataset):
                 continue
             positions = np.arange(lo, hi)
             keep = order.rank_mask(positions, layout, self.rank) & (positions >= first) & (positions < limit)
-            x, y, ids, skipped = self._read_window(shards, index, epoch, keep)
-            yield WindowItem(index, torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids), skipped)
+            x, lengths, y, ids, skipped = self._read_window(shards, index, epoch, keep, lo)
+            yield WindowItem(index, *(torch.from_numpy(a) for a in (x, lengths, y, ids)), skipped)
 
-    def _read_window(self, shards: list[int], index: int, epoch: int, keep: np.ndarray):
+    def _read_window(self, shards: list[int], index: int, epoch: int, keep: np.ndarray, lo: int):
         """This rank's samples of one window, in sequence order, augmented; and how many were stand-ins."""
-        total = sum(self.sizes[s] for s in shards)
-        x = np.zeros((total, *self.image_shape), np.uint8)
-        y, ids = np.zeros(total, np.int64), np.zeros(total, np.int64)
-        readable = np.zeros(total, bool)
-        at = 0
-        for s in shards:
-            at_end = at + self.sizes[s]
-            for block in self._read_shard(self.shards[s]):
-                n = len(block)
-                x[at:at + n], y[at:at + n], ids[at:at + n] = block.fixed(self.source.shown(self.shards[s])), block.labels, block.ids
-                readable[at:at + n] = True
-                at += n
-            at = at_end
-        chosen = order.window_permutation(self.plan.seed, epoch, index, total)[keep]
+        values, lengths, y, ids, readable = self._gather(shards)
+        chosen = self._permutation(lengths, readable, epoch, index, lo)[keep]
         skipped = 0
         if not readable.all():  # on_error=skip: an unreadable sample's place goes to the window's readable ones, in turn
             lost = ~readable[chosen]
@@ -239,7 +239,39 @@ class TrainStream(IterableDataset):
             skipped = int(lost.sum())
             chosen = chosen.copy()
             chosen[lost] = good[np.arange(skipped) % len(good)]
-        return self.augment.numpy(x[chosen], ids[chosen], epoch), y[chosen], ids[chosen], skipped
+        x, kept = ragged.take(values, lengths, chosen)
+        if self.augment.active:  # image augmentations: the data set is of one length (config.py checks)
+            n = len(chosen)
+            x = self.augment.numpy(x.reshape(n, -1, self.features), ids[chosen], epoch).reshape(-1, self.features)
+        return x, kept, y[chosen], ids[chosen], skipped
+
+    def _gather(self, shards: list[int]):
+        """The window's shards read, in order: values, lengths, labels, ids, and which places were readable
+        (an unreadable shard's places keep length 0 and no values: on_error=skip gives them stand-ins)."""
+        total = sum(self.sizes[s] for s in shards)
+        parts: list[np.ndarray] = []
+        lengths, y, ids = np.zeros(total, np.int64), np.zeros(total, np.int64), np.zeros(total, np.int64)
+        readable = np.zeros(total, bool)
+        at = 0
+        for s in shards:
+            at_end = at + self.sizes[s]
+            for block in self._read_shard(self.shards[s]):
+                n = len(block)
+                parts.append(block.values)
+                lengths[at:at + n], y[at:at + n], ids[at:at + n] = block.lengths, block.labels, block.ids
+                readable[at:at + n] = True
+                at += n
+            at = at_end
+        values = np.concatenate(parts) if parts else np.zeros((0, self.features), self.dtype)
+        return values, lengths, y, ids, readable
+
+    def _permutation(self, lengths: np.ndarray, readable: np.ndarray, epoch: int, index: int, lo: int) -> np.ndarray:
+        """The window's order: by length buckets (data.length_buckets) where lengths vary, else random. An
+        unreadable shard's lengths are unknown, so a window that lost one falls back to the random order."""
+        plan = self.plan
+        if plan.length_buckets and readable.all():
+            return order.bucketed_window_permutation(lengths, plan.seed, epoch, index, lo, plan.layout.micro_batch)
+        return order.window_permutation(plan.seed, epoch, index, len(lengths))
 
     def _read_shard(self, shard: ShardEntry) -> Iterator[Block]:
         """Its blocks; with on_error=skip, those read before it failed (the rest are stand-ins' places)."""
@@ -277,18 +309,22 @@ def save_sample_ids(output_dir: Path, rank: int, batches: list[np.ndarray]) -> N
 
 
 def load_split_arrays(manifest: Manifest, source: ShardSource, split: str) -> tuple[np.ndarray, ...]:
-    """The whole split in memory, in manifest order: (images uint8 [n, H, W], labels int64 [n],
-    sample ids int64 [n])."""
-    xs, ys, ids = [], [], []
+    """The whole split in memory, in manifest order, padded: (x [n, longest, F] in the data set's dtype,
+    lengths int64 [n], labels int64 [n], sample ids int64 [n])."""
+    parts: list[np.ndarray] = []
+    lengths, ys, ids = [], [], []
     for shard in manifest.split(split).shards:
         for block in read_blocks(source, shard):
-            xs.append(block.fixed(source.shown(shard)))
+            parts.append(block.values)
+            lengths.append(block.lengths)
             ys.append(block.labels.astype(np.int64))
             ids.append(block.ids.astype(np.int64))
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)
+    lengths_all = np.concatenate(lengths)
+    x = ragged.pad(torch.from_numpy(np.concatenate(parts)), torch.from_numpy(lengths_all)).numpy()
+    return x, lengths_all, np.concatenate(ys), np.concatenate(ids)
 
 
-def load_split_tensors(manifest: Manifest, source: ShardSource, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and labels of the whole split (evaluation: 10k x 784 bytes)."""
-    x, y, _ = load_split_arrays(manifest, source, split)
-    return torch.from_numpy(x), torch.from_numpy(y)
+def load_split_tensors(manifest: Manifest, source: ShardSource, split: str) -> tuple[torch.Tensor, ...]:
+    """Cases padded [n, longest, F], lengths and labels of the whole split (evaluation)."""
+    x, lengths, y, _ = load_split_arrays(manifest, source, split)
+    return torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(y)

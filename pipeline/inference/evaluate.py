@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from pipeline.data.manifest import load_manifest
-from pipeline.data.stream import ShardSource, load_split_tensors
+from pipeline.data.stream import ShardSource, load_split_tensors, varying_lengths
 from pipeline.errors import UserError
 from pipeline.inference.models import TrainedModel, UnusableModel, load_trained_model
+from pipeline.inputs import InputScale
 from pipeline.training.evaluation import EvalResult, evaluate
 from pipeline.training.outputs import plot_confusion, write_json_atomic
 
@@ -39,13 +40,23 @@ def default_out(model_path: Path, split: str) -> Path:
 
 def check_fits(trained: TrainedModel, manifest, data_dir: str) -> None:
     """The data must be what the model reads and predicts: same image shape, same classes."""
-    if manifest.image_shape is None:
-        raise UnusableModel(f"{data_dir} holds sequences ({manifest.dataset}, {manifest.features} channel(s)), but the model "
-                            f"in {trained.source} reads images of shape {trained.image_shape}; evaluate it on the image "
-                            "data set it was trained for")
-    if list(manifest.image_shape) != list(trained.image_shape):
+    if (manifest.image_shape is None) != (trained.image_shape is None):
+        what = f"sequences ({manifest.dataset}, {manifest.features} channel(s))" if manifest.image_shape is None \
+            else f"images of shape {manifest.image_shape}"
+        reads = f"images of shape {trained.image_shape}" if trained.image_shape else f"sequences of {trained.features} channel(s)"
+        raise UnusableModel(f"{data_dir} holds {what}, but the model in {trained.source} reads {reads}; evaluate it on "
+                            "the data set it was trained for")
+    if manifest.image_shape is not None and list(manifest.image_shape) != list(trained.image_shape):
         raise UnusableModel(f"{data_dir} holds images of shape {manifest.image_shape}, but the model in {trained.source} "
                             f"reads {trained.image_shape}; evaluate it on data prepared the same way")
+    if manifest.features != trained.features:
+        raise UnusableModel(f"{data_dir} holds sequences of {manifest.features} channel(s), but the model in "
+                            f"{trained.source} reads {trained.features}; evaluate it on data with the model's channels")
+    if InputScale.for_data(manifest) != trained.inputs:
+        raise UnusableModel(f"{data_dir} was prepared with other normalisation statistics (its train split's channel "
+                            f"means {_short(manifest.normalization.mean)}) than the data the model in {trained.source} was "
+                            f"trained on ({_short(trained.inputs.mean)}): its inputs would be scaled differently. Evaluate "
+                            "it on the preparation it was trained on")
     if manifest.num_classes != trained.num_classes:
         raise UnusableModel(f"{data_dir} has {manifest.num_classes} classes, but the model in {trained.source} predicts "
                             f"{trained.num_classes}; evaluate it on the dataset it was trained for ({trained.dataset})")
@@ -53,6 +64,10 @@ def check_fits(trained: TrainedModel, manifest, data_dir: str) -> None:
         # Allowed (a model can be tried on a sibling dataset), but its class names are not the data's.
         print(f"warning: the model was trained on {trained.dataset} and {data_dir} holds {manifest.dataset}; class "
               "indices are compared as they are, under the model's class names", file=sys.stderr, flush=True)
+
+
+def _short(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in list(values or [])[:3]) + (", ...]" if len(values or []) > 3 else "]")
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -71,16 +86,18 @@ def run(model_path: str, data_dir: str, split: str = "test", out: str | None = N
     out_dir = Path(out) if out else default_out(Path(model_path), split)
     prepare_out(out_dir, force)
     device = device or torch.device("cpu")
-    images, labels = load_split_tensors(manifest, ShardSource(data_dir), split)
+    images, lengths, labels = load_split_tensors(manifest, ShardSource(data_dir), split)
     model = trained.model.to(device)
     result = evaluate(model, images, labels, batch_size, device, trained.autocast(device, precision),
-                      trained.num_classes, max_examples=25)
+                      trained.num_classes, max_examples=25, inputs=trained.inputs,
+                      lengths=lengths if varying_lengths(manifest) else None)
     report = _report(result, trained, manifest, data_dir, split, len(labels))
     write_json_atomic(out_dir / "eval.json", report)
     _write_predictions(out_dir / "predictions.csv", result, labels.numpy(), trained.class_names)
     plot_confusion(out_dir / "confusion.png", result.confusion, trained.class_names,
                    title=f"Confusion matrix, {manifest.dataset} {split}")
-    plot_mistakes(out_dir / "most_confident_mistakes.png", result, trained.class_names)
+    if result.examples is not None:
+        plot_mistakes(out_dir / "most_confident_mistakes.png", result, trained.class_names)
     return {"report": report, "result": result, "out": out_dir, "trained": trained}
 
 

@@ -17,6 +17,7 @@ import torch
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
+from pipeline.inputs import InputScale
 from pipeline.model import SequenceClassifier, build_model
 
 
@@ -27,7 +28,7 @@ class UnusableModel(UserError):
 @dataclass
 class TrainedModel:
     model: SequenceClassifier  # eval mode, on the CPU
-    image_shape: list[int]
+    image_shape: list[int] | None  # [steps, features] of an image model; None: sequences
     class_names: list[str]
     dataset: str | None
     source: Path  # what the user pointed at
@@ -37,6 +38,15 @@ class TrainedModel:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def features(self) -> int:
+        return int(self.card.get("features") or self.image_shape[1])
+
+    @property
+    def inputs(self) -> InputScale:
+        """Stored values -> model inputs, exactly as in training (images / 255, else the train split's statistics)."""
+        return InputScale.from_card(self.card.get("input_scale"))
 
     @property
     def mixed_precision(self) -> str:
@@ -74,7 +84,8 @@ def _from_model_dir(path: Path) -> TrainedModel:
     card = _read_json(path / "config.json")
     try:
         model_cfg = ModelConfig(**card["model"])
-        image_shape, num_classes = list(card["image_shape"]), int(card["num_classes"])
+        image_shape, num_classes = card["image_shape"], int(card["num_classes"])
+        features = int(card.get("features") or image_shape[1])
         class_names = list(card.get("class_names") or [str(i) for i in range(num_classes)])
     except (KeyError, TypeError, ValueError) as err:
         raise UnusableModel(f"{path / 'config.json'} is not a model description of this pipeline ({err}); {HINT}") from None
@@ -83,7 +94,7 @@ def _from_model_dir(path: Path) -> TrainedModel:
     if recorded and weights.is_file() and sha256_file(weights) != recorded:
         raise UnusableModel(f"{weights} is damaged: its sha256 differs from the one recorded in config.json when it was "
                             "saved; re-copy the run's model directory or use one of its checkpoints")
-    model = _with_weights(build_model(model_cfg, image_shape, num_classes), weights)
+    model = _with_weights(build_model(model_cfg, features, num_classes), weights)
     return TrainedModel(model, image_shape, class_names, card.get("dataset"), path, "model", card)
 
 
@@ -102,8 +113,9 @@ def _from_checkpoint(path: Path) -> TrainedModel:
         card = {"image_shape": [28, 28], "num_classes": 10, "class_names": get_spec(dataset).class_names, "dataset": dataset,
                 "mixed_precision": meta.config.get("train", {}).get("mixed_precision", "no")}
     card["wandb_run_id"] = card.get("wandb_run_id") or meta.state.wandb_run_id
-    model = _with_weights(build_model(ModelConfig(**meta.model), card["image_shape"], card["num_classes"]), path / "model.safetensors")
-    return TrainedModel(model, list(card["image_shape"]), list(card["class_names"]), card.get("dataset"), path, "checkpoint", card)
+    features = int(card.get("features") or card["image_shape"][1])
+    model = _with_weights(build_model(ModelConfig(**meta.model), features, card["num_classes"]), path / "model.safetensors")
+    return TrainedModel(model, card["image_shape"], list(card["class_names"]), card.get("dataset"), path, "checkpoint", card)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

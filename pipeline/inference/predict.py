@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.inference.images import load_items
-from pipeline.inference.models import TrainedModel, load_trained_model
+from pipeline.inference.models import TrainedModel, UnusableModel, load_trained_model
 from pipeline.training.evaluation import logits_in_batches
 
 
@@ -23,6 +23,9 @@ def predict(trained: TrainedModel, images: np.ndarray, batch_size: int = 1000) -
 
 def run(model_path: str, image_paths: list[str], invert: bool = False, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     trained = load_trained_model(model_path)
+    if trained.image_shape is None:
+        raise UnusableModel(f"the model in {trained.source} reads sequences ({trained.features} channel(s)), and "
+                            "predict.py reads images; score a prepared sequence data set with evaluate.py --data DIR")
     items = load_items(image_paths, tuple(trained.image_shape), invert)
     probabilities = predict(trained, np.stack([item.image for item in items]))
     lines = []

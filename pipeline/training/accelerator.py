@@ -32,7 +32,7 @@ def check_cpu_bf16(cell: str) -> None:
     """bf16 autocast runs the CPU's recurrent layers through oneDNN, which has no bf16 kernel for
     them on CPUs without AVX-512 (seen on an AVX2-only AMD EPYC): every step would fail with
     'could not create a primitive descriptor'. A layer of four units says so before anything starts."""
-    probe = build_model(ModelConfig(cell=cell, hidden_size=4), [4, 4], 2)
+    probe = build_model(ModelConfig(cell=cell, hidden_size=4), 4, 2)
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             probe(torch.zeros(1, 4, 4))

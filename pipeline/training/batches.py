@@ -15,10 +15,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.data import ragged
 from pipeline.data.stream import TrainStream, WindowItem, make_train_loader, save_sample_ids
 from pipeline.errors import DataError
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (x [m, longest, F] padded, labels [m], sample ids [m], lengths [m] or None for a data set of one length)
+MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 class StreamBatches:
@@ -31,14 +33,18 @@ class StreamBatches:
         self.data_dir = data_dir
         self.sample_ids: list[np.ndarray] | None = [] if record_sample_ids else None
         self.skipped_samples = 0  # places of unreadable samples taken by others (on_error=skip)
+        self.padding = ragged.PaddingCount()
 
     def epoch(self, epoch: int, start: int, count: int) -> Iterator[list[MicroBatch]]:
         """`count` steps of `epoch` from step `start`."""
         self.stream.set_epoch(epoch, start)
         m, steps = self.layout.micro_batch, self.layout.accumulation
         pending: list[MicroBatch] = []
-        for x, y, ids in self._micro_batches(self._windows(self.stream.first_window(epoch, start)), m):
-            pending.append((x, y, ids))
+        for micro in self._micro_batches(self._windows(self.stream.first_window(epoch, start)), m,
+                                         self.stream.plan.ragged):
+            if micro[3] is not None:
+                self.padding.add(micro[3])
+            pending.append(micro)
             if len(pending) == steps:
                 if self.sample_ids is not None:
                     self.sample_ids.append(torch.cat([b[2] for b in pending]).numpy())
@@ -68,7 +74,8 @@ class StreamBatches:
             raise RuntimeError(f"windows {sorted(held)} arrived, but window {expected} never did")
 
     @staticmethod
-    def _micro_batches(windows: Iterator[WindowItem], m: int) -> Iterator[MicroBatch]:
+    def _micro_batches(windows: Iterator[WindowItem], m: int, ragged_lengths: bool) -> Iterator[MicroBatch]:
+        """Runs of m samples across windows, each padded to its own longest sample."""
         buffered: list[WindowItem] = []
         have = 0
         for item in windows:
@@ -78,11 +85,17 @@ class StreamBatches:
             have += len(item.y)
             if have < m:
                 continue
-            x, y, ids = (torch.cat(parts) for parts in zip(*((b.x, b.y, b.ids) for b in buffered), strict=True))
+            x, lengths, y, ids = (torch.cat(parts) for parts in
+                                  zip(*((b.x, b.lengths, b.y, b.ids) for b in buffered), strict=True))
+            ends = torch.cumsum(lengths, 0)
             full = len(y) // m * m
             for start in range(0, full, m):
-                yield x[start:start + m], y[start:start + m], ids[start:start + m]
-            rest = WindowItem(-1, x[full:], y[full:], ids[full:], 0)
+                lo = int(ends[start - 1]) if start else 0
+                run = lengths[start:start + m]
+                padded = ragged.pad(x[lo:int(ends[start + m - 1])], run)
+                yield padded, y[start:start + m], ids[start:start + m], run if ragged_lengths else None
+            lo = int(ends[full - 1]) if full else 0
+            rest = WindowItem(-1, x[lo:], lengths[full:], y[full:], ids[full:], 0)
             buffered, have = ([rest], len(rest.y)) if len(rest.y) else ([], 0)
 
     def save_sample_ids(self, output_dir: Path, rank: int) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
-from pipeline.model import to_inputs
+from pipeline.inputs import IMAGES, InputScale
 
 
 @dataclass
@@ -21,7 +21,8 @@ class EvalResult:
     per_class_accuracy: list[float]
     confusion: np.ndarray  # int64 [C, C], rows = true class, columns = prediction
     seconds: float
-    examples: tuple[np.ndarray, np.ndarray, np.ndarray]  # the most confident mistakes: images, predictions, labels
+    examples: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # the most confident mistakes: images, predictions,
+    # labels (images only: a sequence has no picture)
     examples_confidence: np.ndarray  # the probability the model gave each of those predictions
     predictions: np.ndarray  # int64 [n], per sample, in the split's order
     confidence: np.ndarray  # float32 [n], the predicted class's probability
@@ -45,24 +46,38 @@ class EvalResult:
 
 
 @torch.no_grad()
-def logits_in_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
-                      autocast=contextlib.nullcontext) -> torch.Tensor:
-    """float32 logits [n, C] on the CPU for uint8 images [n, H, W]; the one forward pass of evaluation and prediction."""
+def logits_in_batches(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
+                      autocast=contextlib.nullcontext, inputs: InputScale = IMAGES,
+                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 logits [n, C] on the CPU for cases x [n, T, F] (padded where `lengths` are given); the one
+    forward pass of evaluation and prediction. Cases of varying length go in order of length, each batch
+    cut to its longest (a case's logits do not depend on its batch-mates), and come back in their order."""
     was_training = model.training
     model.eval()
+    order = torch.argsort(lengths, stable=True) if lengths is not None else None
     out = []
-    for lo in range(0, len(images), batch_size):
+    for lo in range(0, len(x), batch_size):
         with autocast():
-            out.append(model(to_inputs(images[lo : lo + batch_size], device)).float().cpu())
+            if order is None:
+                out.append(model(inputs(x[lo:lo + batch_size], device)).float().cpu())
+                continue
+            rows = order[lo:lo + batch_size]
+            run = lengths[rows]
+            batch = inputs(x[rows, :int(run.max())], device)
+            out.append(model(batch, run.to(device)).float().cpu())
     model.train(was_training)
-    return torch.cat(out)
+    logits = torch.cat(out)
+    if order is not None:
+        logits = torch.empty_like(logits).index_copy_(0, order, logits)
+    return logits
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-             device: torch.device, autocast, num_classes: int, max_examples: int = 32) -> EvalResult:
+             device: torch.device, autocast, num_classes: int, max_examples: int = 32,
+             inputs: InputScale = IMAGES, lengths: torch.Tensor | None = None) -> EvalResult:
     """`model` is the unwrapped module: no collective runs, the other ranks are not involved."""
     start = time.perf_counter()
-    logits = logits_in_batches(model, images, batch_size, device, autocast)
+    logits = logits_in_batches(model, images, batch_size, device, autocast, inputs, lengths)
     loss = F.cross_entropy(logits.double(), labels, reduction="sum").item() / len(labels)
     probs = torch.softmax(logits, dim=1)
     confidence, pred_t = probs.max(dim=1)
@@ -77,7 +92,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         per_class_accuracy=per_class,
         confusion=confusion.astype(np.int64),
         seconds=time.perf_counter() - start,
-        examples=(images.numpy()[wrong], pred[wrong], true[wrong]),
+        examples=(images.numpy()[wrong], pred[wrong], true[wrong]) if inputs.mean is None else None,
         examples_confidence=confidence.numpy()[wrong],
         predictions=pred.astype(np.int64),
         confidence=confidence.numpy(),
@@ -87,9 +102,10 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 class Evaluator:
     """Rank-zero evaluation on a split held in memory; keeps the time each evaluation took."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, num_classes: int,
-                 device: torch.device, autocast):
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, lengths: torch.Tensor | None, labels: torch.Tensor, batch_size: int,
+                 num_classes: int, device: torch.device, autocast, inputs: InputScale = IMAGES):
+        self.images, self.lengths, self.labels = images, lengths, labels
+        self.inputs = inputs
         self.batch_size = batch_size
         self.num_classes = num_classes
         self.device = device
@@ -99,7 +115,8 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module) -> EvalResult:
         """One scoring of `model`, the unwrapped module: no collective runs, the other ranks are not involved."""
-        return evaluate(model, self.images, self.labels, self.batch_size, self.device, self.autocast, self.num_classes)
+        return evaluate(model, self.images, self.labels, self.batch_size, self.device, self.autocast, self.num_classes,
+                        inputs=self.inputs, lengths=self.lengths)
 
     def event(self, model: torch.nn.Module, average: torch.nn.Module | None = None) -> tuple[EvalResult, EvalResult | None]:
         """One evaluation of the run: the weights, and their average beside them when there is one. It counts

@@ -24,8 +24,11 @@ def end_run(t: Trainer, stopped_by: str | None) -> dict[str, Any]:
     """Collective: every rank's sample ids and skipped samples; the main process writes the rest."""
     t.bar.close()
     t.batches.save_sample_ids(t.out, t.accelerator.process_index)
-    counts = torch.tensor([float(t.batches.skipped_samples)], device=t.device)
-    skipped = int(t.accelerator.reduce(counts, reduction="sum").item())
+    counts = torch.tensor([float(t.batches.skipped_samples), *t.batches.padding.total], dtype=torch.float64,
+                          device=t.device)
+    skipped, padded, real = t.accelerator.reduce(counts, reduction="sum").tolist()
+    skipped = int(skipped)
+    t.run_info["padding_waste"] = padded / real if t.plan.ragged and real else None
     if stopped_by == "SIGTERM":
         raise Preempted(
             f"SIGTERM received: every rank stopped after step {t.state.step} of {t.total_steps} and its checkpoint "

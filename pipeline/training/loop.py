@@ -84,7 +84,8 @@ class TrainingLoop:
         boundary = state.step % cfg.train.log_every_steps == 0 or final
         if boundary:
             self._check_finite()
-            t.sink.train(state.step, {**t.window.close(t.accelerator),
+            padding = t.batches.padding.take() if t.plan.ragged else None
+            t.sink.train(state.step, {**t.window.close(t.accelerator, padding),
                                       "train/epoch": state.epoch + state.step_in_epoch / epoch_steps,
                                       "train/skipped_steps": state.skipped_steps})
         with t.window.paused():

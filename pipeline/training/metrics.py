@@ -86,8 +86,9 @@ class StepWindow:
         finally:
             self.start += time.perf_counter() - start
 
-    def close(self, accelerator) -> dict[str, float]:
-        """Collective (the loss is averaged over ranks): the window's metrics; starts the next window."""
+    def close(self, accelerator, padding: tuple[int, int] | None = None) -> dict[str, float]:
+        """Collective (the loss is averaged over ranks): the window's metrics; starts the next window.
+        `padding`: this rank's (padded, real) steps of the window, where lengths vary."""
         self._fold()
         mean_loss = accelerator.reduce(self.loss, reduction="mean").item() / self.steps
         elapsed = time.perf_counter() - self.start
@@ -101,6 +102,10 @@ class StepWindow:
             "train/grad_norm": norm_sum / norm_count if norm_count else math.nan,
             "train/samples_per_s": samples / elapsed,
         }
+        if padding is not None:  # over every rank's micro-batches: the waste does not depend on the world size
+            padded, real = accelerator.reduce(torch.tensor(padding, dtype=torch.float64, device=self.loss.device),
+                                              reduction="sum").tolist()
+            metrics["train/padding_waste"] = padded / real if real else 0.0
         self.loss.zero_()
         self.norm_sum.zero_()
         self.norm_count.zero_()

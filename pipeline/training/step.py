@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from pipeline.model import to_inputs
+from pipeline.inputs import IMAGES, InputScale
 
 
 @dataclass
@@ -33,6 +33,7 @@ class StepParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped here once per optimizer step, never prepared
     grad_clip: float | None = None
     label_smoothing: float = 0.0
+    inputs: InputScale = IMAGES  # stored values -> model inputs (images / 255, else standardised)
 
     @property
     def skips_on_device(self) -> bool:
@@ -63,10 +64,11 @@ def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: l
         with contextlib.nullcontext() if i == steps - 1 else accelerator.no_sync(model):
             if seeds is not None:
                 torch.manual_seed(seeds[i])
-            inputs = to_inputs(batch[0], accelerator.device)
+            inputs = parts.inputs(batch[0], accelerator.device)
             targets = batch[1].to(accelerator.device, non_blocking=True)
+            lengths = batch[3] if len(batch) > 3 else None
             with accelerator.autocast():
-                logits = model(inputs)
+                logits = model(inputs) if lengths is None else model(inputs, lengths)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=parts.label_smoothing)
             accelerator.backward(loss if steps == 1 else loss / steps)
         total = loss.detach() if total is None else total + loss.detach()

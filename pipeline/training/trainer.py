@@ -29,6 +29,7 @@ from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.distributed.preemption import StopSignal
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.files import mask_url
+from pipeline.inputs import InputScale
 from pipeline.model import build_model
 from pipeline.tracking import Tracker
 from pipeline.training.accelerator import build_accelerator
@@ -78,7 +79,12 @@ class Trainer:
         self.manifest = self._read_manifest()
         self.placement = self._choose_placement()
         self.layout = BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world)
-        self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer)
+        self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer,
+                                   cfg.data.length_buckets)
+        self.inputs = InputScale.for_data(self.manifest)
+        if (cfg.data.hflip or cfg.data.shift or cfg.data.erase) and self.manifest.image_shape is None:
+            raise ConfigError(f"data.hflip, data.shift and data.erase augment images, but {cfg.data.dir} holds sequences "
+                              f"({self.manifest.dataset}); set them to false / 0 for this data set")
         self.total_steps = total_steps(cfg, self.plan)
         if cfg.train.max_steps is None and cfg.eval.every_steps > self.total_steps:
             raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
@@ -174,14 +180,15 @@ class Trainer:
     def _build_parts(self) -> StepParts:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model, self.manifest.image_shape, self.manifest.num_classes)
+        model = build_model(cfg.model, self.manifest.features, self.manifest.num_classes)
         # The main process alone writes there; every rank learns if it cannot, and ends with its reason.
         on_main(self.accelerator, lambda: check_output_dir(self.out, required_free_bytes(model, cfg.checkpoint.keep_last)),
                 lambda err: UserError(f"output_dir {self.out} cannot be checked ({err})"))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
         model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
-        return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing)
+        return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing,
+                         self.inputs)
 
     def _choose_placement(self) -> str:
         """Where the train split lives; the same on every rank, since steps per epoch depend on it."""
@@ -206,7 +213,8 @@ class Trainer:
     def model_card(self) -> dict[str, Any]:
         """Saved beside the weights (model/config.json, checkpoints): what evaluate and predict need."""
         m = self.manifest
-        return {"image_shape": m.image_shape, "num_classes": m.num_classes, "class_names": m.class_names,
+        return {"image_shape": m.image_shape, "features": m.features, "dtype": m.dtype, "ragged": self.plan.ragged,
+                "input_scale": self.inputs.card(), "num_classes": m.num_classes, "class_names": m.class_names,
                 "dataset": m.dataset, "dataset_fingerprint": m.fingerprint,
                 "mixed_precision": self.accelerator.mixed_precision}
 
@@ -227,8 +235,9 @@ class Trainer:
         return path, state
 
     def evaluator_for(self, split: str) -> Evaluator:
-        return Evaluator(*load_split_tensors(self.manifest, self.source, split), self.cfg.eval.batch_size,
-                         self.manifest.num_classes, self.device, self.accelerator.autocast)
+        x, lengths, y = load_split_tensors(self.manifest, self.source, split)
+        return Evaluator(x, lengths if self.plan.ragged else None, y, self.cfg.eval.batch_size,
+                         self.manifest.num_classes, self.device, self.accelerator.autocast, self.inputs)
 
     @property
     def shipped(self) -> torch.nn.Module:

@@ -1,0 +1,85 @@
+"""Training on real variable-length sequences (FSDD's MFCCs, 6-92 frames): it learns; one process with
+accumulation equals two processes bit for bit; a resumed run equals an uninterrupted one; the stream
+and device memory give the same run; W&B offline records it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_jsonl, run_py, train_in_process, train_run
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+CONFIG = "configs/sequences.yaml"
+SHORT = ("model.hidden_size=32", "train.max_steps=60", "eval.every_steps=30", "checkpoint.every_steps=30",
+         "train.log_every_steps=10", "train.batch_size=16", "train.global_batch_size=32", "wandb.mode=disabled")
+
+
+@pytest.fixture(scope="module")
+def fsdd_shards(examples, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdd") / "fsdd"
+    run_py("launch/prepare_data.py", "--from", str(examples / "fsdd" / "digits.npz"), "--out", str(out), "--name", "fsdd",
+           check=True)
+    return out
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model" / "model.safetensors")
+
+
+def _same(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fsdd_trains_and_reports_padding(fsdd_shards, tmp_path):
+    out = tmp_path / "run"
+    summary = train_in_process(out, fsdd_shards, *SHORT, "train.max_steps=150", "eval.every_steps=75", config=CONFIG)
+    assert summary["final_eval_accuracy"] > 0.5, summary  # ten digits: chance is 0.1
+    assert summary["eval_split"] == "val"
+    # Bucketed micro-batches of 16: a few percent of padding (random ones: about 0.7, tests/test_order_buckets.py)
+    assert 0 < summary["padding_waste"] < 0.15, summary["padding_waste"]
+    windows = [e["train/padding_waste"] for e in read_jsonl(out / "metrics.jsonl") if "train/loss" in e]
+    assert len(windows) == 15 and all(0 <= w < 0.3 for w in windows)
+    card = json.loads((out / "model" / "config.json").read_text())
+    assert card["features"] == 13 and card["ragged"] and card["image_shape"] is None and len(card["input_scale"]["mean"]) == 13
+    # evaluate.py scores the shipped model as the run did, to the last digit, on both splits
+    for split, accuracy, loss in (("val", "final_eval_accuracy", "final_eval_loss"), ("test", "test_accuracy", "test_loss")):
+        run_py("launch/evaluate.py", "--model", str(out / "model"), "--data", str(fsdd_shards), "--split", split,
+               "--out", str(tmp_path / split), check=True)
+        report = json.loads((tmp_path / split / "eval.json").read_text())
+        assert (report["accuracy"], report["loss"]) == (summary[accuracy], summary[loss]), split
+    assert not (tmp_path / "test" / "most_confident_mistakes.png").exists()  # a sequence has no picture
+    proc = run_py("launch/predict.py", "--model", str(out / "model"), "x.png")
+    assert proc.returncode == 2 and "reads sequences (13 channel(s))" in proc.stderr
+
+
+def test_two_processes_equal_one_with_accumulation(fsdd_shards, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # One thread per process (threads change float sums); losses logged every step (a log window's sums
+    # over steps and over ranks associate differently)
+    every_step = (*SHORT, "train.log_every_steps=1")
+    train_run(one, fsdd_shards, *every_step, config=CONFIG, env={"OMP_NUM_THREADS": "1"})
+    train_run(two, fsdd_shards, *every_step, nproc=2, config=CONFIG, env={"OMP_NUM_THREADS": "1"})
+    assert _same(one, two), "1 x 2 x 16 and 2 x 1 x 16 must compute the same micro-batches and sums"
+    losses = lambda out: [e["train/loss"] for e in read_jsonl(out / "metrics.jsonl") if "train/loss" in e]  # noqa: E731
+    assert losses(one) == losses(two)
+
+
+def test_resumed_run_equals_uninterrupted(fsdd_shards, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_in_process(straight, fsdd_shards, *SHORT, config=CONFIG)
+    train_in_process(split, fsdd_shards, *SHORT, "train.stop_at_step=30", config=CONFIG)
+    resumed = train_in_process(split, fsdd_shards, *SHORT, resume="auto", config=CONFIG)
+    assert resumed["resumed"] and _same(straight, split)
+
+
+def test_stream_and_device_memory_give_the_same_run(fsdd_shards, tmp_path):
+    device, stream = tmp_path / "device", tmp_path / "stream"
+    train_in_process(device, fsdd_shards, *SHORT, "data.placement=device", config=CONFIG)
+    train_in_process(stream, fsdd_shards, *SHORT, "data.placement=stream", "data.num_workers=2", config=CONFIG)
+    assert _same(device, stream)
