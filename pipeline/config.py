@@ -142,6 +142,9 @@ class TrainConfig(_Section):
     )
     grad_clip: Optional[float] = Field(None, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Training loss only; eval reports plain cross-entropy")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: each class's training loss weighted by the inverse of its frequency in the "
+        "train split (the manifest's class_counts: N / (classes x count)); eval reports plain cross-entropy")
     ema: Optional[EmaConfig] = Field(None, description="Weight averaging: evaluated beside the weights, and what "
                                      "model/ holds")
     log_every_steps: int = Field(10, ge=1)

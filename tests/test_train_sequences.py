@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import read_jsonl, run_py, train_in_process, train_run
@@ -17,6 +18,12 @@ pytestmark = pytest.mark.slow
 CONFIG = "configs/sequences.yaml"
 SHORT = ("model.hidden_size=32", "train.max_steps=60", "eval.every_steps=30", "checkpoint.every_steps=30",
          "train.log_every_steps=10", "train.batch_size=16", "train.global_batch_size=32", "wandb.mode=disabled")
+
+
+@pytest.fixture(scope="module")
+def fsdd(examples) -> dict[str, np.ndarray]:
+    with np.load(examples / "fsdd" / "digits.npz") as data:
+        return {key: data[key] for key in data.files}
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +90,33 @@ def test_stream_and_device_memory_give_the_same_run(fsdd_shards, tmp_path):
     train_in_process(device, fsdd_shards, *SHORT, "data.placement=device", config=CONFIG)
     train_in_process(stream, fsdd_shards, *SHORT, "data.placement=stream", "data.num_workers=2", config=CONFIG)
     assert _same(device, stream)
+
+
+def test_balanced_class_weights_and_macro_scores(fsdd, fsdd_shards, tmp_path):
+    """An imbalanced FSDD (digit 0 cut to 30 of its 300 recordings) trains with balanced weights; the
+    summary reports balanced accuracy and macro-F1 beside accuracy, as evaluate.py does."""
+    keep = (fsdd["y"] != 0) | (np.cumsum(fsdd["y"] == 0) <= 30)
+    starts = np.concatenate([[0], np.cumsum(fsdd["lengths"])])
+    rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(keep)])
+    src = tmp_path / "imbalanced.npz"
+    np.savez(src, X=fsdd["X"][rows], lengths=fsdd["lengths"][keep], y=fsdd["y"][keep])
+    data = tmp_path / "data"
+    run_py("launch/prepare_data.py", "--from", str(src), "--out", str(data), check=True)
+    out = tmp_path / "run"
+    summary = train_in_process(out, data, *SHORT, "train.class_weights=balanced", config=CONFIG)
+    for split in ("final_eval", "test"):
+        assert 0 < summary[f"{split}_balanced_accuracy"] <= 1 and 0 < summary[f"{split}_macro_f1"] <= 1
+    evals = [e for e in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in e]
+    assert {"eval/balanced_accuracy", "eval/macro_f1"} <= set(evals[-1])
+
+
+def test_the_weights_balance_the_train_counts():
+    from pipeline.errors import ConfigError
+    from pipeline.training.trainer import balanced_weights
+
+    counts = {"a": 90, "b": 9, "c": 1}
+    weights = balanced_weights(counts).numpy()
+    np.testing.assert_allclose(weights, [100 / 270, 100 / 27, 100 / 3], rtol=1e-6)
+    np.testing.assert_allclose((weights * np.array([90, 9, 1])).sum(), 100, rtol=1e-6)  # the mean weight per case is 1
+    with pytest.raises(ConfigError, match="no case of b"):
+        balanced_weights({"a": 3, "b": 0})

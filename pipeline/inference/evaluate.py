@@ -104,6 +104,8 @@ def run(model_path: str, data_dir: str, split: str = "test", out: str | None = N
 def _report(result: EvalResult, trained: TrainedModel, manifest, data_dir: str, split: str, samples: int) -> dict[str, Any]:
     return {
         "accuracy": result.accuracy,
+        "balanced_accuracy": result.balanced_accuracy,
+        "macro_f1": result.macro_f1,
         "loss": result.loss,
         "samples": samples,
         "per_class": result.per_class_report(trained.class_names),
@@ -156,7 +158,8 @@ def plot_mistakes(path: Path, result: EvalResult, class_names: list[str]) -> Non
 def print_table(report: dict[str, Any], out_dir: Path) -> None:
     rows = report["per_class"]
     width = max(len(r["class"]) for r in rows)
-    print(f"{report['dataset']} {report['split']}: accuracy {report['accuracy']:.4f}, loss {report['loss']:.4f} "
+    print(f"{report['dataset']} {report['split']}: accuracy {report['accuracy']:.4f}, balanced accuracy "
+          f"{report['balanced_accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, loss {report['loss']:.4f} "
           f"on {report['samples']} samples ({report['model']})")
     print(f"{'class':<{width}}  precision  recall     f1  support")
     for r in rows:

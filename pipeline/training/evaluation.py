@@ -27,22 +27,43 @@ class EvalResult:
     predictions: np.ndarray  # int64 [n], per sample, in the split's order
     confidence: np.ndarray  # float32 [n], the predicted class's probability
 
+    @property
+    def balanced_accuracy(self) -> float:
+        """The mean of the per-class recalls, over the classes present in the split."""
+        support = self.confusion.sum(axis=1)
+        present = support > 0
+        return float((np.diag(self.confusion)[present] / support[present]).mean())
+
+    @property
+    def macro_f1(self) -> float:
+        """The mean of the per-class F1 scores over the classes present in the split or predicted (the
+        classes scikit-learn's f1_score(average="macro") counts)."""
+        counted = (self.confusion.sum(axis=1) > 0) | (self.confusion.sum(axis=0) > 0)
+        return float(_scores(self.confusion)[2][counted].mean())
+
     def metrics(self) -> dict[str, float]:
-        out = {"eval/accuracy": self.accuracy, "eval/loss": self.loss, "eval/seconds": self.seconds}
+        out = {"eval/accuracy": self.accuracy, "eval/balanced_accuracy": self.balanced_accuracy,
+               "eval/macro_f1": self.macro_f1, "eval/loss": self.loss, "eval/seconds": self.seconds}
         out.update({f"eval/acc_{c}": a for c, a in enumerate(self.per_class_accuracy)})
         return out
 
     def per_class_report(self, class_names: list[str]) -> list[dict[str, float | int | str]]:
         """Precision, recall, F1 and support per class, from the confusion matrix (0 where undefined)."""
-        tp = np.diag(self.confusion).astype(np.float64)
-        support = self.confusion.sum(axis=1)
-        predicted = self.confusion.sum(axis=0)
-        precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-        recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-        total = precision + recall
-        f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(tp), where=total > 0)
+        precision, recall, f1, support = _scores(self.confusion)
         return [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
                 for name, p, r, f, n in zip(class_names, precision, recall, f1, support, strict=True)]
+
+
+def _scores(confusion: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(precision, recall, F1, support) per class; 0 where undefined."""
+    tp = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(tp), where=total > 0)
+    return precision, recall, f1, support
 
 
 @torch.no_grad()

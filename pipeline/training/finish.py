@@ -79,10 +79,14 @@ def _summary(t: Trainer, skipped_samples: int, test: EvalResult | None) -> dict[
         # On eval_split, of the weights model/ holds (their average with train.ema).
         "final_eval_accuracy": last.accuracy if last else None,
         "final_eval_loss": last.loss if last else None,
+        "final_eval_balanced_accuracy": last.balanced_accuracy if last else None,
+        "final_eval_macro_f1": last.macro_f1 if last else None,
         "best_eval_accuracy": state.best_accuracy,
         # The same weights, scored once on test at the end.
         "test_accuracy": test.accuracy if test else None,
         "test_loss": test.loss if test else None,
+        "test_balanced_accuracy": test.balanced_accuracy if test else None,
+        "test_macro_f1": test.macro_f1 if test else None,
         # Per evaluation event of this process (with train.ema, both passes of one event count once).
         "eval_seconds_mean": t.evaluator.mean_seconds,
         "evals": len(t.evaluator.seconds),

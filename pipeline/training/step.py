@@ -34,6 +34,7 @@ class StepParts:
     grad_clip: float | None = None
     label_smoothing: float = 0.0
     inputs: InputScale = IMAGES  # stored values -> model inputs (images / 255, else standardised)
+    class_weights: torch.Tensor | None = None  # on the device; None: every class alike
 
     @property
     def skips_on_device(self) -> bool:
@@ -69,7 +70,8 @@ def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: l
             lengths = batch[3] if len(batch) > 3 else None
             with accelerator.autocast():
                 logits = model(inputs) if lengths is None else model(inputs, lengths)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=parts.label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, weight=parts.class_weights,
+                                   label_smoothing=parts.label_smoothing)
             accelerator.backward(loss if steps == 1 else loss / steps)
         total = loss.detach() if total is None else total + loss.detach()
     clip = parts.grad_clip if parts.grad_clip is not None else math.inf

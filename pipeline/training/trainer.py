@@ -50,6 +50,16 @@ def total_steps(cfg: Config, plan: EpochPlan) -> int:
     return cfg.train.max_steps if cfg.train.max_steps is not None else plan.steps * cfg.train.epochs
 
 
+def balanced_weights(class_counts: dict[str, int]) -> torch.Tensor:
+    """train.class_weights balanced: N / (classes x count) per class, so that the mean weight per case is 1."""
+    counts = torch.tensor(list(class_counts.values()), dtype=torch.float64)
+    missing = [name for name, count in class_counts.items() if count == 0]
+    if missing:
+        raise ConfigError(f"train.class_weights balanced: the train split has no case of {', '.join(missing)}, so no "
+                          "weight can balance it; prepare the data so that every class is in train")
+    return (counts.sum() / (len(counts) * counts)).float()
+
+
 def required_free_bytes(model: torch.nn.Module, keep_last: int) -> int:
     """Room for keep_last + 1 checkpoints (weights + Adam's two moments, fp32) and the final model, doubled."""
     params = sum(p.numel() for p in model.parameters()) * 4
@@ -188,7 +198,12 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
         model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
         return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing,
-                         self.inputs)
+                         self.inputs, self._class_weights())
+
+    def _class_weights(self) -> torch.Tensor | None:
+        if self.cfg.train.class_weights == "none":
+            return None
+        return balanced_weights(self.manifest.split("train").class_counts).to(self.device)
 
     def _choose_placement(self) -> str:
         """Where the train split lives; the same on every rank, since steps per epoch depend on it."""
