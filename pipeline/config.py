@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
@@ -94,6 +94,21 @@ class ModelConfig(_Section):
         None, description="LSTM only: the forget gates' bias at initialisation, so that early gradients reach back "
         "through the rows (1.0 in Jozefowicz et al., 2015); null keeps PyTorch's uniform initialisation"
     )
+    frame: Union[int, Literal["auto"]] = Field(
+        1, description="Read k consecutive steps as one step of k x features (an image read row by row is a pixel "
+        "sequence in frames of 28): a long series takes k times fewer recurrent steps. auto: the train split's median "
+        "length / 64, rounded up (1 for sequences of up to 64 steps), fixed when the run starts")
+    series_norm: bool = Field(
+        False, description="Standardise each sequence by its own mean and std per channel over its valid steps, "
+        "before the frames (after the data set's per-channel statistics): for series whose level or scale says "
+        "nothing of their class")
+
+    @field_validator("frame")
+    @classmethod
+    def _frame_range(cls, value: Any) -> Any:
+        if value != "auto" and not 1 <= value <= 1024:
+            raise ValueError(f"model.frame must be auto or a number of steps from 1 to 1024, not {value}")
+        return value
 
     @model_validator(mode="after")
     def _forget_bias_is_lstm(self) -> "ModelConfig":
@@ -129,6 +144,9 @@ class TrainConfig(_Section):
     )
     epochs: Optional[int] = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
+    min_steps: Optional[int] = Field(
+        None, ge=1, description="With epochs: at least this many optimizer steps, so that a small data set (one step "
+        "an epoch) still trains long enough; a large one is not affected")
     stop_at_step: Optional[int] = Field(
         None, ge=1, description="Checkpoint and exit after this step, schedule unfinished (time-boxed jobs); --resume auto goes on"
     )
@@ -167,6 +185,9 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     every_steps: int = Field(50, ge=1)
+    every_epochs: Optional[int] = Field(
+        None, ge=1, description="Evaluate at the end of every N-th epoch instead of every_steps: a config for data sets "
+        "of any size (steps per epoch differ by orders of magnitude)")
     split: str = Field("val", description="The split evaluated every every_steps, for choosing recipes; the final "
                        "model is scored once on test at the end")
     batch_size: int = Field(1000, ge=1)

@@ -28,6 +28,7 @@ class SequenceClassifier(nn.Module):
         # Not in ModelConfig: it changes how padding is skipped, never the weights or what they compute.
         self.length_mode = length_mode
         self.embed = None
+        input_size *= cfg.frame
         if cfg.embed_size is not None:
             self.embed = nn.Sequential(nn.Linear(input_size, cfg.embed_size), nn.ReLU())
             input_size = cfg.embed_size
@@ -47,6 +48,8 @@ class SequenceClassifier(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x: float [batch, time, features]; returns logits [batch, classes]. lengths: int64 [batch] (CPU or x's
         device), the valid steps of each row, padding at the end; None reads every step of every row."""
+        if self.cfg.frame > 1 or self.cfg.series_norm:
+            x, lengths = self._framed(x, lengths)
         if lengths is not None:
             return self._forward_lengths(x, lengths)
         # Fixed-length input keeps exactly this arithmetic: published accuracies depend on it bit for bit.
@@ -63,6 +66,26 @@ class SequenceClassifier(nn.Module):
         if self.cfg.readout == "last_max":
             last = torch.cat([last, out.amax(dim=1)], dim=1)
         return self.head(last)
+
+    def _framed(self, x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """model.series_norm and model.frame: each sequence standardised over its own valid steps, its padding
+        zeroed (a frame that straddles a sequence's end must not read padding), then k steps per frame."""
+        batch, steps, features = x.shape
+        valid = None
+        if lengths is not None:
+            valid = (torch.arange(steps, device=x.device) < lengths.to(x.device)[:, None])[..., None].to(x.dtype)
+            x = x * valid
+        if self.cfg.series_norm:
+            count = valid.sum(1, keepdim=True) if valid is not None else torch.full_like(x[:, :1, :1], steps)
+            mean = x.sum(1, keepdim=True) / count
+            centred = x - mean if valid is None else (x - mean) * valid
+            std = (centred.pow(2).sum(1, keepdim=True) / count).sqrt()
+            x = centred / (std + 1e-5)  # a constant channel stays 0 rather than dividing by nothing
+        k = self.cfg.frame
+        if k > 1:
+            x = F.pad(x, (0, 0, 0, (-steps) % k)).reshape(batch, -(-steps // k), k * features)
+            lengths = None if lengths is None else (lengths + k - 1) // k
+        return x, lengths
 
     def _forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         lengths = _checked_lengths(lengths, x)

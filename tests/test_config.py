@@ -140,3 +140,18 @@ def test_cli_exit_codes_no_traceback(tmp_path, args, code, needle):
     assert needle in _without_args(proc.stderr, args[1:])
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") or "error:" in proc.stderr
+
+
+def test_sequence_config_levers_for_data_sets_of_any_size():
+    """configs/sequences.yaml: frames fixed from the data, at least min_steps steps, evaluation once an epoch."""
+    from pipeline.data.order import BatchLayout
+    from pipeline.data.stream import EpochPlan
+    from pipeline.training.trainer import auto_frame, total_steps
+
+    cfg = load_config("configs/sequences.yaml")
+    assert cfg.model.frame == "auto" and cfg.train.min_steps == 600 and cfg.eval.every_epochs == 1
+    assert [auto_frame(m) for m in (15, 64, 65, 150, 427, 1460)] == [1, 1, 2, 3, 7, 23]
+    plan = lambda steps: EpochPlan(BatchLayout(32, 32, 1), 0, 4096, steps)  # noqa: E731
+    assert total_steps(cfg, plan(1)) == 600 and total_steps(cfg, plan(67)) == 67 * 40
+    with pytest.raises(ConfigError, match="model.frame must be auto or a number of steps"):
+        load_config("configs/sequences.yaml", ["model.frame=0"])

@@ -185,3 +185,24 @@ def test_int32_lengths_and_unknown_mode():
     torch.testing.assert_close(model(x, torch.tensor([5, 3], dtype=torch.int32)), model(x, torch.tensor([5, 3])))
     with pytest.raises(ValueError, match="length_mode"):
         SequenceClassifier(ModelConfig(), length_mode="sorted")
+
+
+@pytest.mark.parametrize("frame,series_norm", [(3, False), (1, True), (4, True)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_frames_and_series_norm_keep_the_padding_out(sequences, frame, series_norm, bidirectional):
+    """Frames of k steps (the last one straddling a sequence's end) and per-series standardisation over the
+    valid steps: a sequence's logits are still its own, alone or beside longer garbage-padded ones."""
+    model = _model(dict(bidirectional=bidirectional, readout="last_max", frame=frame, series_norm=series_norm))
+    assert model.rnn.input_size == FEATURES * frame
+    assert _batch_vs_alone_error(model, sequences) < ATOL
+    x, lengths = _padded(sequences[-1:])  # the longest: no padding, so lengths=None reads the same steps
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x, lengths), atol=ATOL)
+
+
+def test_series_norm_ignores_each_series_level_and_scale(sequences):
+    model = _model(dict(series_norm=True, readout="last_max"))
+    x, lengths = _padded(sequences)
+    shifted = x * 7.5 + 100.0  # padding moves too: it must not matter
+    with torch.no_grad():
+        assert torch.allclose(model(x, lengths), model(shifted, lengths), atol=1e-4)

@@ -29,19 +29,6 @@ def read_split(out: Path, split: str) -> dict[int, tuple[np.ndarray, int]]:
     return cases
 
 
-@pytest.fixture(scope="module")
-def fsdd(examples) -> dict[str, np.ndarray]:
-    with np.load(examples / "fsdd" / "digits.npz") as data:
-        return {key: data[key] for key in data.files}
-
-
-@pytest.fixture(scope="module")
-def fsdd_shards(examples, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fsdd") / "fsdd"
-    prepare("--from", str(examples / "fsdd" / "digits.npz"), "--out", str(out), "--name", "fsdd")
-    return out
-
-
 def test_fsdd_cases_come_back_exactly_with_stratified_splits(fsdd, fsdd_shards):
     manifest = load_manifest(fsdd_shards)
     assert (manifest.dataset, manifest.features, manifest.dtype, manifest.image_shape) == ("fsdd", 13, "float32", None)

@@ -16,22 +16,8 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 CONFIG = "configs/sequences.yaml"
-SHORT = ("model.hidden_size=32", "train.max_steps=60", "eval.every_steps=30", "checkpoint.every_steps=30",
+SHORT = ("model.hidden_size=32", "train.max_steps=60", "eval.every_epochs=null", "eval.every_steps=30", "checkpoint.every_steps=30",
          "train.log_every_steps=10", "train.batch_size=16", "train.global_batch_size=32", "wandb.mode=disabled")
-
-
-@pytest.fixture(scope="module")
-def fsdd(examples) -> dict[str, np.ndarray]:
-    with np.load(examples / "fsdd" / "digits.npz") as data:
-        return {key: data[key] for key in data.files}
-
-
-@pytest.fixture(scope="module")
-def fsdd_shards(examples, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fsdd") / "fsdd"
-    run_py("launch/prepare_data.py", "--from", str(examples / "fsdd" / "digits.npz"), "--out", str(out), "--name", "fsdd",
-           check=True)
-    return out
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -45,9 +31,11 @@ def _same(a: Path, b: Path) -> bool:
 
 def test_fsdd_trains_and_reports_padding(fsdd_shards, tmp_path):
     out = tmp_path / "run"
-    summary = train_in_process(out, fsdd_shards, *SHORT, "train.max_steps=150", "eval.every_steps=75", config=CONFIG)
+    summary = train_in_process(out, fsdd_shards, *SHORT, "train.max_steps=150", "eval.every_epochs=1", config=CONFIG)
     assert summary["final_eval_accuracy"] > 0.5, summary  # ten digits: chance is 0.1
     assert summary["eval_split"] == "val"
+    # eval.every_epochs=1: 2,160 training cases in global batches of 32 are 67 steps an epoch; and the last step
+    assert [e["step"] for e in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in e] == [67, 134, 150]
     # Bucketed micro-batches of 16: a few percent of padding (random ones: about 0.7, tests/test_order_buckets.py)
     assert 0 < summary["padding_waste"] < 0.15, summary["padding_waste"]
     windows = [e["train/padding_waste"] for e in read_jsonl(out / "metrics.jsonl") if "train/loss" in e]

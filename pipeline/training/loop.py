@@ -89,7 +89,7 @@ class TrainingLoop:
                                       "train/epoch": state.epoch + state.step_in_epoch / epoch_steps,
                                       "train/skipped_steps": state.skipped_steps})
         with t.window.paused():
-            if t.main and (state.step % cfg.eval.every_steps == 0 or final):
+            if t.main and (self._eval_due() or final):
                 self._evaluate(final)
             if state.step_in_epoch == epoch_steps:  # a checkpoint below then resumes at the next epoch
                 state.epoch += 1
@@ -98,6 +98,13 @@ class TrainingLoop:
             if t.checkpointer.due(state.step, t.total_steps) or self.stopped_by:
                 self._check_finite()
                 self._checkpoint()
+
+    def _eval_due(self) -> bool:
+        """eval.every_epochs: at the end of every N-th epoch; else every eval.every_steps steps."""
+        cfg, state = self.t.cfg, self.t.state
+        if cfg.eval.every_epochs is None:
+            return state.step % cfg.eval.every_steps == 0
+        return state.step_in_epoch == self.t.plan.steps and (state.epoch + 1) % cfg.eval.every_epochs == 0
 
     def _stop_reason(self, stop: StopSignal, boundary: bool) -> str | None:
         if self.t.state.step == self.t.cfg.train.stop_at_step:

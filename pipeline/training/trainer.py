@@ -10,6 +10,7 @@ progress bar at once.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,14 @@ from pipeline.training.step import StepParts
 
 def total_steps(cfg: Config, plan: EpochPlan) -> int:
     """Optimizer steps of the run; every epoch has plan.steps global batches, at any world size."""
-    return cfg.train.max_steps if cfg.train.max_steps is not None else plan.steps * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(plan.steps * cfg.train.epochs, cfg.train.min_steps or 0)
+
+
+def auto_frame(median_length: float, target_steps: int = 64) -> int:
+    """model.frame auto: steps per frame so that the median sequence takes about `target_steps` recurrent steps."""
+    return max(1, math.ceil(median_length / target_steps))
 
 
 def balanced_weights(class_counts: dict[str, int]) -> torch.Tensor:
@@ -92,11 +100,13 @@ class Trainer:
         self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer,
                                    cfg.data.length_buckets)
         self.inputs = InputScale.for_data(self.manifest)
+        if cfg.model.frame == "auto":  # fixed here from the data, so the model's description holds a number
+            cfg.model.frame = auto_frame(self.manifest.split("train").lengths.median)
         if (cfg.data.hflip or cfg.data.shift or cfg.data.erase) and self.manifest.image_shape is None:
             raise ConfigError(f"data.hflip, data.shift and data.erase augment images, but {cfg.data.dir} holds sequences "
                               f"({self.manifest.dataset}); set them to false / 0 for this data set")
         self.total_steps = total_steps(cfg, self.plan)
-        if cfg.train.max_steps is None and cfg.eval.every_steps > self.total_steps:
+        if cfg.train.max_steps is None and cfg.eval.every_epochs is None and cfg.eval.every_steps > self.total_steps:
             raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
         self._log_plan()
 
