@@ -68,7 +68,7 @@ def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size
     def once() -> int:
         n = 0
         for micro in batches.epoch(epoch[0], 0, plan.steps):  # as the trainer reads it
-            for x, y, _ in micro:
+            for x, y, *_ in micro:
                 if cast:
                     x = to_inputs(x, cpu)
                 n += len(y)

@@ -133,7 +133,7 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     base_optimizer = optimizer.optimizer
     device, clip = accelerator.device, cfg.train.grad_clip or float("inf")
     regions = defaultdict(float)
-    for i, (x, y, _) in enumerate(batches):
+    for i, (x, y, *_) in enumerate(batches):
         t0 = time.perf_counter()
         inputs, targets = to_inputs(x, device), y.to(device)
         t1 = time.perf_counter()

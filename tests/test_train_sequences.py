@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import read_jsonl, run_py, train_in_process, train_run
 from safetensors.torch import load_file
+from wandb_records import find_logs, parse_finished
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,8 @@ def _same(a: Path, b: Path) -> bool:
 
 def test_fsdd_trains_and_reports_padding(fsdd_shards, tmp_path):
     out = tmp_path / "run"
-    summary = train_in_process(out, fsdd_shards, *SHORT, "train.max_steps=150", "eval.every_epochs=1", config=CONFIG)
+    summary = train_in_process(out, fsdd_shards, *SHORT, "train.max_steps=150", "eval.every_epochs=1", "wandb.mode=offline",
+                               "wandb.log_model=off", config=CONFIG)
     assert summary["final_eval_accuracy"] > 0.5, summary  # ten digits: chance is 0.1
     assert summary["eval_split"] == "val"
     # eval.every_epochs=1: 2,160 training cases in global batches of 32 are 67 steps an epoch; and the last step
@@ -49,6 +51,13 @@ def test_fsdd_trains_and_reports_padding(fsdd_shards, tmp_path):
         report = json.loads((tmp_path / split / "eval.json").read_text())
         assert (report["accuracy"], report["loss"]) == (summary[accuracy], summary[loss]), split
     assert not (tmp_path / "test" / "most_confident_mistakes.png").exists()  # a sequence has no picture
+    # W&B offline, read back from the run's transaction log: what the image runs record, and the sequences' own
+    (log,) = [parse_finished(p) for p in find_logs(tmp_path / "wandb-home")]  # WANDB_DIR: conftest's _isolated_wandb
+    assert log.exit is not None and log.exit.exit_code == 0
+    assert log.config["data_placement"] == "device" and log.config["model"]["frame"] == 1  # frame auto, resolved
+    assert [v for _, v in log.column("train/padding_waste")] == windows
+    assert [step for step, _ in log.column("eval/macro_f1")] == [67, 134, 150]
+    assert log.summary["test/accuracy"] == summary["test_accuracy"]
     proc = run_py("launch/predict.py", "--model", str(out / "model"), "x.png")
     assert proc.returncode == 2 and "reads sequences (13 channel(s))" in proc.stderr
 

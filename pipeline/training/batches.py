@@ -1,6 +1,6 @@
 """This rank's optimizer steps, epoch by epoch, from any step: the trainer's view of its data.
 
-Both sources yield, per optimizer step, the rank's A micro-batches (x, y, ids) in accumulation
+Both sources yield, per optimizer step, the rank's A micro-batches (x, y, ids, lengths) in accumulation
 order, as pipeline/data/order.py lays them out. `StreamBatches` reassembles the loader workers'
 windows in order and cuts them; `ResidentBatches` (resident.py) indexes device memory. Either
 turns the loader's side channels into trainer terms (a worker's error message into a DataError,
