@@ -137,6 +137,51 @@ def test_large_row_groups_are_noted(tmp_path, digits, monkeypatch):
     assert str(path) in note and "smaller row groups" in note
 
 
+def test_unlabelled_cases_where_labels_are_optional(tmp_path, digits):
+    """FSDD written without its labels reads back exactly in both layouts, every label -1."""
+    x, lengths, _ = digits
+    unlabelled = np.full(len(lengths), -1)
+    path = _write(tmp_path / "fsdd.parquet", {"mfcc": _sequences(x, lengths)})
+    source = open_parquet(path, label_column=None, sequence_column="mfcc", labels_required=False)
+    info = source.info
+    assert (info.name, info.features, info.dtype, info.class_names, info.has_splits) == ("fsdd", 13, np.float32, [], False)
+    runs = _read_all(source)
+    _assert_round_trip(runs, x, lengths, unlabelled)
+    assert np.array_equal(np.concatenate([r.where for r in runs]), np.arange(3000))
+    splits = np.array(["train", "val", "test"])[np.arange(3000) % 3]
+    path = _write(tmp_path / "channels.parquet", {**_channels(x, lengths), "speaker": pa.array(np.arange(3000) % 6),
+                                                  "fold": pa.array(splits)})
+    source = open_parquet(path, channel_columns=CHANNELS, group_column="speaker", split_column="fold",
+                          labels_required=False)
+    assert source.info.class_names == [] and source.info.has_splits
+    runs = _read_all(source)
+    _assert_round_trip(runs, x, lengths, unlabelled)
+    assert np.array_equal(np.concatenate([r.split for r in runs]), splits)
+
+
+def test_label_column_read_as_ever_where_labels_are_optional(tmp_path, digits):
+    x, lengths, y = digits
+    path = _write(tmp_path / "fsdd.parquet", {"mfcc": _sequences(x, lengths), "digit": pa.array(y)})
+    source = open_parquet(path, "digit", sequence_column="mfcc", labels_required=False)
+    assert source.info.class_names == [str(i) for i in range(10)]
+    _assert_round_trip(_read_all(source), x, lengths, y)
+
+
+def test_unlabelled_needs_labels_optional_and_keeps_its_checks(tmp_path, digits):
+    x, lengths, _ = digits
+    path = _write(tmp_path / "fsdd.parquet", {"mfcc": _sequences(x, lengths)})
+    for kwargs in ({}, {"label_column": None}, {"labels_required": True}):
+        msg = _refused(path, sequence_column="mfcc", **kwargs)
+        assert str(path) in msg and "--label-column" in msg
+    msg = _refused(path, sequence_column="x", labels_required=False)
+    assert "no column 'x'" in msg and "--sequence-column" in msg
+    broken = _write(tmp_path / "null.parquet", {"mfcc": pa.array([[[1.0] * 13], None], pa.list_(pa.list_(pa.float64())))})
+    assert f"row 1 of {broken} has a missing (null) sequence" in _refused(broken, sequence_column="mfcc",
+                                                                         labels_required=False)
+    empty = _write(tmp_path / "empty.parquet", {k: v[:0] for k, v in _channels(x, lengths).items()})
+    assert "hold no rows" in _refused(empty, channel_columns=CHANNELS, labels_required=False)
+
+
 def _refused(*args, **kwargs) -> str:
     with pytest.raises(InputError) as e:
         source = open_parquet(*args, **kwargs)

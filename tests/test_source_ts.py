@@ -308,6 +308,68 @@ def test_unlabelled_refused(examples, tmp_path):
     _refused([path], f"{path} declares @classLabel false", "nothing to classify")
 
 
+def _unlabelled_jv(examples: Path, tmp_path: Path, class_label: str | None = "@classLabel false") -> Path:
+    """The real JapaneseVowels_TEST.ts unlabelled: its @classLabel line replaced by `class_label` (None: left
+    out), each case line without its trailing ':<label>'."""
+    lines = (examples / "JapaneseVowels" / "JapaneseVowels_TEST.ts").read_text().splitlines()
+    start = _data_line(lines)
+    header = [class_label if line.startswith("@classLabel") else line for line in lines[:start]]
+    body = [line.rsplit(":", 1)[0] if line.strip() else line for line in lines[start:]]
+    path = tmp_path / "JapaneseVowels_TEST.ts"
+    path.write_text("\n".join(line for line in header + body if line is not None) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("class_label", ["@classLabel false", None])
+def test_unlabelled_read_where_labels_are_optional(examples, tmp_path, class_label):
+    labelled = examples / "JapaneseVowels" / "JapaneseVowels_TEST.ts"
+    path = _unlabelled_jv(examples, tmp_path, class_label)
+    _, plain = _read_all(open_ts([labelled]))
+    source = open_ts([path], labels_required=False)
+    info = source.info
+    assert (info.name, info.features, info.class_names, info.has_splits) == ("JapaneseVowels", 12, [], False)
+    runs, every = _read_all(source)
+    np.testing.assert_array_equal(every.values, plain.values)
+    np.testing.assert_array_equal(every.lengths, plain.lengths)
+    np.testing.assert_array_equal(every.where + (class_label is None), plain.where)  # one header line fewer
+    assert len(every) == 370 and (every.labels == -1).all() and all(r.split is None for r in runs)
+    for run in runs:
+        check_cases(run, 12)
+
+
+def test_unlabelled_still_refused_where_labels_are_required(examples, tmp_path):
+    path = _unlabelled_jv(examples, tmp_path)
+    _refused([path], f"{path} declares @classLabel false", "nothing to classify")
+    path = _unlabelled_jv(examples, tmp_path, None)
+    _refused([path], f"{path} has no @classLabel line before @data", "Add '@classLabel true")
+
+
+def test_labelled_file_keeps_its_labels_where_labels_are_optional(examples):
+    path = examples / "JapaneseVowels" / "JapaneseVowels_TEST.ts"
+    _, plain = _read_all(open_ts([path]))
+    source = open_ts([path], labels_required=False)
+    assert source.info.class_names == JV_CLASSES
+    _, every = _read_all(source)
+    np.testing.assert_array_equal(every.labels, plain.labels)
+    np.testing.assert_array_equal(every.values, plain.values)
+
+
+def test_unlabelled_timestamps_and_pairs(examples, tmp_path):
+    """An unlabelled timestamped case reads as the plain one; a labelled file paired with an unlabelled one is refused."""
+    lines = (examples / "JapaneseVowels" / "JapaneseVowels_TRAIN.ts").read_text().splitlines()
+    channels, _ = _fields(lines[_data_line(lines)])
+    pairs = [",".join(f"(2020-01-01 00:00:{t:02d},{v})" for t, v in enumerate(c)) for c in channels]
+    path = tmp_path / "Stamped.ts"
+    path.write_text("\n".join(["@timeStamps true", "@classLabel false", "@data", ":".join(pairs)]) + "\n")
+    (run,) = list(open_ts([path], labels_required=False).cases())
+    np.testing.assert_array_equal(run.values, np.array(channels, dtype=np.float32).T)
+    assert run.labels.tolist() == [-1] and run.where.tolist() == [4]
+    train = examples / "JapaneseVowels" / "JapaneseVowels_TRAIN.ts"
+    test = _unlabelled_jv(examples, tmp_path)
+    with pytest.raises(InputError, match="must be labelled alike"):
+        open_ts([train, test], labels_required=False)
+
+
 def test_regression_refused(examples, tmp_path):
     """A regression file made from a real one: @targetlabel true and a number after each case."""
     def edit(text: str) -> str:

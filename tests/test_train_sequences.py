@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_jsonl, run_py, train_in_process, train_run
+from conftest import ROOT, read_jsonl, run_py, train_in_process, train_run
 from safetensors.torch import load_file
 from wandb_records import find_logs, parse_finished
 
@@ -58,8 +58,35 @@ def test_fsdd_trains_and_reports_padding(fsdd_shards, tmp_path):
     assert [v for _, v in log.column("train/padding_waste")] == windows
     assert [step for step, _ in log.column("eval/macro_f1")] == [67, 134, 150]
     assert log.summary["test/accuracy"] == summary["test_accuracy"]
-    proc = run_py("launch/predict.py", "--model", str(out / "model"), "x.png")
-    assert proc.returncode == 2 and "reads sequences (13 channel(s))" in proc.stderr
+    _predict_agrees_with_the_run(out, fsdd_shards, summary, tmp_path)
+
+
+def _predict_agrees_with_the_run(out: Path, fsdd_shards: Path, summary: dict, tmp_path: Path) -> None:
+    """predict.py on the raw .npz (labels optional): one line per recording; on the test split's recordings
+    its answers score what the run's test evaluation scored."""
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.stream import ShardSource, read_blocks
+
+    raw = ROOT / "data" / "examples" / "fsdd" / "digits.npz"
+    lines = [json.loads(line) for line in
+             run_py("launch/predict.py", "--model", str(out / "model"), str(raw), check=True).stdout.splitlines()]
+    assert len(lines) == 3000 and lines[7]["sequence"] == f"index 7 of {raw}" and lines[7]["steps"] > 0
+    assert set(lines[0]) == {"sequence", "steps", "class", "class_index", "probability", "probabilities", "label"}
+    manifest = load_manifest(fsdd_shards)
+    test_ids = [int(i) for shard in manifest.split("test").shards
+                for block in read_blocks(ShardSource(str(fsdd_shards)), shard) for i in block.ids]
+    right = [lines[i]["class"] == lines[i]["label"] for i in test_ids]
+    assert abs(sum(right) / len(right) - summary["test_accuracy"]) <= 1 / len(right)
+    data = np.load(raw)
+    five = int(data["lengths"][:5].sum())
+    unlabelled, narrow = tmp_path / "unlabelled.npz", tmp_path / "narrow.npz"
+    np.savez(unlabelled, X=data["X"][:five], lengths=data["lengths"][:5])
+    np.savez(narrow, X=data["X"][:five, :12], lengths=data["lengths"][:5])
+    quiet = [json.loads(line) for line in
+             run_py("launch/predict.py", "--model", str(out / "model"), str(unlabelled), check=True).stdout.splitlines()]
+    assert len(quiet) == 5 and "label" not in quiet[0] and [q["class"] for q in quiet] == [x["class"] for x in lines[:5]]
+    proc = run_py("launch/predict.py", "--model", str(out / "model"), str(narrow))
+    assert proc.returncode == 2 and "12 channel(s)" in proc.stderr and "reads 13" in proc.stderr
 
 
 def test_two_processes_equal_one_with_accumulation(fsdd_shards, tmp_path):

@@ -1,4 +1,4 @@
-"""Class probabilities for the user's own images, one JSON line each."""
+"""Class probabilities for the user's own images or sequences, one JSON line each."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.inference.images import load_items
-from pipeline.inference.models import TrainedModel, UnusableModel, load_trained_model
+from pipeline.inference.models import TrainedModel, load_trained_model
 from pipeline.training.evaluation import logits_in_batches
 
 
@@ -21,11 +21,11 @@ def predict(trained: TrainedModel, images: np.ndarray, batch_size: int = 1000) -
     return torch.softmax(logits, dim=1).numpy()
 
 
-def run(model_path: str, image_paths: list[str], invert: bool = False, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
+def run(model_path: str, image_paths: list[str], invert: bool = False, out: TextIO = sys.stdout,
+        columns=None, missing: str = "refuse") -> list[dict[str, Any]]:
     trained = load_trained_model(model_path)
     if trained.image_shape is None:
-        raise UnusableModel(f"the model in {trained.source} reads sequences ({trained.features} channel(s)), and "
-                            "predict.py reads images; score a prepared sequence data set with evaluate.py --data DIR")
+        return _sequences(trained, image_paths, columns, missing, out)
     items = load_items(image_paths, tuple(trained.image_shape), invert)
     probabilities = predict(trained, np.stack([item.image for item in items]))
     lines = []
@@ -37,4 +37,15 @@ def run(model_path: str, image_paths: list[str], invert: bool = False, out: Text
         out.write(json.dumps(line) + "\n")
         lines.append(line)
     out.flush()
+    return lines
+
+
+def _sequences(trained: TrainedModel, paths: list[str], columns, missing: str, out: TextIO) -> list[dict[str, Any]]:
+    """A sequence model: each path is a file (or directory) of sequences, as prepare_data.py --from reads them."""
+    from pipeline.inference.sequences import predict_file
+    from pipeline.sources.detect import ColumnOptions
+
+    lines = []
+    for path in paths:
+        lines += predict_file(trained, path, columns or ColumnOptions(), missing, out=out)
     return lines

@@ -22,31 +22,33 @@ class ColumnOptions:
         return any(v is not None for v in (self.label, self.sequence, self.channels, self.group, self.split))
 
 
-def open_source(path: str | Path, columns: ColumnOptions = ColumnOptions(), name: str | None = None) -> Source:
+def open_source(path: str | Path, columns: ColumnOptions = ColumnOptions(), name: str | None = None,
+                labels_required: bool = True) -> Source:
     """A .npz file; a .ts file or a directory of one *_TRAIN.ts / *_TEST.ts pair; a .parquet file or a
-    directory of them."""
+    directory of them. `labels_required=False` (cases to predict): labels are read where the file has them."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"--from {path} does not exist; give a .npz, .ts or .parquet file, or a directory of "
+        raise InputError(f"{path} does not exist; give a .npz, .ts or .parquet file, or a directory of "
                          "*_TRAIN.ts/*_TEST.ts or of .parquet files")
     kind = _kind(path)
     if kind != "parquet" and columns.given():
-        raise InputError(f"--from {path} is a {kind} source; the --*-column flags are for Parquet only")
+        raise InputError(f"{path} is a {kind} source; the --*-column flags are for Parquet only")
     if kind == "npz":
         from pipeline.sources.npz import open_npz
 
-        return open_npz(path, name)
+        return open_npz(path, name, labels_required)
     if kind == "ts":
         from pipeline.sources.ts import find_pair, open_ts
 
-        return open_ts(find_pair(path) if path.is_dir() else [path], name)
+        return open_ts(find_pair(path) if path.is_dir() else [path], name, labels_required=labels_required)
     from pipeline.sources.parquet import open_parquet
 
-    if columns.label is None:
-        raise InputError(f"--from {path} is Parquet: name its label column with --label-column, and its values with "
+    if columns.label is None and labels_required:
+        raise InputError(f"{path} is Parquet: name its label column with --label-column, and its values with "
                          "--sequence-column (one list<list<float>> column) or --channel-columns a,b,c (one list<float> "
                          "column per channel)")
-    return open_parquet(path, columns.label, columns.sequence, columns.channels, columns.group, columns.split, name)
+    return open_parquet(path, columns.label, columns.sequence, columns.channels, columns.group, columns.split, name,
+                        labels_required=labels_required)
 
 
 def _kind(path: Path) -> str:
@@ -54,7 +56,7 @@ def _kind(path: Path) -> str:
         suffix = path.suffix.lower()
         if suffix in (".npz", ".ts", ".parquet"):
             return suffix[1:]
-        raise InputError(f"--from {path}: cannot tell its format from the name; a source is a .npz, .ts or .parquet "
+        raise InputError(f"{path}: cannot tell its format from the name; a source is a .npz, .ts or .parquet "
                          "file (or a directory of .ts or .parquet files)")
     names = [p.name.lower() for p in path.iterdir() if p.is_file()]
     has_ts = any(n.endswith(".ts") for n in names)
@@ -63,5 +65,5 @@ def _kind(path: Path) -> str:
         return "ts"
     if has_parquet and not has_ts:
         return "parquet"
-    raise InputError(f"--from {path} is a directory holding {'both .ts and .parquet files' if has_ts else 'no .ts or .parquet file'}; "
+    raise InputError(f"{path} is a directory holding {'both .ts and .parquet files' if has_ts else 'no .ts or .parquet file'}; "
                      "give a directory of one *_TRAIN.ts/*_TEST.ts pair or of .parquet files, or the file itself")

@@ -21,17 +21,21 @@ RUN = 4096  # cases per run handed to the preparation
 
 
 class NpzSource:
-    def __init__(self, path: Path, name: str | None = None):
+    def __init__(self, path: Path, name: str | None = None, labels_required: bool = True):
         self.path = path
         arrays = _load(path)
         self.values, self.lengths = _layout(path, arrays)
         n = len(self.lengths)
-        raw_y = _need(path, arrays, "y", "the class of each case")
-        if raw_y.ndim != 1 or len(raw_y) != n:
-            raise InputError(f"{path}: y holds {raw_y.size} labels (shaped {raw_y.shape}), but X holds {n} cases; y needs "
-                             "one label per case")
-        classes = arrays.get("classes")
-        self.labels, class_names = encode_labels(raw_y, None if classes is None else [str(c) for c in classes], str(path))
+        if "y" in arrays or labels_required:
+            raw_y = _need(path, arrays, "y", "the class of each case")
+            if raw_y.ndim != 1 or len(raw_y) != n:
+                raise InputError(f"{path}: y holds {raw_y.size} labels (shaped {raw_y.shape}), but X holds {n} cases; y "
+                                 "needs one label per case")
+            classes = arrays.get("classes")
+            self.labels, class_names = encode_labels(raw_y, None if classes is None else [str(c) for c in classes],
+                                                     str(path))
+        else:  # cases to predict: no labels, label -1
+            self.labels, class_names = np.full(n, -1, np.int64), []
         self.groups = _per_case(path, arrays, "groups", n)
         self.split = _per_case(path, arrays, "split", n)
         dtype = kept_dtype(self.values.dtype)
@@ -50,8 +54,8 @@ class NpzSource:
                         None if self.groups is None else self.groups[lo:hi])
 
 
-def open_npz(path: Path, name: str | None = None) -> NpzSource:
-    return NpzSource(Path(path), name)
+def open_npz(path: Path, name: str | None = None, labels_required: bool = True) -> NpzSource:
+    return NpzSource(Path(path), name, labels_required)
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:

@@ -3,7 +3,8 @@
 One row per sequence: a label column plus either one `list<list<float>>` column (a list of steps,
 each a list of features) or one `list<float>` column per channel (all of a row's channels equally
 long). Optional `group` (any type, kept as str) and `split` (train/val/test) columns. The path is a
-`.parquet` file or a directory of `*.parquet` files read in name order.
+`.parquet` file or a directory of `*.parquet` files read in name order. Where labels are optional
+(`labels_required=False`, cases to predict) the label column may be left out: the cases then label -1.
 
 Memory: `open_parquet` reads only the label column, a row group at a time, plus the first batch of
 each file's sequence column to learn the feature count; `cases()` holds one record batch (at most
@@ -40,7 +41,7 @@ _LAYOUT_FLAGS = "--sequence-column (one list<list<float>> column) or --channel-c
 class _Columns:
     """The columns the user named, and which layout they select."""
 
-    label: str
+    label: str | None  # None: unlabelled cases (labels_required=False)
     sequence: str | None
     channels: tuple[str, ...]
     group: str | None
@@ -81,31 +82,40 @@ class ParquetSource:
     def __init__(self, info: SourceInfo, columns: _Columns, labels: list[int] | list[str], features_from: str) -> None:
         self.info = info
         self._columns = columns
-        self._labels = labels  # class index -> the label's value in the file
+        self._labels = labels  # class index -> the label's value in the file; [] for unlabelled cases
         self._features_from = features_from  # the step that set info.features, for messages
 
     def cases(self) -> Iterator[Cases]:
         """One Cases per record batch, in file then row order."""
-        value_set = pa.array(self._labels, type=pa.int64() if isinstance(self._labels[0], int) else pa.string())
+        value_set = None
+        if self._columns.label:
+            value_set = pa.array(self._labels, type=pa.int64() if isinstance(self._labels[0], int) else pa.string())
         for path in self.info.files:
             for start, batch in _batches(path, self._columns.all()):
                 yield _to_cases(batch, start, str(path), self._columns, self.info, value_set, self._features_from)
 
 
-def open_parquet(path: Path, label_column: str, sequence_column: str | None = None,
+def open_parquet(path: Path, label_column: str | None = None, sequence_column: str | None = None,
                  channel_columns: list[str] | None = None, group_column: str | None = None,
-                 split_column: str | None = None, name: str | None = None) -> ParquetSource:
-    """A source of the Parquet file or directory at `path`; InputError on anything it cannot read as described."""
+                 split_column: str | None = None, name: str | None = None, *,
+                 labels_required: bool = True) -> ParquetSource:
+    """A source of the Parquet file or directory at `path`; InputError on anything it cannot read as described.
+    `label_column` may be None only with `labels_required=False` (cases to predict): class_names [], labels -1."""
     path = Path(path)
+    if not label_column and labels_required:
+        raise InputError(f"{path}: no label column given; name the column that holds each row's class with "
+                         "--label-column")
     if bool(sequence_column) == bool(channel_columns):
         which = "both" if sequence_column else "neither"
         raise InputError(f"{path}: {which} of --sequence-column and --channel-columns given; pass exactly one. "
                          f"The layout of the values is {_LAYOUT_FLAGS}")
-    columns = _Columns(label_column, sequence_column, tuple(channel_columns or ()), group_column, split_column)
+    columns = _Columns(label_column or None, sequence_column, tuple(channel_columns or ()), group_column, split_column)
     files = _files(path)
     types = _check_schemas(files, columns)
     features, features_from = _features(files, columns)
-    labels = _class_labels(files, label_column, pa.types.is_integer(types[label_column]))
+    labels = _class_labels(files, label_column, pa.types.is_integer(types[label_column])) if label_column else []
+    if not label_column:
+        _refuse_empty(files)
     leaves = [_leaf(types[c]) for c in columns.value_columns()]
     dtype = kept_dtype(np.result_type(*[leaf.to_pandas_dtype() for leaf in leaves]))
     info = SourceInfo(name=name or (path.stem if path.is_file() else path.name), files=files,
@@ -159,7 +169,7 @@ def _check_schemas(files: list[Path], columns: _Columns) -> dict[str, pa.DataTyp
 
 
 def _flags(columns: _Columns) -> list[tuple[str, str]]:
-    named = [(columns.label, "--label-column")] + [(c, "--sequence-column") for c in [columns.sequence] if c]
+    named = [(c, f) for c, f in ((columns.label, "--label-column"), (columns.sequence, "--sequence-column")) if c]
     named += [(c, "--channel-columns") for c in columns.channels]
     return named + [(c, f) for c, f in ((columns.group, "--group-column"), (columns.split, "--split-column")) if c]
 
@@ -255,8 +265,19 @@ def _class_labels(files: list[Path], column: str, integers: bool) -> list[int] |
                 seen.update(pc.unique(values).to_pylist())
                 start += len(values)
     if not seen:
-        raise InputError(f"{', '.join(map(str, files))} hold no rows: there is nothing to prepare")
+        _refuse_empty(files, 0)
     return sorted(seen, key=int) if integers else sorted(seen)
+
+
+def _refuse_empty(files: list[Path], rows: int | None = None) -> None:
+    """InputError if the files hold no rows (counted from their footers unless given)."""
+    if rows is None:
+        rows = 0
+        for path in files:
+            with _open(path) as pf:
+                rows += pf.metadata.num_rows
+    if rows == 0:
+        raise InputError(f"{', '.join(map(str, files))} hold no rows: there is nothing to prepare")
 
 
 def _read(path: Path, start: int, read: Callable[[], T]) -> T:
@@ -319,7 +340,7 @@ def _row_group_notes(files: list[Path], columns: list[str]) -> list[str]:
 
 
 def _to_cases(batch: pa.RecordBatch, start: int, file: str, columns: _Columns, info: SourceInfo,
-              value_set: pa.Array, features_from: str) -> Cases:
+              value_set: pa.Array | None, features_from: str) -> Cases:
     if columns.sequence:
         values, lengths = _sequence_values(batch.column(columns.sequence), file, start, columns.sequence,
                                            (info.features, features_from), info.dtype)
@@ -327,9 +348,10 @@ def _to_cases(batch: pa.RecordBatch, start: int, file: str, columns: _Columns, i
         values, lengths = _channel_values(batch, file, start, columns.channels, info.dtype)
     n = batch.num_rows
     rows = np.arange(start, start + n, dtype=np.int64)
-    return Cases(values=values, lengths=lengths,
-                 labels=_label_indices(batch.column(columns.label), file, start, columns.label, value_set),
-                 file=file, where=rows, unit="row",
+    labels = np.full(n, -1, dtype=np.int64)
+    if columns.label and value_set is not None:
+        labels = _label_indices(batch.column(columns.label), file, start, columns.label, value_set)
+    return Cases(values=values, lengths=lengths, labels=labels, file=file, where=rows, unit="row",
                  split=_splits(batch.column(columns.split), file, start, columns.split) if columns.split else None,
                  groups=_groups(batch.column(columns.group), file, start, columns.group) if columns.group else None)
 

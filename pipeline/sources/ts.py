@@ -4,7 +4,9 @@ A file is a header of `@` tags (`@problemName`, `@timeStamps`, `@univariate`, `@
 `@classLabel true <labels>`, ...; tags in any case, `#` or `%` comment lines) ended by `@data`, then one
 case per line: channels separated by `:`, values within a channel by `,`, the class label after the last
 `:`. `?` is a missing value (NaN here; base.check_cases refuses or fills it). With `@timeStamps true` each
-value is `(timestamp,value)`: the values are kept in order and the timestamps dropped.
+value is `(timestamp,value)`: the values are kept in order and the timestamps dropped. Where labels are
+optional (`open_ts(..., labels_required=False)`, cases to predict), a file saying `@classLabel false` (or
+nothing) is read too: its lines have no label field, and its cases label -1.
 
 `open_ts` reads the headers only; `TsSource.cases` streams the cases a line at a time, in runs of at most
 CHUNK_CASES, so a file is never held as Python floats.
@@ -51,19 +53,28 @@ class _Header:
     split: str | None = None
     first_text_line: int = 0  # a non-tag, non-comment line before @data: a file that forgot its @data line?
 
+    @property
+    def labelled(self) -> bool:
+        """Whether each case line ends with ':<label>' (@classLabel true)."""
+        return bool(self.class_label)
 
-def open_ts(paths: list[Path], name: str | None = None) -> TsSource:
-    """A source over `.ts` files (one file, or a _TRAIN/_TEST pair): their headers read and checked."""
+
+def open_ts(paths: list[Path], name: str | None = None, labels_required: bool = True) -> TsSource:
+    """A source over `.ts` files (one file, or a _TRAIN/_TEST pair): their headers read and checked.
+
+    `labels_required=False` (cases to predict): a file with `@classLabel false`, or no @classLabel line, is
+    read too; its case lines have no label field, its cases get label -1 and the source no class names. A
+    file with `@classLabel true ...` is read as always."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise InputError("no .ts file given: name one file, or the _TRAIN.ts and _TEST.ts files of one data set")
-    headers = [_read_header(path) for path in paths]
+    headers = [_read_header(path, labels_required) for path in paths]
     for header in headers:
         _settle_channels(header)
     first = headers[0]
     for other in headers[1:]:
         _check_same(first, other)
-    assert first.classes is not None  # _read_header refuses a file without classes
+    assert first.classes is not None  # _read_header refuses a file without classes, or gives an unlabelled one []
     named = all(h.split for h in headers) and len(headers) > 1
     notes = [f"{h.path} has timestamps (@timeStamps true): they are dropped, and each channel keeps its values in "
              "file order, as if evenly spaced" for h in headers if h.timestamps]
@@ -97,7 +108,7 @@ class TsSource:
         self.info = info
         self._headers = headers
         # Class index = position in the first file's @classLabel; the other files declare the same set.
-        self._index = {label: i for i, label in enumerate(info.class_names)}
+        self._index = {label: i for i, label in enumerate(info.class_names)}  # empty for unlabelled files
 
     def cases(self) -> Iterator[Cases]:
         for header in self._headers:
@@ -110,9 +121,9 @@ class TsSource:
         seen = 0
         for line_no, text in _data_lines(header):
             try:
-                channels, label = _split_case(text, header.timestamps)
+                channels, label = _split_case(text, header)
                 case = _case_values(channels, header)
-                labels.append(self._label(label, header))
+                labels.append(self._label(label, header) if header.labelled else -1)
             except _Bad as bad:
                 raise InputError(f"line {line_no} of {header.path}: {bad}") from None
             values.append(case)
@@ -149,8 +160,8 @@ class TsSource:
 # ---- headers ----------------------------------------------------------------------------------------------
 
 
-def _read_header(path: Path) -> _Header:
-    """The tags up to @data; the file is not read further."""
+def _read_header(path: Path, labels_required: bool = True) -> _Header:
+    """The tags up to @data; the file is not read further. Unlabelled files are refused if `labels_required`."""
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise InputError(f"{path} {what}: give the path of a .ts file of the UEA/UCR archive "
@@ -170,7 +181,9 @@ def _read_header(path: Path) -> _Header:
                 header.data_line = line_no
                 break
             _apply_tag(header, tag, value.strip(), line_no)
-    _check_header(header)
+    _check_header(header, labels_required)
+    if not header.labelled:
+        header.classes = []
     return header
 
 
@@ -209,7 +222,7 @@ def _flag(value: str, tag: str, where: str) -> bool:
     return word == "true"
 
 
-def _check_header(header: _Header) -> None:
+def _check_header(header: _Header, labels_required: bool) -> None:
     path = header.path
     if not header.data_line:
         hint = (f"; line {header.first_text_line} looks like a case, so perhaps only the @data line is missing"
@@ -220,10 +233,10 @@ def _check_header(header: _Header) -> None:
         raise InputError(f"{path} declares @targetlabel true: its cases carry regression targets (a number per case), "
                          "and this pipeline trains classifiers, which need a class label per case. Prepare a "
                          "classification data set (a .ts file with '@classLabel true <labels>') instead")
-    if header.class_label is False:
+    if header.class_label is False and labels_required:
         raise InputError(f"{path} declares @classLabel false: its cases are unlabelled, so there is nothing to classify. "
                          "Prepare files whose header says '@classLabel true <labels>' and whose cases end with ':<label>'")
-    if header.class_label is None:
+    if header.class_label is None and labels_required:
         raise InputError(f"{path} has no @classLabel line before @data (line {header.data_line}), so its cases have no "
                          "declared classes. Add '@classLabel true <label> <label> ...' to the header and prepare again")
     if header.univariate and header.dimensions not in (None, 1):
@@ -240,7 +253,7 @@ def _settle_channels(header: _Header) -> None:
     else:
         for line_no, text in _data_lines(header):
             try:
-                header.channels = len(_split_case(text, header.timestamps)[0])
+                header.channels = len(_split_case(text, header)[0])
             except _Bad as bad:
                 raise InputError(f"line {line_no} of {header.path}: {bad}") from None
             header.channels_said = f"the first case (line {line_no}) has {header.channels}"
@@ -250,8 +263,12 @@ def _settle_channels(header: _Header) -> None:
 
 
 def _check_same(first: _Header, other: _Header) -> None:
-    """Every file of one data set declares the same classes (as a set) and the same channels."""
+    """Every file of one data set is labelled alike, declares the same classes (as a set) and the same channels."""
     assert first.classes is not None and other.classes is not None
+    if first.labelled != other.labelled:
+        labelled, unlabelled = (first, other) if first.labelled else (other, first)
+        raise InputError(f"{labelled.path} has labelled cases (@classLabel true) but {unlabelled.path} has not: every "
+                         "file of one data set must be labelled alike. Give the files one at a time")
     if set(first.classes) != set(other.classes):
         raise InputError(f"{first.path} and {other.path} declare different classes ({' '.join(first.classes)} and "
                          f"{' '.join(other.classes)}): every file of one data set must have the same classes. Fix "
@@ -294,9 +311,12 @@ def _data_lines(header: _Header) -> Iterator[tuple[int, str]]:
                 yield line_no, text
 
 
-def _split_label(text: str, timestamps: bool) -> tuple[list[str], str]:
-    """The channel texts and the class label of a plain case line (timestamped: the body, unsplit)."""
+def _split_label(text: str, timestamps: bool, labelled: bool = True) -> tuple[list[str], str]:
+    """The channel texts and the class label ("" when not `labelled`) of a plain case line (timestamped: the
+    body, unsplit)."""
     text = text.rstrip(", \t")
+    if not labelled:
+        return [text] if timestamps else text.split(":"), ""
     if timestamps:
         # Timestamps hold ':' ("2007-01-01 00:00:00"): the label's ':' is the first one after the last ')'.
         end = text.rfind(")")
@@ -312,9 +332,10 @@ def _split_label(text: str, timestamps: bool) -> tuple[list[str], str]:
     return body.split(":"), label.strip()
 
 
-def _split_case(text: str, timestamps: bool) -> tuple[list[list[str]], str]:
-    """The value tokens of each channel, and the label."""
-    chunks, label = _split_label(text, timestamps)
+def _split_case(text: str, header: _Header) -> tuple[list[list[str]], str]:
+    """The value tokens of each channel, and the label ("" for an unlabelled file)."""
+    timestamps = header.timestamps
+    chunks, label = _split_label(text, timestamps, header.labelled)
     if timestamps:
         return _timestamped(chunks[0]), label
     channels = []
