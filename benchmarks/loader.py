@@ -1,7 +1,7 @@
 """Section 1: read + decode the Fashion-MNIST train split in one process, three layouts.
 
 Product: batches of 256 uint8 images [B, 28, 28] and int64 labels as torch tensors, which is
-what the trainer's loader hands its step (the step casts to float itself: `pipeline.model.to_inputs`,
+what the trainer's loader hands its step (the step casts to float itself: `pipeline.inputs.InputScale`,
 timed in sections 2 and 5; "ours + cast" shows the loader with that cast added).
 
 - ours: the trainer's code path (TrainStream through StreamBatches, world 1, workers 0, batch 256,
@@ -55,7 +55,7 @@ def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size
     from pipeline.data.manifest import load_manifest
     from pipeline.data.order import BatchLayout
     from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
-    from pipeline.model import to_inputs
+    from pipeline.inputs import IMAGES
     from pipeline.training.batches import StreamBatches
 
     manifest = load_manifest(data_dir)
@@ -70,7 +70,7 @@ def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size
         for micro in batches.epoch(epoch[0], 0, plan.steps):  # as the trainer reads it
             for x, y, *_ in micro:
                 if cast:
-                    x = to_inputs(x, cpu)
+                    x = IMAGES(x, cpu)
                 n += len(y)
         epoch[0] += 1
         return n
@@ -79,7 +79,7 @@ def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size
     size = sum(s.bytes for s in manifest.split("train").shards)
     return {**result, "bytes_on_disk": size, "shards": len(manifest.split("train").shards),
             "what": f"StreamBatches world 1 workers 0 batch {batch_size}, shuffle window {shuffle_buffer}"
-                    + (", then to_inputs (uint8 -> float / 255)" if cast else "")}
+                    + (", then the step's input scaling (uint8 -> float / 255)" if cast else "")}
 
 
 def bench_blocks_only(data_dir: Path, reps: int) -> dict:

@@ -138,7 +138,7 @@ def report(results: dict) -> str:
     if "loader" in results:
         lo = results["loader"]
         rows = [["ours: packed shards, TrainStream (trainer path)", lo["ours"]["samples_per_s"], lo["ours"]["bytes_on_disk"] / 1e6, 1.0],
-                ["  ours + cast to float (to_inputs)", lo["ours_with_cast"]["samples_per_s"], None,
+                ["  ours + cast to float (InputScale)", lo["ours_with_cast"]["samples_per_s"], None,
                  lo["ours_with_cast"]["samples_per_s"] / lo["ours"]["samples_per_s"]],
                 ["  read_blocks only (tar + np.load, no shuffle)", lo["ours_read_blocks_only"]["samples_per_s"], None,
                  lo["ours_read_blocks_only"]["samples_per_s"] / lo["ours"]["samples_per_s"]],

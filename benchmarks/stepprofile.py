@@ -111,7 +111,8 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     from pipeline.data.manifest import load_manifest
     from pipeline.data.order import BatchLayout
     from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
-    from pipeline.model import build_model, to_inputs
+    from pipeline.inputs import IMAGES
+    from pipeline.model import build_model
     from pipeline.training.accelerator import build_accelerator
     from pipeline.training.batches import StreamBatches
     from pipeline.training.optimizer import build_optimizer, build_scheduler
@@ -135,7 +136,7 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     regions = defaultdict(float)
     for i, (x, y, *_) in enumerate(batches):
         t0 = time.perf_counter()
-        inputs, targets = to_inputs(x, device), y.to(device)
+        inputs, targets = IMAGES(x, device), y.to(device)
         t1 = time.perf_counter()
         with accelerator.autocast():
             logits = model(inputs)
@@ -152,7 +153,7 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
         base_optimizer.zero_grad(set_to_none=True)
         t7 = time.perf_counter()
         if i >= warm:
-            for name, a, b in (("input cast (to_inputs)", t0, t1), ("forward", t1, t2), ("loss", t2, t3),
+            for name, a, b in (("input cast (InputScale)", t0, t1), ("forward", t1, t2), ("loss", t2, t3),
                                ("backward", t3, t4), ("clip_grad_norm_ + host sync", t4, t5),
                                ("optimizer.step (AdamW)", t5, t6), ("scheduler.step + zero_grad", t6, t7)):
                 regions[name] += b - a

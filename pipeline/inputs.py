@@ -6,6 +6,7 @@ happens when statistics come from the first batch instead)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +32,7 @@ class InputScale:
         x = x.to(device, non_blocking=True).float()
         if self.mean is None:
             return x.div_(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).clamp_min(MIN_STD)
-        return (x - mean) / std
+        return (x - _on(self.mean, x.device)) / _on(self.std, x.device).clamp_min(MIN_STD)
 
     def card(self) -> dict[str, Any] | None:
         """As the model card keeps it (None: images)."""
@@ -42,6 +41,12 @@ class InputScale:
     @classmethod
     def from_card(cls, card: dict[str, Any] | None) -> InputScale:
         return cls() if not card else cls(tuple(card["mean"]), tuple(card["std"]))
+
+
+@functools.lru_cache(maxsize=16)
+def _on(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The statistics as a tensor on `device`, made once: not a host-to-device copy every micro-batch."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 IMAGES = InputScale()  # the image data sets' scaling: the default where none is given

@@ -137,7 +137,8 @@ def test_augmentation_mirrors_and_shifts_each_sample_by_its_own_draw(fashion_sha
     manifest = load_manifest(fashion_shards)
     source = ShardSource(str(fashion_shards))
     block = next(read_blocks(source, manifest.split("train").shards[0]))
-    x, ids = block.fixed("train-0"), block.ids
+    assert (block.lengths == 28).all()
+    x, ids = block.values.reshape(len(block), 28, 28), block.ids
     out = AUGMENT.numpy(x, ids, epoch=0)
     seen = set()
     for img, orig in zip(out, x, strict=True):

@@ -190,15 +190,22 @@ def bucketed_epoch_order(shard_sizes: list[int], lengths: np.ndarray, seed: int,
     return np.concatenate(parts)
 
 
+def padded_and_real(lengths) -> tuple[int, int]:
+    """(padded steps, real steps) of one micro-batch padded to its longest sample."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return 0, 0
+    real = int(lengths.sum())
+    return len(lengths) * int(lengths.max()) - real, real
+
+
 def padding_waste(micro_batches: list[np.ndarray] | np.ndarray) -> float:
     """Padded steps per real step: sum over micro-batches of (size x longest - sum of lengths),
     over the sum of lengths. 0 when every micro-batch is of one length."""
     padded = real = 0
     for lengths in micro_batches:
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if len(lengths):
-            padded += len(lengths) * int(lengths.max()) - int(lengths.sum())
-            real += int(lengths.sum())
+        p, r = padded_and_real(lengths)
+        padded, real = padded + p, real + r
     return padded / real if real else 0.0
 
 

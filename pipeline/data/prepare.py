@@ -77,11 +77,11 @@ def prepare(source: Source, out: str | Path, options: ShardOptions = ShardOption
         _clear(out)
         manifest = _write_dataset(source, staging, out, dataset, codes, made, options)
     except BaseException:
-        staging.remove()
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    staging.remove()
+    finally:
+        staging.remove()
     write_manifest(manifest, out)
     return PrepareResult(manifest, time.perf_counter() - start, skipped=False)
 
@@ -91,8 +91,7 @@ def fits_dtype(cases: Cases, dtype: np.dtype) -> Cases:
     if dtype == np.float16 and cases.values.dtype != np.float16 and len(cases.values):
         big = np.abs(cases.values) > np.finfo(np.float16).max
         if big.any():
-            row = int(np.flatnonzero(big.any(axis=1))[0])
-            case = int(np.searchsorted(np.cumsum(cases.lengths), row, side="right"))
+            case, _ = cases.case_at(int(np.flatnonzero(big.any(axis=1))[0]))
             raise InputError(f"{cases.case(case)} holds a value beyond float16's range (65504); prepare without "
                              "--dtype float16, or scale the values first")
     return cases

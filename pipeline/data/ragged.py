@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.data import order
+
 
 def starts(lengths: np.ndarray) -> np.ndarray:
     """Where each case's steps begin in the concatenated values."""
@@ -34,8 +36,7 @@ class PaddingCount:
 
     def add(self, lengths) -> None:
         """One micro-batch, padded to its longest case."""
-        real = int(lengths.sum())
-        padded = len(lengths) * int(lengths.max()) - real
+        padded, real = order.padded_and_real(lengths)
         for counts in (self.total, self.window):
             counts[0] += padded
             counts[1] += real

@@ -38,14 +38,6 @@ class Block:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def fixed(self, name: str) -> np.ndarray:
-        """The cases as one array [n, steps, features]: for data sets of one length (the images)."""
-        steps = int(self.lengths[0]) if len(self.lengths) else 0
-        if (self.lengths != steps).any():
-            raise DataError(f"shard {name} holds cases of {int(self.lengths.min())} to {int(self.lengths.max())} steps "
-                            "where every case should have the same length")
-        return self.values.reshape(len(self.lengths), steps, self.values.shape[1])
-
 
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()

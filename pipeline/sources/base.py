@@ -44,6 +44,12 @@ class Cases:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def case_at(self, row: int) -> tuple[int, int]:
+        """(case, step within it) of a row of the concatenated values."""
+        ends = np.cumsum(self.lengths)
+        case = int(np.searchsorted(ends, row, side="right"))
+        return case, int(row - (ends[case] - self.lengths[case]))
+
     def case(self, i: int) -> str:
         """Case i as a message names it: 'line 57 of X_TRAIN.ts'."""
         return f"{self.unit} {int(self.where[i])} of {self.file}"
@@ -100,13 +106,13 @@ def check_cases(cases: Cases, features: int, missing: str = "refuse") -> Cases:
     if not bad.any():
         return cases
     rows = np.flatnonzero(bad.any(axis=1))
-    case = int(np.searchsorted(np.cumsum(cases.lengths), rows[0], side="right"))
+    case, step = cases.case_at(int(rows[0]))
     infinite = np.isinf(cases.values).any()
     if infinite or missing == "refuse":
         what = "an infinite value" if infinite else "a missing value (NaN, or '?' in a .ts file)"
         fix = ("remove or clip them in the file" if infinite else
                "fix the file, or pass --missing interpolate (linear in time, within the case) or --missing zero")
-        raise InputError(f"{cases.case(case)} holds {what} (step {int(rows[0] - (np.cumsum(cases.lengths)[case] - cases.lengths[case]))}); "
+        raise InputError(f"{cases.case(case)} holds {what} (step {step}); "
                          f"{int(bad.sum())} such value(s) in this run of the file. To prepare it, {fix}")
     return _fill(cases, missing)
 

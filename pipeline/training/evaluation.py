@@ -30,9 +30,8 @@ class EvalResult:
     @property
     def balanced_accuracy(self) -> float:
         """The mean of the per-class recalls, over the classes present in the split."""
-        support = self.confusion.sum(axis=1)
-        present = support > 0
-        return float((np.diag(self.confusion)[present] / support[present]).mean())
+        _, recall, _, support = _scores(self.confusion)
+        return float(recall[support > 0].mean())
 
     @property
     def macro_f1(self) -> float:
