@@ -238,7 +238,8 @@ class Config(_Section):
             raise ValueError(
                 "model.dropout applies between recurrent layers; with model.num_layers 1 it does nothing"
             )
-        if self.train.max_steps is not None and self.eval.every_steps > self.train.max_steps:
+        # eval.every_epochs replaces every_steps: its value then says nothing about when the run evaluates
+        if self.train.max_steps is not None and self.eval.every_epochs is None and self.eval.every_steps > self.train.max_steps:
             raise ValueError(
                 f"eval.every_steps ({self.eval.every_steps}) is larger than train.max_steps "
                 f"({self.train.max_steps}): the run would never evaluate before the end"

@@ -153,5 +153,8 @@ def test_sequence_config_levers_for_data_sets_of_any_size():
     assert [auto_frame(m) for m in (15, 64, 65, 150, 427, 1460)] == [1, 1, 2, 3, 7, 23]
     plan = lambda steps: EpochPlan(BatchLayout(32, 32, 1), 0, 4096, steps)  # noqa: E731
     assert total_steps(cfg, plan(1)) == 600 and total_steps(cfg, plan(67)) == 67 * 40
+    assert load_config("configs/sequences.yaml", ["train.max_steps=20"]).train.max_steps == 20  # every_epochs rules
+    with pytest.raises(ConfigError, match="is larger than train.max_steps"):
+        load_config("configs/sequences.yaml", ["train.max_steps=20", "eval.every_epochs=null"])
     with pytest.raises(ConfigError, match="model.frame must be auto or a number of steps"):
         load_config("configs/sequences.yaml", ["model.frame=0"])
