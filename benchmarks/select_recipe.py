@@ -6,10 +6,16 @@
 A spec lists candidates, each a config plus `key=value` overrides. Every candidate trains with
 every seed, each run in its own process, `--parallel` at a time (on a GPU they share it: one
 small LSTM leaves most of an H200 idle). The candidate with the highest mean final validation
-accuracy over the seeds wins. The report gives every run's validation figures and the test
+accuracy over the seeds wins; a tie (a small validation split that every good candidate gets
+right) goes to the lowest mean validation loss. The report gives every run's validation figures and the test
 accuracy of the winner's runs alone: the trainer scores each run on test when it ends, but only
 a figure that played no part in the choice is honest to publish, so the others' test scores are
 never read.
+
+Small data sets: one validation split of a few dozen cases cannot tell recipes apart. `--data`
+then takes one prepared copy per seed, each holding out another validation split (prepare_data.py
+--split-seed N), and seed N's runs train on copy N (repeated hold-out): every candidate is judged
+on all of them, and the test split, the source's own, is the same in each.
 
 `--deadline-s` bounds the whole selection: a run still going then is stopped (SIGTERM: it
 checkpoints, and `--resume auto` could continue it) and reported as unfinished with its last
@@ -56,6 +62,7 @@ class Run:
     candidate: Candidate
     seed: int
     out: Path
+    data: Path
     proc: subprocess.Popen | None = None
     started: float = 0.0
     result: dict = field(default_factory=dict)
@@ -92,8 +99,8 @@ def load_spec(path: Path, extra: list[str] | tuple[str, ...] = ()) -> list[Candi
     return out
 
 
-def command(run: Run, data: Path, device: str, precision: str | None) -> list[str]:
-    args = [PY, str(ROOT / "launch" / "train.py"), "--config", run.candidate.config, f"data.dir={data}",
+def command(run: Run, device: str, precision: str | None) -> list[str]:
+    args = [PY, str(ROOT / "launch" / "train.py"), "--config", run.candidate.config, f"data.dir={run.data}",
             f"output_dir={run.out}", f"train.seed={run.seed}", f"train.device={device}", "wandb.mode=disabled",
             "train.progress_bar=false", "checkpoint.keep_last=1"]
     if precision:
@@ -106,9 +113,10 @@ def read_result(run: Run) -> dict:
     summary_path = run.out / "summary.json"
     evals = [e for e in read_events(run.out / "metrics.jsonl") if "eval/accuracy" in e]
     last = evals[-1] if evals else {}
-    shipped = "eval_ema/accuracy" if "eval_ema/accuracy" in last else "eval/accuracy"
+    shipped = "eval_ema" if "eval_ema/accuracy" in last else "eval"
     out = {"candidate": run.candidate.name, "seed": run.seed, "finished": summary_path.is_file(),
-           "last_eval_step": last.get("step"), "val_accuracy": last.get(shipped),
+           "last_eval_step": last.get("step"), "val_accuracy": last.get(f"{shipped}/accuracy"),
+           "val_loss": last.get(f"{shipped}/loss"),
            "seconds": round(time.perf_counter() - run.started, 1) if run.started else None}
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -118,10 +126,10 @@ def read_result(run: Run) -> dict:
     return out
 
 
-def run_all(runs: list[Run], data: Path, device: str, precision: str | None, parallel: int, deadline: float) -> None:
+def run_all(runs: list[Run], device: str, precision: str | None, parallel: int, deadline: float) -> None:
     active: list[Run] = []
     try:
-        _run_all(runs, active, data, device, precision, parallel, deadline)
+        _run_all(runs, active, device, precision, parallel, deadline)
     except BaseException:
         # Ctrl-C or SIGTERM to the selection: the runs (in sessions of their own, so that a terminal's
         # Ctrl-C does not reach them half-way through a step) are stopped the way a deadline stops them.
@@ -129,7 +137,7 @@ def run_all(runs: list[Run], data: Path, device: str, precision: str | None, par
         raise
 
 
-def _run_all(runs: list[Run], active: list[Run], data: Path, device: str, precision: str | None, parallel: int,
+def _run_all(runs: list[Run], active: list[Run], device: str, precision: str | None, parallel: int,
              deadline: float) -> None:
     pending = list(runs)
     while pending or active:
@@ -139,7 +147,7 @@ def _run_all(runs: list[Run], active: list[Run], data: Path, device: str, precis
             log = open(run.out.parent / f"{run.out.name}.log", "w")
             say(f"start {run.candidate.name} seed {run.seed}")
             run.started = time.perf_counter()
-            run.proc = subprocess.Popen(command(run, data, device, precision), cwd=ROOT, env=env_for_children(),
+            run.proc = subprocess.Popen(command(run, device, precision), cwd=ROOT, env=env_for_children(),
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
             active.append(run)
@@ -170,22 +178,26 @@ def mean_spread(values: list[float]) -> dict:
             "range": round(max(values) - min(values), 5), "values": values} if values else {}
 
 
-def select(candidates: list[Candidate], seeds: list[int], work: Path, data: Path, device: str, precision: str | None,
-           parallel: int, deadline_s: float) -> dict:
-    runs = [Run(c, s, work / f"{c.name}-seed{s}") for s in seeds for c in candidates]  # seed-major: all start early
-    run_all(runs, data, device, precision, parallel, time.perf_counter() + deadline_s)
-    report: dict = {"device": device, "seeds": seeds, "runs": [r.result for r in runs],
+def select(candidates: list[Candidate], seeds: list[int], work: Path, data: list[Path], device: str,
+           precision: str | None, parallel: int, deadline_s: float) -> dict:
+    """`data`: one prepared data set for every seed, or one for each seed, in the seeds' order."""
+    copies = dict(zip(seeds, data if len(data) == len(seeds) else data * len(seeds), strict=True))
+    runs = [Run(c, s, work / f"{c.name}-seed{s}", copies[s]) for s in seeds for c in candidates]  # seed-major
+    run_all(runs, device, precision, parallel, time.perf_counter() + deadline_s)
+    report: dict = {"device": device, "seeds": seeds, "data": {s: str(d) for s, d in copies.items()},
+                    "runs": [r.result for r in runs],
                     "candidates": {c.name: {"config": c.config, "overrides": c.overrides, "why": c.why} for c in candidates}}
     complete = {}
     for c in candidates:
         mine = [r.result for r in runs if r.candidate is c]
         if all(r.get("finished") and r.get("exit_code") == 0 for r in mine):
-            complete[c.name] = mean_spread([r["val_accuracy"] for r in mine])
+            complete[c.name] = {**mean_spread([r["val_accuracy"] for r in mine]),
+                                "loss_mean": round(statistics.fmean(r["val_loss"] for r in mine), 5)}
     report["val_by_candidate"] = complete
     if not complete:
         report["winner"] = None
         return report
-    name = max(complete, key=lambda n: complete[n]["mean"])
+    name = max(complete, key=lambda n: (complete[n]["mean"], -complete[n]["loss_mean"]))
     say(f"chosen on validation: {name} (mean {complete[name]['mean']:.4f})")
     winners = [r for r in runs if r.candidate.name == name]
     for run in winners:  # the winner's runs alone are scored on test
@@ -197,11 +209,13 @@ def select(candidates: list[Candidate], seeds: list[int], work: Path, data: Path
 
 def render(report: dict) -> str:
     val = report.get("val_by_candidate", {})
-    rows = [[r["candidate"], r["seed"], r.get("val_accuracy"), r.get("best_val_accuracy"), r.get("training_seconds"),
-             "yes" if r.get("finished") else "no"] for r in report["runs"]]
-    parts = [table("Every run (validation only)", ["candidate", "seed", "val (final)", "val (best)", "training s", "finished"], rows)]
-    rows = [[name, s["mean"], s["range"]] for name, s in sorted(val.items(), key=lambda kv: -kv[1]["mean"])]
-    parts.append(table("Candidates that finished every seed", ["candidate", "val mean", "val range"], rows))
+    rows = [[r["candidate"], r["seed"], r.get("val_accuracy"), r.get("best_val_accuracy"), r.get("val_loss"),
+             r.get("training_seconds"), "yes" if r.get("finished") else "no"] for r in report["runs"]]
+    parts = [table("Every run (validation only)", ["candidate", "seed", "val (final)", "val (best)", "val loss",
+                                                   "training s", "finished"], rows)]
+    rows = [[name, s["mean"], s["range"], s["loss_mean"]]
+            for name, s in sorted(val.items(), key=lambda kv: (-kv[1]["mean"], kv[1]["loss_mean"]))]
+    parts.append(table("Candidates that finished every seed", ["candidate", "val mean", "val range", "val loss mean"], rows))
     if report.get("winner"):
         rows = [[r["seed"], r.get("val_accuracy"), r.get("test_accuracy"), r.get("training_seconds")] for r in report["winner_runs"]]
         parts.append(table(f"Chosen on validation: {report['winner']}", ["seed", "val", "test", "training s"], rows))
@@ -219,7 +233,8 @@ def _terminated(signum, frame):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", required=True, type=Path, help="YAML: candidates: [{name, config, overrides, why}]")
-    p.add_argument("--data", required=True, type=Path, help="prepared dataset with a validation split")
+    p.add_argument("--data", required=True, help="prepared dataset with a validation split; or comma-separated, "
+                   "one per seed (repeated hold-out: each copy prepared with its own --split-seed)")
     p.add_argument("--work", required=True, type=Path, help="where each run's output_dir goes")
     p.add_argument("--out", type=Path, help="report JSON (default WORK/selection.json)")
     p.add_argument("--seeds", default="0,1,2")
@@ -231,20 +246,26 @@ def main(argv=None) -> int:
     p.add_argument("--extra", action="append", default=[], help="key=value added to every candidate (smoke tests)")
     args = p.parse_args(argv)
     candidates = load_spec(args.spec, args.extra)
-    if not (args.data / "manifest.json").is_file():
-        print(f"error: {args.data} holds no manifest.json; run: python launch/prepare_data.py --dataset fashion_mnist "
-              f"--out {args.data}", file=sys.stderr)
-        return 2
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         print(f"error: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
+    data = [Path(d).resolve() for d in args.data.split(",")]
+    if len(data) not in (1, len(seeds)):
+        print(f"error: --data names {len(data)} data sets for {len(seeds)} seeds; give one, or one per seed",
+              file=sys.stderr)
+        return 2
+    for d in data:
+        if not (d / "manifest.json").is_file():
+            print(f"error: {d} holds no manifest.json; prepare it first (python launch/prepare_data.py --dataset "
+                  f"fashion_mnist --out {d}, or --from YOUR_DATA --out {d})", file=sys.stderr)
+            return 2
     args.work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _terminated)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by every run: N runs x all cores would thrash
-    report = select(candidates, seeds, args.work.resolve(), args.data.resolve(), args.device, args.precision,
+    report = select(candidates, seeds, args.work.resolve(), data, args.device, args.precision,
                     max(1, args.parallel), args.deadline_s)
     out = args.out or args.work / "selection.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

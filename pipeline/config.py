@@ -62,6 +62,12 @@ class DataConfig(_Section):
                          "rectangle blanked (random erasing)")
     erase_area: tuple[float, float] = Field((0.02, 0.25), description="Random erasing: the rectangle's area, as a "
                                             "fraction of the image, drawn from this range")
+    time_mask: float = Field(0.0, ge=0.0, lt=1.0, description="Augment sequences: blank (set to the channel mean) "
+                             "one span of each training sequence, its width drawn up to this fraction of its length")
+    jitter: float = Field(0.0, ge=0.0, le=10.0, description="Augment sequences: Gaussian noise of this standard "
+                          "deviation, in the train split's standard deviations, on every value")
+    scale: float = Field(0.0, ge=0.0, le=1.0, description="Augment sequences: multiply each channel of each training "
+                         "sequence by a factor drawn from N(1, scale^2)")
     length_buckets: bool = Field(
         True, description="Where lengths vary: each window's samples are arranged so that a micro-batch holds samples "
         "of similar length (less padding; pipeline/data/order.py); the same global batches at any world size")

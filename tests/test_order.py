@@ -170,3 +170,15 @@ def test_random_erasing_blanks_one_rectangle_in_the_chosen_share_of_images():
         assert 0.05 * 784 - 28 <= blank[img].sum() <= 0.2 * 784 + 28  # the area range, up to rounding one side
     np.testing.assert_array_equal(out[~hit], x[~hit])  # the others are untouched
     assert not np.array_equal(erase.numpy(x, ids, epoch=1), out), "drawn anew each epoch"
+
+
+def test_a_global_batch_larger_than_the_split_is_halved_alike_at_any_world_size():
+    one = order.fit_to_split(BatchLayout.make(32, 32, 1), 20)
+    two = order.fit_to_split(BatchLayout.make(32, 16, 2), 20)
+    assert (one.global_batch, one.micro_batch) == (16, 16) and (two.global_batch, two.micro_batch) == (16, 8)
+    assert order.fit_to_split(BatchLayout.make(32, 32, 1), 5).global_batch == 4
+    assert order.fit_to_split(BatchLayout.make(24, 12, 2), 13) == BatchLayout(12, 6, 2)
+    fits = BatchLayout.make(32, 16, 2)
+    assert order.fit_to_split(fits, 32) is fits and order.fit_to_split(fits, 5000) is fits
+    # past what halving can reach, the layout stays and steps_in_epoch refuses it with the numbers
+    assert order.fit_to_split(BatchLayout.make(30, 15, 2), 4) == BatchLayout(30, 15, 2)

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 CONFIG = "configs/sequences.yaml"
 SHORT = ("model.hidden_size=32", "train.max_steps=60", "eval.every_epochs=null", "eval.every_steps=30", "checkpoint.every_steps=30",
          "train.log_every_steps=10", "train.batch_size=16", "train.global_batch_size=32", "wandb.mode=disabled")
+# Drawn from (seed, epoch, sample id): a run augments each sample the same way at any world size or placement.
+AUGMENT = ("data.jitter=0.05", "data.scale=0.1", "data.time_mask=0.1")
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -93,7 +95,7 @@ def test_two_processes_equal_one_with_accumulation(fsdd_shards, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # One thread per process (threads change float sums); losses logged every step (a log window's sums
     # over steps and over ranks associate differently)
-    every_step = (*SHORT, "train.log_every_steps=1")
+    every_step = (*SHORT, *AUGMENT, "train.log_every_steps=1")
     train_run(one, fsdd_shards, *every_step, config=CONFIG, env={"OMP_NUM_THREADS": "1"})
     train_run(two, fsdd_shards, *every_step, nproc=2, config=CONFIG, env={"OMP_NUM_THREADS": "1"})
     assert _same(one, two), "1 x 2 x 16 and 2 x 1 x 16 must compute the same micro-batches and sums"
@@ -111,8 +113,8 @@ def test_resumed_run_equals_uninterrupted(fsdd_shards, tmp_path):
 
 def test_stream_and_device_memory_give_the_same_run(fsdd_shards, tmp_path):
     device, stream = tmp_path / "device", tmp_path / "stream"
-    train_in_process(device, fsdd_shards, *SHORT, "data.placement=device", config=CONFIG)
-    train_in_process(stream, fsdd_shards, *SHORT, "data.placement=stream", "data.num_workers=2", config=CONFIG)
+    train_in_process(device, fsdd_shards, *SHORT, *AUGMENT, "data.placement=device", config=CONFIG)
+    train_in_process(stream, fsdd_shards, *SHORT, *AUGMENT, "data.placement=stream", "data.num_workers=2", config=CONFIG)
     assert _same(device, stream)
 
 
@@ -132,6 +134,19 @@ def test_balanced_class_weights_and_macro_scores(fsdd, fsdd_shards, tmp_path):
         assert 0 < summary[f"{split}_balanced_accuracy"] <= 1 and 0 < summary[f"{split}_macro_f1"] <= 1
     evals = [e for e in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in e]
     assert {"eval/balanced_accuracy", "eval/macro_f1"} <= set(evals[-1])
+
+
+def test_a_train_split_smaller_than_the_batch_trains_with_a_smaller_one(examples, tmp_path):
+    """configs/sequences.yaml (global batch 32) on 20 BasicMotions recordings: no edit needed."""
+    data = tmp_path / "bm"
+    run_py("launch/prepare_data.py", "--from", str(examples / "BasicMotions"), "--out", str(data), "--val-size", "20",
+           check=True)
+    out = tmp_path / "run"
+    proc = train_run(out, data, "train.min_steps=10", "train.epochs=1", "model.hidden_size=16", "wandb.mode=disabled",
+                     config=CONFIG)
+    assert "fewer than the global batch of 32: global batch 16, micro-batch 16 instead" in proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["global_batch_size"] == 16
 
 
 def test_the_weights_balance_the_train_counts():

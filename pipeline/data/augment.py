@@ -32,7 +32,7 @@ def _mul32(x, c: int):
     return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
 
 
-def _mix(x):
+def mix32(x):
     x = x & _M32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
@@ -43,8 +43,8 @@ def _mix(x):
 
 def sample_random(seed: int, epoch: int, ids, stream: int):
     """A 32-bit random integer per sample id (int64 array or tensor, like `ids`)."""
-    key = _mix(_mix(_mix(seed & _M32) ^ (epoch & _M32)) ^ stream)
-    return _mix(ids ^ key)
+    key = mix32(mix32(mix32(seed & _M32) ^ (epoch & _M32)) ^ stream)
+    return mix32(ids ^ key)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,21 @@ class BatchLayout:
         return cls(global_batch, micro_batch, world_size)
 
 
+def fit_to_split(layout: BatchLayout, num_samples: int) -> BatchLayout:
+    """A global batch larger than the train split, halved until one step fits: a config written for
+    data sets of any size (configs/sequences.yaml) still trains one of a few dozen cases. The
+    micro-batch shrinks with it only where it no longer divides. The new global batch depends on the
+    config and the split alone, so the order stays the same at any world size."""
+    g, m, w = layout.global_batch, layout.micro_batch, layout.world_size
+    while g > num_samples and g % 2 == 0 and g // 2 >= w:
+        g //= 2
+    if g == layout.global_batch or g % w:
+        return layout  # it fits already, or cannot be fitted: steps_in_epoch names the problem
+    while g % (m * w):
+        m -= 1
+    return BatchLayout(g, m, w)
+
+
 def steps_in_epoch(num_samples: int, global_batch: int) -> int:
     steps = num_samples // global_batch
     if steps == 0:

@@ -38,8 +38,9 @@ class TrainingLoop:
                                       "world/accumulation_steps": t.layout.accumulation})
         while state.step < t.total_steps and self.stopped_by is None:
             count = min(t.plan.steps - state.step_in_epoch, t.total_steps - state.step)
-            for micro in t.batches.epoch(state.epoch, state.step_in_epoch, count):
-                result = train_step(t.parts, micro, self._dropout_seeds())
+            epoch = state.epoch
+            for micro in t.batches.epoch(epoch, state.step_in_epoch, count):
+                result = train_step(t.parts, micro, self._dropout_seeds(), epoch)
                 self._count(result)
                 self._after_step(stop)
                 if self.stopped_by:

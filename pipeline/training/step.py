@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from pipeline.data.sequence_augment import SequenceAugment
 from pipeline.inputs import IMAGES, InputScale
 
 
@@ -35,6 +36,7 @@ class StepParts:
     label_smoothing: float = 0.0
     inputs: InputScale = IMAGES  # stored values -> model inputs (images / 255, else standardised)
     class_weights: torch.Tensor | None = None  # on the device; None: every class alike
+    augment: SequenceAugment | None = None  # of the standardised inputs, keyed on (seed, epoch, sample id)
 
     @property
     def skips_on_device(self) -> bool:
@@ -50,13 +52,15 @@ class StepResult:
     lr: float  # the learning rate this step's update used
 
 
-def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: list[int] | None = None) -> StepResult:
+def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: list[int] | None = None,
+               epoch: int = 0) -> StepResult:
     """One optimizer step over this rank's micro-batches (pipeline/data/order.py lays them out).
 
     Each micro-batch's loss is divided by their number before its backward pass, and the
     gradients of all but the last accumulate without an all-reduce (`no_sync`), so the update
     uses the mean gradient over the global batch, as one rank with all of it would. `seeds`,
-    where dropout needs them, seed each micro-batch's draws by its place in the global batch."""
+    where dropout needs them, seed each micro-batch's draws by its place in the global batch; `epoch`
+    keys the sequence augmentations."""
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     base = _base(optimizer)  # Accelerate's wrapper is used only for fp16's scaler: see below
     steps = len(micro)
@@ -68,6 +72,8 @@ def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: l
             inputs = parts.inputs(batch[0], accelerator.device)
             targets = batch[1].to(accelerator.device, non_blocking=True)
             lengths = batch[3] if len(batch) > 3 else None
+            if parts.augment is not None:
+                inputs = parts.augment(inputs, lengths, batch[2], epoch)
             with accelerator.autocast():
                 logits = model(inputs) if lengths is None else model(inputs, lengths)
             loss = F.cross_entropy(logits.float(), targets, weight=parts.class_weights,

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from pipeline.config import Config, save_config
 from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, check_dataset, load_manifest
-from pipeline.data.order import BatchLayout
+from pipeline.data.order import BatchLayout, fit_to_split
 from pipeline.data.resident import ResidentBatches, choose_placement
+from pipeline.data.sequence_augment import SequenceAugment
 from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, load_split_tensors, verify_shards
 from pipeline.distributed.agreement import any_rank, fail_together, on_main
 from pipeline.distributed.launch_env import LaunchEnv
@@ -96,7 +97,7 @@ class Trainer:
         self.source = ShardSource(cfg.data.dir, cfg.data.base_url, cfg.data.retry_s)
         self.manifest = self._read_manifest()
         self.placement = self._choose_placement()
-        self.layout = BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world)
+        self.layout = self._fit_layout(BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world))
         self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer,
                                    cfg.data.length_buckets)
         self.inputs = InputScale.for_data(self.manifest)
@@ -109,6 +110,14 @@ class Trainer:
         if cfg.train.max_steps is None and cfg.eval.every_epochs is None and cfg.eval.every_steps > self.total_steps:
             raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
         self._log_plan()
+
+    def _fit_layout(self, layout: BatchLayout) -> BatchLayout:
+        train = self.manifest.split("train").num_samples
+        fitted = fit_to_split(layout, train)
+        if fitted != layout:
+            self.log(f"the train split holds {train} samples, fewer than the global batch of {layout.global_batch}: "
+                     f"global batch {fitted.global_batch}, micro-batch {fitted.micro_batch} instead")
+        return fitted
 
     def _read_manifest(self) -> Manifest:
         """Every rank reads the manifest and checks the shards it reads from disk (each node may hold its own
@@ -207,8 +216,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
         model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
+        augment = SequenceAugment(cfg.train.seed, cfg.data.time_mask, cfg.data.jitter, cfg.data.scale)
         return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing,
-                         self.inputs, self._class_weights())
+                         self.inputs, self._class_weights(), augment if augment.active else None)
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.train.class_weights == "none":
