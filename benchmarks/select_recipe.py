@@ -178,6 +178,11 @@ def mean_spread(values: list[float]) -> dict:
             "range": round(max(values) - min(values), 5), "values": values} if values else {}
 
 
+def choose(val_by_candidate: dict[str, dict]) -> str:
+    """The highest mean validation accuracy; among equals, the lowest mean validation loss."""
+    return max(val_by_candidate, key=lambda n: (val_by_candidate[n]["mean"], -val_by_candidate[n]["loss_mean"]))
+
+
 def select(candidates: list[Candidate], seeds: list[int], work: Path, data: list[Path], device: str,
            precision: str | None, parallel: int, deadline_s: float) -> dict:
     """`data`: one prepared data set for every seed, or one for each seed, in the seeds' order."""
@@ -197,7 +202,7 @@ def select(candidates: list[Candidate], seeds: list[int], work: Path, data: list
     if not complete:
         report["winner"] = None
         return report
-    name = max(complete, key=lambda n: (complete[n]["mean"], -complete[n]["loss_mean"]))
+    name = choose(complete)
     say(f"chosen on validation: {name} (mean {complete[name]['mean']:.4f})")
     winners = [r for r in runs if r.candidate.name == name]
     for run in winners:  # the winner's runs alone are scored on test

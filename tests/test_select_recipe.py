@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import ROOT, run_py
 
-from benchmarks.select_recipe import load_spec
+from benchmarks.select_recipe import choose, load_spec
 
 
 def _spec(path, *candidates):
@@ -105,3 +105,35 @@ def test_stopping_the_selection_stops_its_runs_with_a_checkpoint(tmp_path, fashi
     assert list((work / "long-seed0" / "checkpoints").iterdir())
     leftover = subprocess.run(["pgrep", "-f", f"output_dir={work}/long-seed0"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
+
+
+def test_a_tie_on_accuracy_goes_to_the_lower_validation_loss():
+    val = {"a": {"mean": 1.0, "loss_mean": 0.05}, "b": {"mean": 1.0, "loss_mean": 0.02}, "c": {"mean": 0.99, "loss_mean": 0.001}}
+    assert choose(val) == "b"
+    assert choose({"a": val["a"], "c": val["c"]}) == "a", "accuracy first"
+
+
+@pytest.mark.slow
+def test_each_seed_trains_on_its_own_hold_out_copy(tmp_path, examples):
+    """Repeated hold-out: --data takes one prepared copy per seed, each with its own validation split."""
+    copies = []
+    for split_seed in (0, 1):
+        copy = tmp_path / f"jv{split_seed}"
+        run_py("launch/prepare_data.py", "--from", str(examples / "JapaneseVowels"), "--out", str(copy),
+               "--split-seed", str(split_seed), "--val-size", "0.15", check=True)
+        copies.append(copy)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("candidates:\n  - name: short\n    config: configs/sequences.yaml\n"
+                    "    overrides: [train.min_steps=null, train.epochs=2, model.hidden_size=16]\n")
+    work = tmp_path / "work"
+    run_py("benchmarks/select_recipe.py", "--spec", str(spec), "--data", ",".join(map(str, copies)), "--work", str(work),
+           "--seeds", "0,1", check=True, timeout=600)
+    report = json.loads((work / "selection.json").read_text())
+    assert report["data"] == {"0": str(copies[0]), "1": str(copies[1])}
+    for seed in (0, 1):
+        used = yaml.safe_load((work / f"short-seed{seed}" / "config.yaml").read_text())["data"]["dir"]
+        assert used == str(copies[seed])
+    assert report["val_by_candidate"]["short"]["loss_mean"] > 0
+    proc = run_py("benchmarks/select_recipe.py", "--spec", str(spec), "--data", ",".join(map(str, copies)), "--work",
+                  str(work), "--seeds", "0,1,2")
+    assert proc.returncode == 2 and "2 data sets for 3 seeds" in proc.stderr
