@@ -52,6 +52,11 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(
         4096, ge=0, description="The epoch's shards are read in windows of at least this many samples, each shuffled "
         "as a whole (pipeline/data/order.py)")
+    canonical_streams: int = Field(
+        1, ge=1, le=4096, description="The epoch cut into this many streams, each global batch taking an equal share "
+        "of every one (pipeline/data/canonical.py): a streamed rank reads only the streams of its micro-batches, "
+        "1/W of the data when the world size W divides it. The batches are the same at any W; 1 is the order "
+        "before streams (every rank reads every shard). It must divide global batch / batch_size")
     verify: Literal["none", "size", "sha256"] = "size"
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="A corrupt shard at training time: stop naming it, or skip it (counted; ranks stay equal)"

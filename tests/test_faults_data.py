@@ -77,6 +77,13 @@ def test_corrupt_shard_skip_counts_stand_ins_and_keeps_every_step(tmp_path, fash
     assert 0 < summary["skipped_samples"] <= len(warned) * lost_per_epoch
     r0, r1 = np.load(out / "sample_ids" / "rank-00000.npy"), np.load(out / "sample_ids" / "rank-00001.npy")
     assert r0.shape == r1.shape == (240, 128), "every rank at the same step count"
+    # The stand-ins are the window's, not the rank's: one process (2 accumulation steps) trains the same
+    # global batches, stand-ins included.
+    one = tmp_path / "one"
+    train_run(one, data, "wandb.mode=disabled", "data.on_error=skip", "train.max_steps=240", "eval.every_steps=120",
+              "checkpoint.every_steps=120", "data.record_sample_ids=true", "data.num_workers=1")
+    np.testing.assert_array_equal(np.load(one / "sample_ids" / "rank-00000.npy"), np.concatenate([r0, r1], axis=1))
+    assert json.loads((one / "summary.json").read_text())["skipped_samples"] == summary["skipped_samples"]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import order
+from pipeline.data import canonical, order
 from pipeline.data.augment import Augment, sample_random
 from pipeline.data.manifest import load_manifest
 from pipeline.data.order import BatchLayout
@@ -32,18 +32,22 @@ def _source(manifest, shards, plan, rank, placement, workers, augment=AUGMENT):
 
 
 def global_batches(shards, world: int, workers: int, placement: str, epoch: int = 1, start: int = 0,
-                   count: int | None = None, augment: Augment = AUGMENT) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [steps, G], images [steps, G, 28, 28]) of the epoch's global batches, rebuilt from every rank's steps."""
+                   count: int | None = None, augment: Augment = AUGMENT, streams: int = 1,
+                   bytes_read: list | None = None, micro: int = MICRO) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [steps, G], images [steps, G, 28, 28]) of the epoch's global batches, rebuilt from every rank's steps;
+    each rank's bytes read appended to `bytes_read`."""
     manifest = load_manifest(shards)
-    layout = BatchLayout.make(GLOBAL, MICRO, world)
-    plan = EpochPlan.make(manifest, "train", layout, SEED, WINDOW)
+    layout = BatchLayout.make(GLOBAL, micro, world)
+    plan = EpochPlan.make(manifest, "train", layout, SEED, WINDOW, streams=streams)
     count = plan.steps - start if count is None else count
-    ranks = [list(_source(manifest, shards, plan, r, placement, workers, augment).epoch(epoch, start, count))
-             for r in range(world)]
+    sources = [_source(manifest, shards, plan, r, placement, workers, augment) for r in range(world)]
+    ranks = [list(source.epoch(epoch, start, count)) for source in sources]
+    if bytes_read is not None:
+        bytes_read.extend(source.bytes_read for source in sources)
     ids, images = [], []
     for k in range(count):
         chunks = {order.chunk_index(layout, r, a): micro for r in range(world) for a, micro in enumerate(ranks[r][k])}
-        assert sorted(chunks) == list(range(layout.chunks)) and all(len(c[1]) == MICRO for c in chunks.values())
+        assert sorted(chunks) == list(range(layout.chunks)) and all(len(c[1]) == micro for c in chunks.values())
         ids.append(np.concatenate([chunks[c][2].numpy() for c in range(layout.chunks)]))
         images.append(np.concatenate([chunks[c][0].numpy() for c in range(layout.chunks)]))
     return np.stack(ids), np.stack(images)
@@ -182,3 +186,37 @@ def test_a_global_batch_larger_than_the_split_is_halved_alike_at_any_world_size(
     assert order.fit_to_split(fits, 32) is fits and order.fit_to_split(fits, 5000) is fits
     # past what halving can reach, the layout stays and steps_in_epoch refuses it with the numbers
     assert order.fit_to_split(BatchLayout.make(30, 15, 2), 4) == BatchLayout(30, 15, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,workers,placement", [(1, 2, "stream"), (2, 0, "stream"), (4, 2, "stream"),
+                                                     (1, 0, "device"), (4, 0, "device")])
+def test_canonical_streams_draw_the_same_global_batches_at_any_world_size(fashion_shards, world, workers, placement):
+    """Four canonical streams: one epoch's global batches at W = 1, 2, 4, streamed or resident, equal those
+    canonical.epoch_sequence lays out, and differ from the one-stream order."""
+    ids, images = global_batches(fashion_shards, world, workers, placement, streams=4)
+    manifest = load_manifest(fashion_shards)
+    sizes = [s.num_samples for s in manifest.split("train").shards]
+    expected = canonical.epoch_sequence(sizes, None, SEED, 1, WINDOW, BatchLayout(GLOBAL, MICRO, 1), 4)
+    every_id = np.concatenate([b.ids for s in manifest.split("train").shards
+                               for b in read_blocks(ShardSource(str(fashion_shards)), s)])
+    np.testing.assert_array_equal(ids.ravel(), every_id[expected])
+    assert images.shape[:2] == ids.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_a_rank_reads_its_share_of_the_bytes(fashion_shards, world):
+    """Eight canonical streams, streamed: each rank reads at most 1.15 / W of the split's bytes plus one shard
+    per stream boundary, and W = 1 reads the split once."""
+    manifest = load_manifest(fashion_shards)
+    shards = manifest.split("train").shards
+    split_bytes, largest = sum(s.bytes for s in shards), max(s.bytes for s in shards)
+    per_rank: list[int] = []
+    global_batches(fashion_shards, world, 0, "stream", epoch=0, streams=8, bytes_read=per_rank, micro=32)
+    assert len(per_rank) == world
+    assert max(per_rank) <= 1.15 * split_bytes / world + (8 - 1) * largest, (per_rank, split_bytes)
+    assert sum(per_rank) <= split_bytes + 2 * (8 - 1) * largest  # read about once in all, not W times
+    one: list[int] = []
+    global_batches(fashion_shards, 1, 0, "stream", epoch=0, streams=8, bytes_read=one, micro=32)
+    assert split_bytes * 0.99 <= one[0] <= split_bytes + (8 - 1) * largest

@@ -96,3 +96,24 @@ def test_one_global_batch_at_any_world_size_and_resumed_across_world_sizes(tmp_p
     summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in runs}
     assert {n: s["world_size"] for n, s in summaries.items()} == {"1": 1, "2": 2, "2->1": 1, "1->2": 2}
     assert {s["samples_seen"] for s in summaries.values()} == {300 * 256}
+
+
+@pytest.mark.slow
+def test_canonical_streams_train_alike_at_one_and_two_processes(tmp_path, fashion_shards):
+    """data.canonical_streams=2, streamed: 1 process x 2 accumulation steps x 128 and 2 x 1 x 128 end with the
+    same weights bit for bit (fp32, one thread per process), each of the two ranks reading about half of what
+    one process reads; so does a run stopped at 2 processes and resumed at 1."""
+    common = ("wandb.mode=disabled", "data.canonical_streams=2", "data.placement=stream", "train.max_steps=60",
+              "eval.every_steps=60", "checkpoint.every_steps=30", "train.log_every_steps=1")
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    for nproc in (1, 2):
+        train_run(tmp_path / f"w{nproc}", fashion_shards, *common, nproc=nproc, env=one_thread)
+    train_run(tmp_path / "w2-1", fashion_shards, *common, "train.stop_at_step=30", nproc=2, env=one_thread)
+    train_run(tmp_path / "w2-1", fashion_shards, *common, nproc=1, resume="auto", env=one_thread)
+    reference = _weights(tmp_path / "w1")
+    for name in ("w2", "w2-1"):
+        weights = _weights(tmp_path / name)
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), name
+    read = {n: json.loads((tmp_path / n / "summary.json").read_text())["data_bytes_read"] for n in ("w1", "w2")}
+    assert len(read["w2"]) == 2 and len(read["w1"]) == 1
+    assert max(read["w2"]) <= 0.6 * read["w1"][0], read

@@ -34,9 +34,12 @@ def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_c
         raise IncompatibleCheckpoint(
             f"checkpoint {path} was written by an earlier version, whose data order depended on the number of "
             f"processes; this one cannot say where that run stood in its data. Finish it with that version, {fresh}")
-    changed = {k: (meta.order.get(k), v) for k, v in order.items() if meta.order.get(k) != v}
+    # A key that came after the checkpoint was written had its default then (one canonical stream).
+    saved_order = {"canonical_streams": 1, **meta.order}
+    changed = {k: (saved_order.get(k), v) for k, v in order.items() if saved_order.get(k) != v}
     if changed:
-        keys = {"global_batch_size": "train.global_batch_size", "seed": "train.seed", "shuffle_buffer": "data.shuffle_buffer"}
+        keys = {"global_batch_size": "train.global_batch_size", "seed": "train.seed", "shuffle_buffer": "data.shuffle_buffer",
+                "canonical_streams": "data.canonical_streams"}
         said = ", ".join(f"{keys.get(k, k)} {old} -> {new}" for k, (old, new) in changed.items())
         raise IncompatibleCheckpoint(
             f"checkpoint {path} was trained with another order of samples ({said}): its data position means nothing "

@@ -73,15 +73,13 @@ class ResidentBatches:
         self.augment = augment
         self.sample_ids: list[np.ndarray] | None = [] if record_sample_ids else None
         self.skipped_samples = 0  # every shard was read and counted at load: nothing is skipped later
+        self.bytes_read = sum(s.bytes for s in manifest.split(split).shards)  # all of them, at load, by every rank
         self.padding = ragged.PaddingCount()
 
     def epoch(self, epoch: int, start: int, count: int) -> Iterator[list[tuple[torch.Tensor, ...]]]:
         """`count` steps of `epoch` from step `start`: each the rank's micro-batches, in accumulation order."""
         plan, layout = self.plan, self.plan.layout
-        if plan.length_buckets:
-            host = order.bucketed_epoch_order(self.sizes, self.host_lengths, plan.seed, epoch, plan.window, layout.micro_batch)
-        else:
-            host = order.epoch_order(self.sizes, plan.seed, epoch, plan.window)
+        host = plan.sequence(self.sizes, self.host_lengths, epoch)
         sequence = torch.from_numpy(host).to(self.device)
         for step in range(start, start + count):
             micro = []

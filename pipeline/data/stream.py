@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data import order, ragged
+from pipeline.data import canonical, ragged
 from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, ShardEntry
 from pipeline.data.order import BatchLayout
@@ -67,10 +67,25 @@ class ShardSource:
             raise DataError(f"shard {loc} cannot be opened ({err.strerror}); check data.dir or re-run the preparation") from None
 
 
-def read_blocks(source: ShardSource, shard: ShardEntry) -> Iterator[Block]:
+class CountedReader:
+    """A shard's byte stream that counts what is read from it (data_bytes_read in summary.json)."""
+
+    def __init__(self, raw, tally: list[int]):
+        self.raw, self.tally = raw, tally
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.tally[0] += len(data)
+        return data
+
+
+def read_blocks(source: ShardSource, shard: ShardEntry, tally: list[int] | None = None) -> Iterator[Block]:
+    """The shard's blocks in order; `tally[0]` grows by the bytes read. A caller may stop early: the
+    rest of the shard is then neither read nor checked."""
     read = 0
     with source.open(shard) as stream:
-        for _, block in iter_tar_blocks(stream, source.shown(shard)):
+        reader = stream if tally is None else CountedReader(stream, tally)
+        for _, block in iter_tar_blocks(reader, source.shown(shard)):
             read += len(block)
             yield block
         if isinstance(stream, PipeShard):  # the reader stops at the archive's end: did the command end well too?
@@ -127,13 +142,20 @@ class EpochPlan:
     steps: int  # global batches per epoch (the same in every epoch)
     length_buckets: bool = False  # micro-batches of similar lengths (order.bucketed_window_permutation)
     ragged: bool = False  # the samples' lengths vary: micro-batches are padded and carry their lengths
+    streams: int = 1  # data.canonical_streams (canonical.py): a rank reads the streams of its micro-batches
 
     @classmethod
     def make(cls, manifest: Manifest, split: str, layout: BatchLayout, seed: int, window: int,
-             length_buckets: bool = True) -> EpochPlan:
+             length_buckets: bool = True, streams: int = 1) -> EpochPlan:
+        canonical.check_streams(layout, streams)
         ragged = varying_lengths(manifest)
-        return cls(layout, seed, window, order.steps_in_epoch(manifest.split(split).num_samples, layout.global_batch),
-                   length_buckets and ragged, ragged)
+        steps = canonical.steps_in_epoch(manifest.split(split).num_samples, layout.global_batch, streams)
+        return cls(layout, seed, window, steps, length_buckets and ragged, ragged, streams)
+
+    def sequence(self, shard_sizes: list[int], lengths: np.ndarray, epoch: int) -> np.ndarray:
+        """The epoch's sequence of split positions (canonical.epoch_sequence); `lengths` by split position."""
+        return canonical.epoch_sequence(shard_sizes, lengths if self.length_buckets else None, self.seed, epoch,
+                                        self.window, self.layout, self.streams)
 
 
 def varying_lengths(manifest: Manifest) -> bool:
@@ -144,14 +166,16 @@ def varying_lengths(manifest: Manifest) -> bool:
 
 @dataclass(frozen=True)
 class WindowItem:
-    """A worker's hand-over: this rank's samples of window `index`, in sequence order."""
+    """A worker's hand-over: this rank's samples of one window of a canonical stream, in sequence order."""
 
-    index: int
+    index: int  # the window's place in the rank's reading order this epoch (from its first step)
+    stream: int
     x: torch.Tensor  # the samples' steps concatenated [sum of lengths, F], the data set's dtype
     lengths: torch.Tensor  # int64 [n]
     y: torch.Tensor
     ids: torch.Tensor
     skipped: int  # samples of the window's unreadable shards whose places here other samples took (on_error=skip)
+    bytes_read: int = 0  # of shards, to read this window
 
 
 class FailureMessage(str):
@@ -198,93 +222,101 @@ class TrainStream(IterableDataset):
             message.exit_code = err.exit_code
             yield message
 
-    def _spans(self, epoch: int, start_step: int) -> Iterator[tuple[int, list[int], int, int]]:
-        """(window index, its shards, first and end sequence position) of the windows this epoch still needs."""
-        first, limit = start_step * self.plan.layout.global_batch, self.plan.steps * self.plan.layout.global_batch
-        begin = 0
-        for index, shards in enumerate(order.windows(self.sizes, self.plan.seed, epoch, self.plan.window)):
-            lo, hi = begin, begin + sum(self.sizes[s] for s in shards)
-            begin = hi
-            if lo >= limit:
-                return
-            if hi > first:
-                yield index, shards, lo, hi
-
-    def first_window(self, epoch: int, start_step: int) -> int:
-        return next(self._spans(epoch, start_step))[0]
+    def units(self, epoch: int, start_step: int) -> list[canonical.Unit]:
+        """The windows of this rank's streams that the epoch still needs, in the order it first needs them."""
+        plan, layout = self.plan, self.plan.layout
+        per = layout.global_batch // plan.streams
+        first, limit = start_step * per, plan.steps * per  # stream positions
+        mine = set(canonical.rank_streams(layout, plan.streams, self.rank))
+        needed = [u for u in canonical.epoch_units(self.sizes, plan.seed, epoch, plan.window, plan.streams)
+                  if u.stream in mine and u.lo < limit and u.lo + u.size > first]
+        return sorted(needed, key=lambda u: int(canonical.global_positions(layout, plan.streams, u.stream,
+                                                                           max(u.lo, first))))
 
     def _windows(self, epoch: int, start_step: int, worker: int, workers: int) -> Iterator[WindowItem]:
-        layout = self.plan.layout
-        first, limit = start_step * layout.global_batch, self.plan.steps * layout.global_batch
-        for j, (index, shards, lo, hi) in enumerate(self._spans(epoch, start_step)):
-            if j % workers != worker:  # the j-th window this epoch needs goes to worker j mod workers
+        plan = self.plan
+        per = plan.layout.global_batch // plan.streams
+        first, limit = start_step * per, plan.steps * per
+        for j, unit in enumerate(self.units(epoch, start_step)):
+            if j % workers != worker:  # the j-th window this rank needs goes to worker j mod workers
                 continue
-            positions = np.arange(lo, hi)
-            keep = order.rank_mask(positions, layout, self.rank) & (positions >= first) & (positions < limit)
-            x, lengths, y, ids, skipped = self._read_window(shards, index, epoch, keep, lo)
-            yield WindowItem(index, *(torch.from_numpy(a) for a in (x, lengths, y, ids)), skipped)
+            q = np.arange(unit.lo, unit.lo + unit.size)
+            keep = canonical.rank_keeps(plan.layout, plan.streams, unit.stream, q, self.rank) & (q >= first) & (q < limit)
+            tally = [0]
+            x, lengths, y, ids, skipped = self._read_window(unit, epoch, keep, tally)
+            yield WindowItem(j, unit.stream, *(torch.from_numpy(a) for a in (x, lengths, y, ids)), skipped, tally[0])
 
-    def _read_window(self, shards: list[int], index: int, epoch: int, keep: np.ndarray, lo: int):
+    def _read_window(self, unit: canonical.Unit, epoch: int, keep: np.ndarray, tally: list[int]):
         """This rank's samples of one window, in sequence order, augmented; and how many were stand-ins."""
-        values, lengths, y, ids, readable = self._gather(shards)
-        chosen = self._permutation(lengths, readable, epoch, index, lo)[keep]
+        values, lengths, y, ids, readable = self._gather(unit, tally)
+        window_order = self._permutation(unit, lengths, readable, epoch)
         skipped = 0
-        if not readable.all():  # on_error=skip: an unreadable sample's place goes to the window's readable ones, in turn
-            lost = ~readable[chosen]
+        if not readable.all():
+            # on_error=skip: an unreadable sample's place goes to the window's readable ones, in turn, over
+            # the whole window before this rank keeps its places: the stand-ins do not depend on the world size.
+            lost = ~readable[window_order]
             good = np.flatnonzero(readable)
             if len(good) == 0:
-                names = ", ".join(self.source.shown(self.shards[s]) for s in shards)
+                names = ", ".join(self.source.shown(self.shards[s]) for s, _, _ in unit.pieces)
                 raise DataError(f"none of the shards {names} could be read, and data.on_error=skip has no sample of "
                                 f"their window (epoch {epoch}) to stand in for theirs")
-            skipped = int(lost.sum())
-            chosen = chosen.copy()
-            chosen[lost] = good[np.arange(skipped) % len(good)]
+            window_order = window_order.copy()
+            window_order[lost] = good[np.arange(int(lost.sum())) % len(good)]
+            skipped = int(lost[keep].sum())
+        chosen = window_order[keep]
         x, kept = ragged.take(values, lengths, chosen)
         if self.augment.active:  # image augmentations: the data set is of one length (config.py checks)
             n = len(chosen)
             x = self.augment.numpy(x.reshape(n, -1, self.features), ids[chosen], epoch).reshape(-1, self.features)
         return x, kept, y[chosen], ids[chosen], skipped
 
-    def _gather(self, shards: list[int]):
-        """The window's shards read, in order: values, lengths, labels, ids, and which places were readable
-        (an unreadable shard's places keep length 0 and no values: on_error=skip gives them stand-ins)."""
-        total = sum(self.sizes[s] for s in shards)
+    def _gather(self, unit: canonical.Unit, tally: list[int]):
+        """The window's pieces of shards read, in order: values, lengths, labels, ids, and which places were
+        readable (an unreadable shard's places keep length 0 and no values: on_error=skip gives them stand-ins).
+        A piece that ends before its shard does stops reading there."""
         parts: list[np.ndarray] = []
-        lengths, y, ids = np.zeros(total, np.int64), np.zeros(total, np.int64), np.zeros(total, np.int64)
-        readable = np.zeros(total, bool)
+        lengths, y, ids = np.zeros(unit.size, np.int64), np.zeros(unit.size, np.int64), np.zeros(unit.size, np.int64)
+        readable = np.zeros(unit.size, bool)
         at = 0
-        for s in shards:
-            at_end = at + self.sizes[s]
-            for block in self._read_shard(self.shards[s]):
-                n = len(block)
-                parts.append(block.values)
-                lengths[at:at + n], y[at:at + n], ids[at:at + n] = block.lengths, block.labels, block.ids
-                readable[at:at + n] = True
-                at += n
-            at = at_end
+        for shard, begin, end in unit.pieces:
+            seen = 0  # samples of the shard before this block
+            for block in self._read_shard(self.shards[shard], tally):
+                lo, hi = max(begin - seen, 0), min(end - seen, len(block))
+                seen += len(block)
+                if lo >= hi:
+                    if seen >= end:
+                        break
+                    continue
+                block_ends = np.cumsum(block.lengths)
+                parts.append(block.values[(block_ends[lo - 1] if lo else 0):block_ends[hi - 1]])
+                sl = slice(at + (seen - len(block) + lo - begin), at + (seen - len(block) + hi - begin))
+                lengths[sl], y[sl], ids[sl] = block.lengths[lo:hi], block.labels[lo:hi], block.ids[lo:hi]
+                readable[sl] = True
+                if seen >= end:
+                    break
+            at += end - begin
         values = np.concatenate(parts) if parts else np.zeros((0, self.features), self.dtype)
         return values, lengths, y, ids, readable
 
-    def _permutation(self, lengths: np.ndarray, readable: np.ndarray, epoch: int, index: int, lo: int) -> np.ndarray:
+    def _permutation(self, unit: canonical.Unit, lengths: np.ndarray, readable: np.ndarray, epoch: int) -> np.ndarray:
         """The window's order: by length buckets (data.length_buckets) where lengths vary, else random. An
         unreadable shard's lengths are unknown, so a window that lost one falls back to the random order."""
         plan = self.plan
-        if plan.length_buckets and readable.all():
-            return order.bucketed_window_permutation(lengths, plan.seed, epoch, index, lo, plan.layout.micro_batch)
-        return order.window_permutation(plan.seed, epoch, index, len(lengths))
+        bucketed = lengths if plan.length_buckets and readable.all() else None
+        return canonical.unit_permutation(unit, bucketed, plan.seed, epoch, plan.layout.micro_batch)
 
-    def _read_shard(self, shard: ShardEntry) -> Iterator[Block]:
+    def _read_shard(self, shard: ShardEntry, tally: list[int]) -> Iterator[Block]:
         """Its blocks; with on_error=skip, those read before it failed (the rest are stand-ins' places)."""
         read = 0
         try:
-            for block in read_blocks(self.source, shard):
+            for block in read_blocks(self.source, shard, tally):
                 read += len(block)
                 yield block
         except DataError as err:
             # data.on_error=skip is for bad bytes; a source that failed to deliver them ends the run
             if self.on_error == "raise" or isinstance(err, ShardSourceError):
                 raise
-            if self.rank == 0:  # every rank reads every shard: one of them says so
+            if self.rank == 0 or self.plan.streams > 1:  # with one stream every rank reads every shard: one says so
                 print(f"warning: data.on_error=skip: {shard.num_samples - read} samples of {self.source.shown(shard)} "
                       f"skipped ({err})", file=sys.stderr, flush=True)
 

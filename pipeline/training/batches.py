@@ -1,8 +1,9 @@
 """This rank's optimizer steps, epoch by epoch, from any step: the trainer's view of its data.
 
 Both sources yield, per optimizer step, the rank's A micro-batches (x, y, ids, lengths) in accumulation
-order, as pipeline/data/order.py lays them out. `StreamBatches` reassembles the loader workers'
-windows in order and cuts them; `ResidentBatches` (resident.py) indexes device memory. Either
+order, as pipeline/data/order.py and canonical.py lay them out. `StreamBatches` reassembles the
+loader workers' windows in order and cuts each stream's run of samples into micro-batches;
+`ResidentBatches` (resident.py) indexes device memory. Either
 turns the loader's side channels into trainer terms (a worker's error message into a DataError,
 stand-in counts into a counter) and records trained sample ids for audits.
 """
@@ -15,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.data import ragged
+from pipeline.data import canonical, ragged
 from pipeline.data.stream import TrainStream, WindowItem, make_train_loader, save_sample_ids
 from pipeline.errors import DataError
 
@@ -33,39 +34,46 @@ class StreamBatches:
         self.data_dir = data_dir
         self.sample_ids: list[np.ndarray] | None = [] if record_sample_ids else None
         self.skipped_samples = 0  # places of unreadable samples taken by others (on_error=skip)
+        self.bytes_read = 0  # of training shards, by this rank's stream
         self.padding = ragged.PaddingCount()
 
     def epoch(self, epoch: int, start: int, count: int) -> Iterator[list[MicroBatch]]:
-        """`count` steps of `epoch` from step `start`."""
+        """`count` steps of `epoch` from step `start`: each step's micro-batch a comes from the rank's
+        stream of chunk a (canonical.rank_streams), m samples at a time."""
         self.stream.set_epoch(epoch, start)
-        m, steps = self.layout.micro_batch, self.layout.accumulation
-        pending: list[MicroBatch] = []
-        for micro in self._micro_batches(self._windows(self.stream.first_window(epoch, start)), m,
-                                         self.stream.plan.ragged):
-            if micro[3] is not None:
-                self.padding.add(micro[3])
-            pending.append(micro)
-            if len(pending) == steps:
-                if self.sample_ids is not None:
-                    self.sample_ids.append(torch.cat([b[2] for b in pending]).numpy())
-                yield pending
-                pending = []
-                count -= 1
-                if count == 0:
-                    return
-        raise DataError(f"the training stream of epoch {epoch} ended {count} step(s) early: the shards hold fewer samples "
-                        f"than the manifest says; run prepare_data.py --verify {self.data_dir}")
+        plan = self.stream.plan
+        streams = canonical.rank_streams(self.layout, plan.streams, self.stream.rank)
+        buffers = {s: _Runs() for s in streams}
+        items = self._windows()
+        for done in range(count):
+            pending: list[MicroBatch] = []
+            for s in streams:
+                while len(buffers[s]) < self.layout.micro_batch:
+                    item = next(items, None)
+                    if item is None:
+                        raise DataError(f"the training stream of epoch {epoch} ended {count - done} step(s) early: the shards "
+                                        f"hold fewer samples than the manifest says; run prepare_data.py --verify "
+                                        f"{self.data_dir}")
+                    buffers[item.stream].add(item)
+                micro = buffers[s].take(self.layout.micro_batch, plan.ragged)
+                if micro[3] is not None:
+                    self.padding.add(micro[3])
+                pending.append(micro)
+            if self.sample_ids is not None:
+                self.sample_ids.append(torch.cat([b[2] for b in pending]).numpy())
+            yield pending
 
-    def _windows(self, first: int) -> Iterator[WindowItem]:
-        """The workers' windows back in window order, from window `first` (each worker hands its own over in order)."""
+    def _windows(self) -> Iterator[WindowItem]:
+        """The workers' windows back in the rank's reading order (each worker hands its own over in order)."""
         held: dict[int, WindowItem] = {}
-        expected = first
+        expected = 0
         for item in self.loader:
             if isinstance(item, str):  # a worker hit bad data in raise mode, or a failed transfer: its message
                 err = DataError(item)
                 err.exit_code = getattr(item, "exit_code", err.exit_code)  # a transfer's 75 or 2 survives the worker
                 raise err
             self.skipped_samples += item.skipped
+            self.bytes_read += item.bytes_read
             held[item.index] = item
             while expected in held:
                 yield held.pop(expected)
@@ -73,31 +81,33 @@ class StreamBatches:
         if held:
             raise RuntimeError(f"windows {sorted(held)} arrived, but window {expected} never did")
 
-    @staticmethod
-    def _micro_batches(windows: Iterator[WindowItem], m: int, ragged_lengths: bool) -> Iterator[MicroBatch]:
-        """Runs of m samples across windows, each padded to its own longest sample."""
-        buffered: list[WindowItem] = []
-        have = 0
-        for item in windows:
-            if not len(item.y):
-                continue
-            buffered.append(item)
-            have += len(item.y)
-            if have < m:
-                continue
-            x, lengths, y, ids = (torch.cat(parts) for parts in
-                                  zip(*((b.x, b.lengths, b.y, b.ids) for b in buffered), strict=True))
-            ends = torch.cumsum(lengths, 0)
-            full = len(y) // m * m
-            for start in range(0, full, m):
-                lo = int(ends[start - 1]) if start else 0
-                run = lengths[start:start + m]
-                padded = ragged.pad(x[lo:int(ends[start + m - 1])], run)
-                yield padded, y[start:start + m], ids[start:start + m], run if ragged_lengths else None
-            lo = int(ends[full - 1]) if full else 0
-            rest = WindowItem(-1, x[lo:], lengths[full:], y[full:], ids[full:], 0)
-            buffered, have = ([rest], len(rest.y)) if len(rest.y) else ([], 0)
-
     def save_sample_ids(self, output_dir: Path, rank: int) -> None:
         if self.sample_ids is not None:
             save_sample_ids(output_dir, rank, self.sample_ids)
+
+
+class _Runs:
+    """One stream's samples in sequence order, across windows, taken m at a time."""
+
+    def __init__(self):
+        self.items: list[WindowItem] = []
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, item: WindowItem) -> None:
+        if len(item.y):
+            self.items.append(item)
+            self.count += len(item.y)
+
+    def take(self, m: int, ragged_lengths: bool) -> MicroBatch:
+        """The next m samples, padded to their longest; the rest stays."""
+        x, lengths, y, ids = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in
+                              zip(*((b.x, b.lengths, b.y, b.ids) for b in self.items), strict=True))
+        end = int(lengths[:m].sum())
+        run = lengths[:m]
+        micro = (ragged.pad(x[:end], run), y[:m], ids[:m], run if ragged_lengths else None)
+        rest = WindowItem(-1, -1, x[end:], lengths[m:], y[m:], ids[m:], 0)
+        self.items, self.count = ([rest], len(rest.y)) if len(rest.y) else ([], 0)
+        return micro

@@ -29,6 +29,7 @@ def end_run(t: Trainer, stopped_by: str | None) -> dict[str, Any]:
     skipped, padded, real = t.accelerator.reduce(counts, reduction="sum").tolist()
     skipped = int(skipped)
     t.run_info["padding_waste"] = padded / real if t.plan.ragged and real else None
+    _record_bytes_read(t)
     if stopped_by == "SIGTERM":
         raise Preempted(
             f"SIGTERM received: every rank stopped after step {t.state.step} of {t.total_steps} and its checkpoint "
@@ -37,6 +38,15 @@ def end_run(t: Trainer, stopped_by: str | None) -> dict[str, Any]:
     summary = _finish(t, skipped, stopped_by) if t.main else {}
     t.accelerator.wait_for_everyone()
     return summary
+
+
+def _record_bytes_read(t: Trainer) -> None:
+    """Collective: the bytes of training shards each rank read in this launch, rank by rank."""
+    mine = torch.tensor([t.batches.bytes_read], dtype=torch.int64, device=t.device)
+    per_rank = t.accelerator.gather(mine).tolist()
+    t.run_info["data_bytes_read"] = per_rank
+    t.sink.record(t.state.step, {"data/bytes_read_total": sum(per_rank), "data/bytes_read_max_rank": max(per_rank),
+                                 "data/split_bytes": sum(s.bytes for s in t.manifest.split("train").shards)})
 
 
 def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[str, Any]:
@@ -48,7 +58,7 @@ def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[st
     test = None
     if state.step == t.total_steps:
         test = last if t.eval_split == "test" else t.evaluator_for("test")(t.shipped)
-        t.sink.test(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
+        t.sink.record(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
     card = {**t.model_card(), "wandb_run_id": t.tracker.run_id, "steps": state.step,
             "weights": t.run_info["weights"], **({"ema": t.cfg.train.ema.model_dump()} if t.ema else {})}
     save_trained(t.shipped, t.out / "model", card)

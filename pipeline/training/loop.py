@@ -34,7 +34,7 @@ class TrainingLoop:
         t.parts.model.train()
         t.sink.begin()
         if t.world_change:
-            t.sink.world(state.step, {"world/size": t.world, "world/previous_size": t.world_change[0],
+            t.sink.record(state.step, {"world/size": t.world, "world/previous_size": t.world_change[0],
                                       "world/accumulation_steps": t.layout.accumulation})
         while state.step < t.total_steps and self.stopped_by is None:
             count = min(t.plan.steps - state.step_in_epoch, t.total_steps - state.step)

@@ -157,14 +157,9 @@ class MetricsSink:
         self.tracker.log_eval(step, row, result.confusion, self.class_names, result.examples, final=final)
         self._show(**{"eval acc": f"{result.accuracy:.4f}"})
 
-    def test(self, step: int, metrics: dict[str, Any]) -> None:
-        """The one score on the test split, of the final weights."""
-        if self.log is None:
-            return
-        self.tracker.log_train(step, self._row(step, metrics))
-
-    def world(self, step: int, metrics: dict[str, Any]) -> None:
-        """The run goes on at another world size (resumed from a checkpoint another one wrote)."""
+    def record(self, step: int, metrics: dict[str, Any]) -> None:
+        """A one-off event, in metrics.jsonl and W&B: the one score on test, of the final weights; the run
+        going on at another world size (resumed from a checkpoint another one wrote); the bytes read."""
         if self.log is None:
             return
         self.tracker.log_train(step, self._row(step, metrics))

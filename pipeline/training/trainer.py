@@ -99,7 +99,7 @@ class Trainer:
         self.placement = self._choose_placement()
         self.layout = self._fit_layout(BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world))
         self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer,
-                                   cfg.data.length_buckets)
+                                   cfg.data.length_buckets, cfg.data.canonical_streams)
         self.inputs = InputScale.for_data(self.manifest)
         if cfg.model.frame == "auto":  # fixed here from the data, so the model's description holds a number
             cfg.model.frame = auto_frame(self.manifest.split("train").lengths.median)
@@ -145,7 +145,8 @@ class Trainer:
             self.accelerator, self.out, cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
             fingerprint=self.manifest.fingerprint, model_desc=cfg.model.model_dump(), config=cfg.to_dict(),
             model_card=self.model_card(), order={"global_batch_size": self.layout.global_batch, "seed": cfg.train.seed,
-                                                 "shuffle_buffer": cfg.data.shuffle_buffer},
+                                                 "shuffle_buffer": cfg.data.shuffle_buffer,
+                                                 "canonical_streams": cfg.data.canonical_streams},
             fault=self.env.fault)
         self.uses_dropout = cfg.model.dropout > 0
         self.unwrapped = self.accelerator.unwrap_model(self.parts.model)
