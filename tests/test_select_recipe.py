@@ -10,6 +10,7 @@ import yaml
 from conftest import ROOT, run_py
 
 from benchmarks.select_recipe import choose, load_spec
+from pipeline.config import load_config
 
 
 def _spec(path, *candidates):
@@ -137,3 +138,19 @@ def test_each_seed_trains_on_its_own_hold_out_copy(tmp_path, examples):
     proc = run_py("benchmarks/select_recipe.py", "--spec", str(spec), "--data", ",".join(map(str, copies)), "--work",
                   str(work), "--seeds", "0,1,2")
     assert proc.returncode == 2 and "2 data sets for 3 seeds" in proc.stderr
+
+
+@pytest.mark.parametrize("config,spec,report", [
+    ("configs/fsdd.yaml", "fsdd.yaml", "cpu-select-fsdd.json"),
+    ("configs/japanese_vowels.yaml", "japanese_vowels.yaml", "cpu-select-jv.json"),
+])
+def test_a_tuned_recipe_is_its_selections_winner(config, spec, report):
+    """The shipped recipe is configs/sequences.yaml with the winning candidate's overrides, nothing else
+    (where it writes to and which data it reads aside), as the committed selection report says."""
+    winner = json.loads((ROOT / "benchmarks" / "results" / report).read_text())["winner"]
+    candidate = {c.name: c for c in load_spec(ROOT / "benchmarks" / "recipes" / spec)}[winner]
+    shipped = load_config(ROOT / config).to_dict()
+    chosen = load_config(ROOT / candidate.config, candidate.overrides).to_dict()
+    for cfg in (shipped, chosen):
+        cfg.pop("output_dir"), cfg["data"].pop("dir"), cfg["wandb"].pop("tags")
+    assert shipped == chosen
