@@ -174,6 +174,10 @@ class TrainConfig(_Section):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: each class's training loss weighted by the inverse of its frequency in the "
         "train split (the manifest's class_counts: N / (classes x count)); eval reports plain cross-entropy")
+    exact_reduction: bool = Field(
+        False, description="Add every micro-batch's gradient in the global batch's order on every rank (an all-gather "
+        "instead of DDP's all-reduce): the same weights bit for bit at any world size, for W x the gradient traffic "
+        "(pipeline/training/exact_reduction.py). Not with fp16, whose loss scaling is per rank")
     ema: Optional[EmaConfig] = Field(None, description="Weight averaging: evaluated beside the weights, and what "
                                      "model/ holds")
     log_every_steps: int = Field(10, ge=1)
@@ -192,6 +196,13 @@ class TrainConfig(_Section):
     def _yaml_no(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `no` as False.
         return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _exact_without_fp16(self) -> "TrainConfig":
+        if self.exact_reduction and self.mixed_precision == "fp16":
+            raise ValueError("train.exact_reduction adds gradients across ranks itself, and fp16 scales each rank's loss "
+                             "on its own: use mixed_precision bf16 or no with it, or set exact_reduction false")
+        return self
 
 
 class EvalConfig(_Section):

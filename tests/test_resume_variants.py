@@ -117,3 +117,24 @@ def test_canonical_streams_train_alike_at_one_and_two_processes(tmp_path, fashio
     read = {n: json.loads((tmp_path / n / "summary.json").read_text())["data_bytes_read"] for n in ("w1", "w2")}
     assert len(read["w2"]) == 2 and len(read["w1"]) == 1
     assert max(read["w2"]) <= 0.6 * read["w1"][0], read
+
+
+@pytest.mark.slow
+def test_exact_reduction_trains_alike_at_one_two_and_four_processes(tmp_path, fashion_shards):
+    """train.exact_reduction with four canonical streams, streamed: 1 x 4 accumulation steps x 64, 2 x 2 x 64 and
+    4 x 1 x 64 end with the same weights bit for bit (fp32, one thread per process), and so does a run stopped
+    at 4 processes and resumed at 2; without it 2 x 2 parts from 1 x 4 (DDP adds in another order)."""
+    common = ("wandb.mode=disabled", "data.canonical_streams=4", "data.placement=stream", "train.batch_size=64",
+              "train.max_steps=40", "eval.every_steps=40", "checkpoint.every_steps=20", "train.log_every_steps=1")
+    exact, one_thread = "train.exact_reduction=true", {"OMP_NUM_THREADS": "1"}
+    for nproc in (1, 2, 4):
+        train_run(tmp_path / f"w{nproc}", fashion_shards, *common, exact, nproc=nproc, env=one_thread)
+    train_run(tmp_path / "w4-2", fashion_shards, *common, exact, "train.stop_at_step=20", nproc=4, env=one_thread)
+    train_run(tmp_path / "w4-2", fashion_shards, *common, exact, nproc=2, resume="auto", env=one_thread)
+    train_run(tmp_path / "ddp2", fashion_shards, *common, nproc=2, env=one_thread)
+    reference = _weights(tmp_path / "w1")
+    same = {n: all(torch.equal(_weights(tmp_path / n)[k], reference[k]) for k in reference)
+            for n in ("w2", "w4", "w4-2", "ddp2")}
+    assert same == {"w2": True, "w4": True, "w4-2": True, "ddp2": False}
+    read = json.loads((tmp_path / "w4" / "summary.json").read_text())["data_bytes_read"]
+    assert len(read) == 4 and max(read) <= 0.3 * json.loads((tmp_path / "w1" / "summary.json").read_text())["data_bytes_read"][0]

@@ -60,6 +60,7 @@ def test_fsdd_trains_and_reports_padding(fsdd_shards, tmp_path):
     assert [v for _, v in log.column("train/padding_waste")] == windows
     assert [step for step, _ in log.column("eval/macro_f1")] == [67, 134, 150]
     assert log.summary["test/accuracy"] == summary["test_accuracy"]
+    assert log.summary["data/bytes_read_total"] == sum(summary["data_bytes_read"]) > 0
     _predict_agrees_with_the_run(out, fsdd_shards, summary, tmp_path)
 
 

@@ -143,6 +143,12 @@ class Tracker:
                     row["eval/misclassified"] = media.examples_table(examples, class_names)
             run.log(row)
 
+    def summarize(self, values: dict[str, Any]) -> None:
+        """Figures of the run as a whole, for the run's summary rather than a chart (the bytes read)."""
+        with self._guard("writing the run summary") as run:
+            if run is not None:
+                run.summary.update(values)
+
     def log_checkpoint(self, model_dir: Path, step: int, accuracy: float | None, is_best: bool) -> None:
         """A model artifact version per checkpoint (log_model=all) or per new best (log_model=best)."""
         if self._log_model == "off" or (self._log_model == "best" and not is_best):

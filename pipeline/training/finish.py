@@ -45,8 +45,10 @@ def _record_bytes_read(t: Trainer) -> None:
     mine = torch.tensor([t.batches.bytes_read], dtype=torch.int64, device=t.device)
     per_rank = t.accelerator.gather(mine).tolist()
     t.run_info["data_bytes_read"] = per_rank
-    t.sink.record(t.state.step, {"data/bytes_read_total": sum(per_rank), "data/bytes_read_max_rank": max(per_rank),
-                                 "data/split_bytes": sum(s.bytes for s in t.manifest.split("train").shards)})
+    # W&B's summary, not metrics.jsonl: a resumed run reads windows again, and its events must stay those
+    # of the uninterrupted run.
+    t.tracker.summarize({"data/bytes_read_total": sum(per_rank), "data/bytes_read_max_rank": max(per_rank),
+                         "data/split_bytes": sum(s.bytes for s in t.manifest.split("train").shards)})
 
 
 def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[str, Any]:

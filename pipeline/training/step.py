@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from pipeline.data.sequence_augment import SequenceAugment
 from pipeline.inputs import IMAGES, InputScale
+from pipeline.training.exact_reduction import ExactReduction
 
 
 @dataclass
@@ -37,6 +38,11 @@ class StepParts:
     inputs: InputScale = IMAGES  # stored values -> model inputs (images / 255, else standardised)
     class_weights: torch.Tensor | None = None  # on the device; None: every class alike
     augment: SequenceAugment | None = None  # of the standardised inputs, keyed on (seed, epoch, sample id)
+    exact: ExactReduction | None = None  # train.exact_reduction: micro-batch gradients added in chunk order
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def skips_on_device(self) -> bool:
@@ -58,28 +64,27 @@ def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: l
 
     Each micro-batch's loss is divided by their number before its backward pass, and the
     gradients of all but the last accumulate without an all-reduce (`no_sync`), so the update
-    uses the mean gradient over the global batch, as one rank with all of it would. `seeds`,
+    uses the mean gradient over the global batch, as one rank with all of it would; with
+    `parts.exact` none is all-reduced and exact_reduction.py adds them in one fixed order. `seeds`,
     where dropout needs them, seed each micro-batch's draws by its place in the global batch; `epoch`
     keys the sequence augmentations."""
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     base = _base(optimizer)  # Accelerate's wrapper is used only for fp16's scaler: see below
     steps = len(micro)
     total = None
+    kept: list[torch.Tensor] = []  # train.exact_reduction: each micro-batch's gradient, apart
     for i, batch in enumerate(micro):
-        with contextlib.nullcontext() if i == steps - 1 else accelerator.no_sync(model):
+        last = i == steps - 1 and parts.exact is None
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
             if seeds is not None:
                 torch.manual_seed(seeds[i])
-            inputs = parts.inputs(batch[0], accelerator.device)
-            targets = batch[1].to(accelerator.device, non_blocking=True)
-            lengths = batch[3] if len(batch) > 3 else None
-            if parts.augment is not None:
-                inputs = parts.augment(inputs, lengths, batch[2], epoch)
-            with accelerator.autocast():
-                logits = model(inputs) if lengths is None else model(inputs, lengths)
-            loss = F.cross_entropy(logits.float(), targets, weight=parts.class_weights,
-                                   label_smoothing=parts.label_smoothing)
-            accelerator.backward(loss if steps == 1 else loss / steps)
+            loss = _loss(parts, batch, epoch)
+            accelerator.backward(loss if steps == 1 or parts.exact is not None else loss / steps)
+        if parts.exact is not None:
+            kept.append(parts.exact.take(parts.params))
         total = loss.detach() if total is None else total + loss.detach()
+    if parts.exact is not None:
+        parts.exact.apply(parts.params, kept)
     clip = parts.grad_clip if parts.grad_clip is not None else math.inf
     norm = accelerator.clip_grad_norm_(model.parameters(), clip).detach()
     lr = optimizer.param_groups[0]["lr"]
@@ -97,6 +102,19 @@ def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: l
     # step() and inspects zero_grad's signature every call): 4% of a small model's CPU step.
     base.zero_grad(set_to_none=True)
     return StepResult(loss=total if steps == 1 else total / steps, grad_norm=norm, finite=finite, lr=lr)
+
+
+def _loss(parts: StepParts, batch: tuple[torch.Tensor, ...], epoch: int) -> torch.Tensor:
+    """One micro-batch's training loss: its inputs scaled (and augmented) on the device, forward under autocast."""
+    device = parts.accelerator.device
+    inputs = parts.inputs(batch[0], device)
+    targets = batch[1].to(device, non_blocking=True)
+    lengths = batch[3] if len(batch) > 3 else None
+    if parts.augment is not None:
+        inputs = parts.augment(inputs, lengths, batch[2], epoch)
+    with parts.accelerator.autocast():
+        logits = parts.model(inputs) if lengths is None else parts.model(inputs, lengths)
+    return F.cross_entropy(logits.float(), targets, weight=parts.class_weights, label_smoothing=parts.label_smoothing)
 
 
 def _base(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -39,6 +39,7 @@ from pipeline.training.batches import StreamBatches
 from pipeline.training.checkpoint import Checkpointer, TrainState
 from pipeline.training.ema import WeightAverage
 from pipeline.training.evaluation import Evaluator, eval_split
+from pipeline.training.exact_reduction import ExactReduction
 from pipeline.training.finish import end_run
 from pipeline.training.loop import TrainingLoop
 from pipeline.training.metrics import MetricsSink, StepWindow
@@ -219,7 +220,8 @@ class Trainer:
         model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
         augment = SequenceAugment(cfg.train.seed, cfg.data.time_mask, cfg.data.jitter, cfg.data.scale)
         return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing,
-                         self.inputs, self._class_weights(), augment if augment.active else None)
+                         self.inputs, self._class_weights(), augment if augment.active else None,
+                         ExactReduction(self.layout) if cfg.train.exact_reduction else None)
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.train.class_weights == "none":
