@@ -617,3 +617,18 @@ def test_elastic_submissions_that_cannot_work_are_refused(config):
     bad = run_py("launch/submit.py", "--config", str(config), "--nodes", "two", "--gpus-per-node", "0", "--image", IMAGE,
                  "--data-pvc", "d", "--dry-run")
     assert bad.returncode == 1 and "--nodes takes a number of pods or MIN:MAX" in bad.stderr
+
+
+def test_submit_chooses_canonical_streams_every_process_count_divides(config):
+    """Each rank reads its share at every size the job can run with: the least common multiple of the
+    process counts (with a fixed global batch), unless the config says otherwise."""
+    fixed = ["train.batch_size=32", "train.global_batch_size=192"]
+    elastic = dict(nodes=3, min_nodes=1, gpus_per_node=0, rendezvous="c10d", max_restarts=1)
+    spec = _spec(config, overrides=fixed, **elastic)
+    assert spec.overrides[-1] == "data.canonical_streams=6"  # 1, 2 and 3 processes
+    cmd = _container(_by_kind(render(spec))["Job"]["spec"]["template"]["spec"], "trainer")["command"]
+    assert "data.canonical_streams=6" in cmd
+    assert _spec(config).overrides[-1] == "data.canonical_streams=8"  # 2 nodes x 4 GPUs, global batch unset
+    with pytest.raises(UserError, match=r"canonical_streams 4 is not a multiple of 3.*Use 6"):
+        _spec(config, overrides=[*fixed, "data.canonical_streams=4"], **elastic)
+    assert "data.canonical_streams=6" not in _spec(config, overrides=[*fixed, "data.canonical_streams=1"], **elastic).overrides

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -85,4 +86,26 @@ def build_spec(config: str | Path, fmt: Format = "job", **options: Any) -> JobSp
     for world in spec.world_sizes:
         BatchLayout.make(final.train.global_batch_size, final.train.batch_size, world,
                          f" ({world // spec.procs_per_node} node(s) x {spec.procs_per_node}, which this job can run with)")
-    return spec
+    return _with_streams(spec, final, "canonical_streams" in config_text + " ".join(overrides))
+
+
+def _with_streams(spec: JobSpec, final: Config, set_by_user: bool) -> JobSpec:
+    """data.canonical_streams that every process count of the job divides, so that each rank reads its share
+    at every size an elastic job can shrink to: their least common multiple, unless the user chose."""
+    worlds = spec.world_sizes
+    if final.train.global_batch_size is None:  # G = batch_size x W: a count must divide every W
+        fitting = math.gcd(*worlds)
+    else:
+        fitting = math.lcm(*worlds)  # divides G / m, since each world size does (checked above)
+    if set_by_user:
+        streams = final.data.canonical_streams
+        short = [w for w in worlds if streams % w]
+        if streams > 1 and short:
+            raise UserError(
+                f"data.canonical_streams {streams} is not a multiple of {', '.join(map(str, short))}, a number of "
+                f"processes this job can run with: those ranks would read more than their share. Use {fitting}, "
+                f"or leave it out and submit.py sets it")
+        return spec
+    if fitting == 1:
+        return spec
+    return dataclasses.replace(spec, overrides=(*spec.overrides, f"data.canonical_streams={fitting}"))
