@@ -71,3 +71,21 @@ def test_time_to_target_stops_the_run_at_its_first_evaluation_there(tmp_path, fa
     assert r["evals"][-1]["step"] == r["step"], "the first evaluation at the target ends the measurement"
     assert 0 < r["training_seconds"] < r["seconds"]
     assert r["exit_code"] is not None and r["exit_code"] != 0, "stopped by SIGTERM, not run to its 3000 steps"
+
+
+@pytest.mark.slow
+def test_sequence_benchmarks_smoke(tmp_path, fashion_shards, fsdd_shards):
+    """benchmarks/sequence_speed.py and canonical_streams.py on a tiny budget: every figure is there."""
+    out = tmp_path / "seq.json"
+    run_py("benchmarks/sequence_speed.py", "--data", str(fsdd_shards), "--out", str(out), "--reps", "1", "--steps", "4",
+           "--warm-steps", "2", check=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["floor"]["train_vs_floor"] > 0 and r["buckets_speed"]["speedup"] > 0
+    assert 0 <= r["waste"][0]["buckets"] < r["waste"][0]["random"]
+    out = tmp_path / "canonical.json"
+    run_py("benchmarks/canonical_streams.py", "--data", str(fashion_shards), "--out", str(out), "--seeds", "0",
+           "--steps", "10", check=True, timeout=900)
+    r = json.loads(out.read_text())
+    rows = {(b["streams"], b["world"]): b for b in r["bytes"]}
+    assert rows[(1, 8)]["max_rank_share"] == 1.0 and rows[(8, 8)]["max_rank_share"] < 0.15
+    assert {m["streams"] for m in r["mixing"]} == {1, 8} and set(r["accuracy"]) == {"1", "8"}

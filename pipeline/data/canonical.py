@@ -122,6 +122,7 @@ def epoch_sequence(shard_sizes: list[int], lengths: np.ndarray | None, seed: int
                    layout: BatchLayout, streams: int = 1) -> np.ndarray:
     """The epoch's sequence of split positions (global batch k at [kG, (k+1)G)); `lengths` (by split
     position) buckets each window by length. S = 1: order.epoch_order / bucketed_epoch_order exactly."""
+    check_streams(layout, streams)
     offsets = order.shard_offsets(shard_sizes)
     per_stream: list[list[np.ndarray]] = [[] for _ in range(streams)]
     for unit in epoch_units(shard_sizes, seed, epoch, window, streams):
