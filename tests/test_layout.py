@@ -1,4 +1,4 @@
-"""The README's layout names every module of pipeline/ and nothing that is gone; the rooms stay small."""
+"""docs/development.md's layout names every module of pipeline/ and nothing that is gone; the rooms stay small."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ MAX_FUNCTION_LINES = 60  # docstring included
 
 
 def _layout_block() -> str:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "development.md").read_text()
     section = readme[readme.index("## Layout\n"):]
     return section[section.index("```\n") + 4: section.index("\n```", section.index("```\n") + 4)]
 
