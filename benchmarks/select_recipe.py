@@ -35,6 +35,7 @@ elif str(_ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
@@ -180,7 +181,11 @@ def mean_spread(values: list[float]) -> dict:
 
 def choose(val_by_candidate: dict[str, dict]) -> str:
     """The highest mean validation accuracy; among equals, the lowest mean validation loss."""
-    return max(val_by_candidate, key=lambda n: (val_by_candidate[n]["mean"], -val_by_candidate[n]["loss_mean"]))
+    def rank(name: str) -> tuple[float, float]:
+        loss = val_by_candidate[name]["loss_mean"]
+        return val_by_candidate[name]["mean"], -(math.inf if loss is None else loss)
+
+    return max(val_by_candidate, key=rank)
 
 
 def select(candidates: list[Candidate], seeds: list[int], work: Path, data: list[Path], device: str,
@@ -196,8 +201,9 @@ def select(candidates: list[Candidate], seeds: list[int], work: Path, data: list
     for c in candidates:
         mine = [r.result for r in runs if r.candidate is c]
         if all(r.get("finished") and r.get("exit_code") == 0 for r in mine):
-            complete[c.name] = {**mean_spread([r["val_accuracy"] for r in mine]),
-                                "loss_mean": round(statistics.fmean(r["val_loss"] for r in mine), 5)}
+            losses = [r["val_loss"] for r in mine if r.get("val_loss") is not None]
+            complete[c.name] = {**mean_spread([r["val_accuracy"] for r in mine]),  # no loss logged: it loses ties
+                                "loss_mean": round(statistics.fmean(losses), 5) if len(losses) == len(mine) else None}
     report["val_by_candidate"] = complete
     if not complete:
         report["winner"] = None
@@ -218,8 +224,8 @@ def render(report: dict) -> str:
              r.get("training_seconds"), "yes" if r.get("finished") else "no"] for r in report["runs"]]
     parts = [table("Every run (validation only)", ["candidate", "seed", "val (final)", "val (best)", "val loss",
                                                    "training s", "finished"], rows)]
-    rows = [[name, s["mean"], s["range"], s["loss_mean"]]
-            for name, s in sorted(val.items(), key=lambda kv: (-kv[1]["mean"], kv[1]["loss_mean"]))]
+    rows = [[name, s["mean"], s["range"], s.get("loss_mean")]
+            for name, s in sorted(val.items(), key=lambda kv: (-kv[1]["mean"], math.inf if kv[1].get("loss_mean") is None else kv[1]["loss_mean"]))]
     parts.append(table("Candidates that finished every seed", ["candidate", "val mean", "val range", "val loss mean"], rows))
     if report.get("winner"):
         rows = [[r["seed"], r.get("val_accuracy"), r.get("test_accuracy"), r.get("training_seconds")] for r in report["winner_runs"]]
@@ -253,8 +259,10 @@ def main(argv=None) -> int:
     candidates = load_spec(args.spec, args.extra)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError
     except ValueError:
-        print(f"error: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        print(f"error: --seeds takes distinct comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
     data = [Path(d).resolve() for d in args.data.split(",")]
     if len(data) not in (1, len(seeds)):

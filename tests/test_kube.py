@@ -632,3 +632,10 @@ def test_submit_chooses_canonical_streams_every_process_count_divides(config):
     with pytest.raises(UserError, match=r"canonical_streams 4 is not a multiple of 3.*Use 6"):
         _spec(config, overrides=[*fixed, "data.canonical_streams=4"], **elastic)
     assert "data.canonical_streams=6" not in _spec(config, overrides=[*fixed, "data.canonical_streams=1"], **elastic).overrides
+    # With the global batch unset (it grows with the processes) the count must divide every process count.
+    grows = dict(nodes=2, min_nodes=1, gpus_per_node=2, rendezvous="c10d", max_restarts=1)  # 2 or 4 processes
+    assert _spec(config, **grows).overrides[-1] == "data.canonical_streams=2"
+    with pytest.raises(UserError, match=r"canonical_streams 4 is not a divisor of 2.*Use 2"):
+        _spec(config, overrides=["data.canonical_streams=4"], **grows)
+    config.write_text(config.read_text() + "# data.canonical_streams is chosen by submit.py\n")  # a comment is no choice
+    assert _spec(config, overrides=fixed, **elastic).overrides[-1] == "data.canonical_streams=6"

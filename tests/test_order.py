@@ -186,6 +186,8 @@ def test_a_global_batch_larger_than_the_split_is_halved_alike_at_any_world_size(
     assert order.fit_to_split(fits, 32) is fits and order.fit_to_split(fits, 5000) is fits
     # past what halving can reach, the layout stays and steps_in_epoch refuses it with the numbers
     assert order.fit_to_split(BatchLayout.make(30, 15, 2), 4) == BatchLayout(30, 15, 2)
+    # the global batch never depends on the world size: W = 2, 4, 8 with micro-batches of 8 all give 16
+    assert {order.fit_to_split(BatchLayout.make(64, 8, w), 20) for w in (2, 4, 8)} == {BatchLayout(16, 2, w) for w in (2, 4, 8)}
 
 
 @pytest.mark.slow

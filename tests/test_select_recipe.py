@@ -112,6 +112,7 @@ def test_a_tie_on_accuracy_goes_to_the_lower_validation_loss():
     val = {"a": {"mean": 1.0, "loss_mean": 0.05}, "b": {"mean": 1.0, "loss_mean": 0.02}, "c": {"mean": 0.99, "loss_mean": 0.001}}
     assert choose(val) == "b"
     assert choose({"a": val["a"], "c": val["c"]}) == "a", "accuracy first"
+    assert choose({"a": val["a"], "n": {"mean": 1.0, "loss_mean": None}}) == "a", "a run that logged no loss loses ties"
 
 
 @pytest.mark.slow

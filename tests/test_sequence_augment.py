@@ -73,3 +73,14 @@ def test_the_config_bounds_them():
         load_config("configs/sequences.yaml", ["data.time_mask=1.5"])
     with pytest.raises(ConfigError, match="scale"):
         load_config("configs/sequences.yaml", ["data.scale=-0.1"])
+
+
+@pytest.mark.parametrize("which", ["sequence augmentation on images", "image augmentation on sequences"])
+def test_an_augmentation_of_the_other_kind_is_refused_naming_the_data(which, fashion_shards, fsdd_shards, tmp_path):
+    from conftest import run_py
+
+    data, override, said = ((fashion_shards, "data.jitter=0.1", "holds images") if which.endswith("images")
+                            else (fsdd_shards, "data.hflip=true", "holds sequences"))
+    proc = run_py("launch/train.py", "--config", "configs/sequences.yaml", f"data.dir={data}",
+                  f"output_dir={tmp_path / 'out'}", "wandb.mode=disabled", override)
+    assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -64,16 +64,17 @@ class BatchLayout:
 def fit_to_split(layout: BatchLayout, num_samples: int) -> BatchLayout:
     """A global batch larger than the train split, halved until one step fits: a config written for
     data sets of any size (configs/sequences.yaml) still trains one of a few dozen cases. The
-    micro-batch shrinks with it only where it no longer divides. The new global batch depends on the
-    config and the split alone, so the order stays the same at any world size."""
+    micro-batch is halved as often, so the number of micro-batches per global batch (and with it the
+    layout's fit to every world size and to data.canonical_streams) stays. The new global batch
+    depends on the config and the split alone, so the order stays the same at any world size; where
+    the micro-batch cannot be halved as often, the layout stays and steps_in_epoch refuses it."""
     g, m, w = layout.global_batch, layout.micro_batch, layout.world_size
-    while g > num_samples and g % 2 == 0 and g // 2 >= w:
-        g //= 2
-    if g == layout.global_batch or g % w:
-        return layout  # it fits already, or cannot be fitted: steps_in_epoch names the problem
-    while g % (m * w):
-        m -= 1
-    return BatchLayout(g, m, w)
+    halvings = 0
+    while (g >> halvings) > num_samples and (g >> halvings) % 2 == 0:
+        halvings += 1
+    if halvings == 0 or m % (1 << halvings):
+        return layout
+    return BatchLayout(g >> halvings, m >> halvings, w)
 
 
 def steps_in_epoch(num_samples: int, global_batch: int) -> int:

@@ -1,15 +1,16 @@
 """Manifest -> this rank's micro-batches, read through DataLoader workers, in the global order.
 
-The order is pipeline/data/order.py's: the epoch's shards in windows, each window's samples
-permuted, global batch k at positions [kG, (k+1)G) of that sequence, and this rank's chunks of
-each. Loader workers take whole windows in turn (the j-th window from the start goes to worker
+The order is pipeline/data/canonical.py's (order.py's with one stream): the epoch's shards in
+windows, each window's samples permuted, global batch k at positions [kG, (k+1)G) of that
+sequence, and this rank's chunks of each. Loader workers take whole windows in turn (the j-th window from the start goes to worker
 j mod workers): a worker reads the window's shards, puts their samples in the window's order,
 keeps those at this rank's positions, augments them (keyed on the sample id) and hands them over
 as one item; the rank's process puts the items back in window order and cuts its micro-batches
 (batches.py). The batches are therefore the same for any number of workers, and the same as the
-resident ones. Every rank reads every shard of the epoch (one pass over the packed split per
-rank and epoch: a tenth of a second for Fashion-MNIST). A resumed epoch skips every window that
-ends before its first sample, unread. Workers persist across epochs; the epoch and the starting
+resident ones. With one canonical stream every rank reads every shard of the epoch (one pass over
+the packed split per rank and epoch: a tenth of a second for Fashion-MNIST); with S streams
+(canonical.py) a rank reads the windows of its streams only, pieces of shards where a stream
+boundary cuts one. A resumed epoch skips every window that ends before its first sample, unread. Workers persist across epochs; the epoch and the starting
 step reach them through shared memory.
 """
 
@@ -273,7 +274,8 @@ class TrainStream(IterableDataset):
     def _gather(self, unit: canonical.Unit, tally: list[int]):
         """The window's pieces of shards read, in order: values, lengths, labels, ids, and which places were
         readable (an unreadable shard's places keep length 0 and no values: on_error=skip gives them stand-ins).
-        A piece that ends before its shard does stops reading there."""
+        A piece that ends before its shard does stops reading there; one that reaches the shard's end reads
+        it to the end, so the shard's own checks (its sample count, a pipe's exit status) still run."""
         parts: list[np.ndarray] = []
         lengths, y, ids = np.zeros(unit.size, np.int64), np.zeros(unit.size, np.int64), np.zeros(unit.size, np.int64)
         readable = np.zeros(unit.size, bool)
@@ -283,8 +285,9 @@ class TrainStream(IterableDataset):
             for block in self._read_shard(self.shards[shard], tally):
                 lo, hi = max(begin - seen, 0), min(end - seen, len(block))
                 seen += len(block)
+                stop = end < self.sizes[shard] and seen >= end
                 if lo >= hi:
-                    if seen >= end:
+                    if stop:
                         break
                     continue
                 block_ends = np.cumsum(block.lengths)
@@ -292,7 +295,7 @@ class TrainStream(IterableDataset):
                 sl = slice(at + (seen - len(block) + lo - begin), at + (seen - len(block) + hi - begin))
                 lengths[sl], y[sl], ids[sl] = block.lengths[lo:hi], block.labels[lo:hi], block.ids[lo:hi]
                 readable[sl] = True
-                if seen >= end:
+                if stop:
                     break
             at += end - begin
         values = np.concatenate(parts) if parts else np.zeros((0, self.features), self.dtype)

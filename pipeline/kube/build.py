@@ -12,7 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.config import Config, load_config
+from pipeline.data import canonical
 from pipeline.data.manifest import load_manifest
 from pipeline.data.order import BatchLayout
 from pipeline.errors import ConfigError, UserError
@@ -86,26 +89,34 @@ def build_spec(config: str | Path, fmt: Format = "job", **options: Any) -> JobSp
     for world in spec.world_sizes:
         BatchLayout.make(final.train.global_batch_size, final.train.batch_size, world,
                          f" ({world // spec.procs_per_node} node(s) x {spec.procs_per_node}, which this job can run with)")
-    return _with_streams(spec, final, "canonical_streams" in config_text + " ".join(overrides))
+    return _with_streams(spec, final, _sets_streams(config_text, overrides))
+
+
+def _sets_streams(config_text: str, overrides: list[str]) -> bool:
+    """Whether the user chose data.canonical_streams (in the file or an override), even as 1."""
+    raw = yaml.safe_load(config_text) or {}
+    in_file = isinstance(raw.get("data"), dict) and "canonical_streams" in raw["data"]
+    return in_file or any(o.split("=", 1)[0].strip() == "data.canonical_streams" for o in overrides)
 
 
 def _with_streams(spec: JobSpec, final: Config, set_by_user: bool) -> JobSpec:
-    """data.canonical_streams that every process count of the job divides, so that each rank reads its share
-    at every size an elastic job can shrink to: their least common multiple, unless the user chose."""
+    """data.canonical_streams that fits every process count of the job, so that each rank reads its share at
+    every size an elastic job can shrink to: with a fixed global batch, a multiple of every count (their least
+    common multiple); with none, the global batch grows with the processes and the count must divide each."""
     worlds = spec.world_sizes
-    if final.train.global_batch_size is None:  # G = batch_size x W: a count must divide every W
-        fitting = math.gcd(*worlds)
-    else:
-        fitting = math.lcm(*worlds)  # divides G / m, since each world size does (checked above)
-    if set_by_user:
-        streams = final.data.canonical_streams
-        short = [w for w in worlds if streams % w]
-        if streams > 1 and short:
-            raise UserError(
-                f"data.canonical_streams {streams} is not a multiple of {', '.join(map(str, short))}, a number of "
-                f"processes this job can run with: those ranks would read more than their share. Use {fitting}, "
-                f"or leave it out and submit.py sets it")
-        return spec
-    if fitting == 1:
-        return spec
-    return dataclasses.replace(spec, overrides=(*spec.overrides, f"data.canonical_streams={fitting}"))
+    fixed = final.train.global_batch_size is not None
+    fitting = math.lcm(*worlds) if fixed else math.gcd(*worlds)
+    if not set_by_user:
+        return spec if fitting == 1 else dataclasses.replace(
+            spec, overrides=(*spec.overrides, f"data.canonical_streams={fitting}"))
+    streams = final.data.canonical_streams
+    short = [w for w in worlds if (streams % w if fixed else w % streams)]
+    if streams > 1 and short:
+        relation = "a multiple of" if fixed else "a divisor of"
+        raise UserError(
+            f"data.canonical_streams {streams} is not {relation} {', '.join(map(str, short))}, a number of processes "
+            f"this job can run with: those ranks would read more than their share. Use {fitting}, or leave it out "
+            "and submit.py sets it")
+    for world in worlds:  # and it cuts each global batch into whole micro-batches per stream
+        canonical.check_streams(BatchLayout.make(final.train.global_batch_size, final.train.batch_size, world), streams)
+    return spec

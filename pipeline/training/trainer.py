@@ -107,6 +107,9 @@ class Trainer:
         if (cfg.data.hflip or cfg.data.shift or cfg.data.erase) and self.manifest.image_shape is None:
             raise ConfigError(f"data.hflip, data.shift and data.erase augment images, but {cfg.data.dir} holds sequences "
                               f"({self.manifest.dataset}); set them to false / 0 for this data set")
+        if (cfg.data.time_mask or cfg.data.jitter or cfg.data.scale) and self.manifest.image_shape is not None:
+            raise ConfigError(f"data.time_mask, data.jitter and data.scale augment standardised sequences, but {cfg.data.dir} "
+                              f"holds images ({self.manifest.dataset}, scaled by / 255); use data.hflip, shift or erase")
         self.total_steps = total_steps(cfg, self.plan)
         if cfg.train.max_steps is None and cfg.eval.every_epochs is None and cfg.eval.every_steps > self.total_steps:
             raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
