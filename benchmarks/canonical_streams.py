@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="train this many steps instead of cpu_test.yaml's (smoke tests)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    split = sum(s.bytes for s in load_manifest(args.data).split("train").shards)
+    split = load_manifest(args.data).split("train").bytes
     results: dict = {"split_bytes": split, "global_batch": GLOBAL, "micro_batch": MICRO, "bytes": [], "mixing": []}
     for streams in (1, 8):
         for world in (1, 2, 4, 8):

@@ -76,7 +76,7 @@ def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size
         return n
 
     result = rate_reps(once, reps)
-    size = sum(s.bytes for s in manifest.split("train").shards)
+    size = manifest.split("train").bytes
     return {**result, "bytes_on_disk": size, "shards": len(manifest.split("train").shards),
             "what": f"StreamBatches world 1 workers 0 batch {batch_size}, shuffle window {shuffle_buffer}"
                     + (", then the step's input scaling (uint8 -> float / 255)" if cast else "")}

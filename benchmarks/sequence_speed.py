@@ -45,13 +45,11 @@ MEASURED = ["eval.every_epochs=null", "train.min_steps=null", "data.placement=de
 
 
 def epoch_sequence(manifest, lengths: np.ndarray, layout, seed: int, window: int, epoch: int, buckets: bool) -> np.ndarray:
-    """The trainer's order of one epoch (positions in the split), as ResidentBatches computes it."""
-    from pipeline.data import order
+    """The trainer's order of one epoch (positions in the split): the plan ResidentBatches asks."""
+    from pipeline.data.stream import EpochPlan
 
     sizes = [s.num_samples for s in manifest.split("train").shards]
-    if buckets:
-        return order.bucketed_epoch_order(sizes, lengths, seed, epoch, window, layout.micro_batch)
-    return order.epoch_order(sizes, seed, epoch, window)
+    return EpochPlan.make(manifest, "train", layout, seed, window, buckets).sequence(sizes, lengths, epoch)
 
 
 class SequenceFloor:

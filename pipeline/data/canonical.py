@@ -1,7 +1,7 @@
 """Canonical streams: the epoch's samples cut into S streams, so that a rank reads only its share.
 
 Pure functions, like order.py, whose order they generalise (S = 1 is exactly order.py's):
-1. the shards are permuted with a generator seeded by (seed, epoch), as in `order.windows`;
+1. the shards are permuted as order.py permutes them (`order.shard_permutation`);
 2. that run of samples, shard after shard, is cut into S contiguous streams of nearly equal size
    (split positions, so a shard at a boundary is shared by two streams as two pieces);
 3. each stream forms its own windows of at least `window` samples from its pieces, numbered
@@ -66,7 +66,7 @@ def steps_in_epoch(num_samples: int, global_batch: int, streams: int = 1) -> int
 
 def stream_pieces(shard_sizes: list[int], seed: int, epoch: int, streams: int) -> list[list[tuple[int, int, int]]]:
     """Each stream's pieces of shards, (shard, first, end), in reading order."""
-    permuted = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes))  # as order.windows draws it
+    permuted = order.shard_permutation(len(shard_sizes), seed, epoch)
     bounds = stream_bounds(sum(shard_sizes), streams)
     out: list[list[tuple[int, int, int]]] = [[] for _ in range(streams)]
     at, s = 0, 0
@@ -85,15 +85,12 @@ def epoch_units(shard_sizes: list[int], seed: int, epoch: int, window: int, stre
     """Every stream's windows, stream by stream; S = 1 gives order.windows's windows, numbered alike."""
     units: list[Unit] = []
     for s, pieces in enumerate(stream_pieces(shard_sizes, seed, epoch, streams)):
-        held, lo, current = 0, 0, []
-        for piece in pieces:
-            if held >= max(window, 1):  # order.windows's rule, on pieces
-                units.append(Unit(s, len(units), tuple(current), lo, held))
-                lo, held, current = lo + held, 0, []
-            current.append(piece)
-            held += piece[2] - piece[1]
-        if current:
-            units.append(Unit(s, len(units), tuple(current), lo, held))
+        sizes, lo = [b - a for _, a, b in pieces], 0
+        for group in order.group_windows(sizes, window):  # order.windows's rule, on pieces
+            if group:  # a stream without pieces (more streams than samples) has no window
+                size = sum(sizes[i] for i in group)
+                units.append(Unit(s, len(units), tuple(pieces[i] for i in group), lo, size))
+                lo += size
     return units
 
 

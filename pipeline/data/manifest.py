@@ -81,6 +81,11 @@ class SplitEntry(_Strict):
     lengths: LengthStats
     shards: list[ShardEntry] = Field(min_length=1)
 
+    @property
+    def bytes(self) -> int:
+        """The split's shards on disk."""
+        return sum(s.bytes for s in self.shards)
+
 
 class SourceEntry(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

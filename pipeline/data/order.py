@@ -85,18 +85,29 @@ def steps_in_epoch(num_samples: int, global_batch: int) -> int:
     return steps
 
 
-def windows(shard_sizes: list[int], seed: int, epoch: int, window: int) -> list[list[int]]:
-    """The epoch's windows: lists of shard indices, in reading order."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes))
+def shard_permutation(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which the epoch reads its shards."""
+    return np.random.default_rng([seed, epoch]).permutation(num_shards)
+
+
+def group_windows(sizes: list[int], window: int) -> list[list[int]]:
+    """Consecutive items (indices into `sizes`, samples each) grouped into windows of at least `window`
+    samples; the last window may hold fewer."""
     out: list[list[int]] = [[]]
     held = 0
-    for shard in order.tolist():
+    for i, size in enumerate(sizes):
         if held >= max(window, 1):
             out.append([])
             held = 0
-        out[-1].append(shard)
-        held += shard_sizes[shard]
+        out[-1].append(i)
+        held += size
     return out
+
+
+def windows(shard_sizes: list[int], seed: int, epoch: int, window: int) -> list[list[int]]:
+    """The epoch's windows: lists of shard indices, in reading order."""
+    shards = shard_permutation(len(shard_sizes), seed, epoch).tolist()
+    return [[shards[i] for i in group] for group in group_windows([shard_sizes[s] for s in shards], window)]
 
 
 def window_permutation(seed: int, epoch: int, index: int, size: int) -> np.ndarray:

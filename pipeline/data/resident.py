@@ -73,7 +73,7 @@ class ResidentBatches:
         self.augment = augment
         self.sample_ids: list[np.ndarray] | None = [] if record_sample_ids else None
         self.skipped_samples = 0  # every shard was read and counted at load: nothing is skipped later
-        self.bytes_read = sum(s.bytes for s in manifest.split(split).shards)  # all of them, at load, by every rank
+        self.bytes_read = manifest.split(split).bytes  # all of them, at load, by every rank
         self.padding = ragged.PaddingCount()
 
     def epoch(self, epoch: int, start: int, count: int) -> Iterator[list[tuple[torch.Tensor, ...]]]:

@@ -2,16 +2,16 @@
 
 The order is pipeline/data/canonical.py's (order.py's with one stream): the epoch's shards in
 windows, each window's samples permuted, global batch k at positions [kG, (k+1)G) of that
-sequence, and this rank's chunks of each. Loader workers take whole windows in turn (the j-th window from the start goes to worker
-j mod workers): a worker reads the window's shards, puts their samples in the window's order,
+sequence, and this rank's chunks of each. Loader workers take whole windows in turn (the j-th
+window from the start goes to worker j mod workers): a worker reads the window's shards, puts their samples in the window's order,
 keeps those at this rank's positions, augments them (keyed on the sample id) and hands them over
 as one item; the rank's process puts the items back in window order and cuts its micro-batches
 (batches.py). The batches are therefore the same for any number of workers, and the same as the
 resident ones. With one canonical stream every rank reads every shard of the epoch (one pass over
 the packed split per rank and epoch: a tenth of a second for Fashion-MNIST); with S streams
 (canonical.py) a rank reads the windows of its streams only, pieces of shards where a stream
-boundary cuts one. A resumed epoch skips every window that ends before its first sample, unread. Workers persist across epochs; the epoch and the starting
-step reach them through shared memory.
+boundary cuts one. A resumed epoch skips every window that ends before its first sample, unread.
+Workers persist across epochs; the epoch and the starting step reach them through shared memory.
 """
 
 from __future__ import annotations
@@ -283,19 +283,15 @@ class TrainStream(IterableDataset):
         for shard, begin, end in unit.pieces:
             seen = 0  # samples of the shard before this block
             for block in self._read_shard(self.shards[shard], tally):
-                lo, hi = max(begin - seen, 0), min(end - seen, len(block))
+                lo, hi = max(begin - seen, 0), min(end - seen, len(block))  # the piece's rows of this block
+                if lo < hi:
+                    block_ends = np.cumsum(block.lengths)
+                    parts.append(block.values[(block_ends[lo - 1] if lo else 0):block_ends[hi - 1]])
+                    sl = slice(at + seen + lo - begin, at + seen + hi - begin)
+                    lengths[sl], y[sl], ids[sl] = block.lengths[lo:hi], block.labels[lo:hi], block.ids[lo:hi]
+                    readable[sl] = True
                 seen += len(block)
-                stop = end < self.sizes[shard] and seen >= end
-                if lo >= hi:
-                    if stop:
-                        break
-                    continue
-                block_ends = np.cumsum(block.lengths)
-                parts.append(block.values[(block_ends[lo - 1] if lo else 0):block_ends[hi - 1]])
-                sl = slice(at + (seen - len(block) + lo - begin), at + (seen - len(block) + hi - begin))
-                lengths[sl], y[sl], ids[sl] = block.lengths[lo:hi], block.labels[lo:hi], block.ids[lo:hi]
-                readable[sl] = True
-                if stop:
+                if end < self.sizes[shard] and seen >= end:
                     break
             at += end - begin
         values = np.concatenate(parts) if parts else np.zeros((0, self.features), self.dtype)

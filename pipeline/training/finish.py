@@ -48,7 +48,7 @@ def _record_bytes_read(t: Trainer) -> None:
     # W&B's summary, not metrics.jsonl: a resumed run reads windows again, and its events must stay those
     # of the uninterrupted run.
     t.tracker.summarize({"data/bytes_read_total": sum(per_rank), "data/bytes_read_max_rank": max(per_rank),
-                         "data/split_bytes": sum(s.bytes for s in t.manifest.split("train").shards)})
+                         "data/split_bytes": t.manifest.split("train").bytes})
 
 
 def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[str, Any]:

@@ -159,7 +159,7 @@ class MetricsSink:
 
     def record(self, step: int, metrics: dict[str, Any]) -> None:
         """A one-off event, in metrics.jsonl and W&B: the one score on test, of the final weights; the run
-        going on at another world size (resumed from a checkpoint another one wrote); the bytes read."""
+        going on at another world size (resumed from a checkpoint another one wrote)."""
         if self.log is None:
             return
         self.tracker.log_train(step, self._row(step, metrics))
