@@ -132,9 +132,12 @@ def test_exact_reduction_trains_alike_at_one_two_and_four_processes(tmp_path, fa
     train_run(tmp_path / "w4-2", fashion_shards, *common, exact, "train.stop_at_step=20", nproc=4, env=one_thread)
     train_run(tmp_path / "w4-2", fashion_shards, *common, exact, nproc=2, resume="auto", env=one_thread)
     train_run(tmp_path / "ddp2", fashion_shards, *common, nproc=2, env=one_thread)
+    train_run(tmp_path / "ddp1", fashion_shards, *common, nproc=1, env=one_thread)
     reference = _weights(tmp_path / "w1")
     same = {n: all(torch.equal(_weights(tmp_path / n)[k], reference[k]) for k in reference)
             for n in ("w2", "w4", "w4-2", "ddp2")}
     assert same == {"w2": True, "w4": True, "w4-2": True, "ddp2": False}
+    plain = _weights(tmp_path / "ddp1")
+    assert not all(torch.equal(_weights(tmp_path / "ddp2")[k], plain[k]) for k in plain), "without it, 2 x 2 != 1 x 4"
     read = json.loads((tmp_path / "w4" / "summary.json").read_text())["data_bytes_read"]
     assert len(read) == 4 and max(read) <= 0.3 * json.loads((tmp_path / "w1" / "summary.json").read_text())["data_bytes_read"][0]
