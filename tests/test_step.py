@@ -151,6 +151,18 @@ def test_the_step_reads_nothing_back_from_the_device(fused):
     assert bool(result.finite)
 
 
+def test_a_class_without_cases_has_no_accuracy(fashion_shards):
+    """Per-class accuracy of a class the split lacks is undefined: left out of the metrics, not logged as 0.0."""
+    manifest = load_manifest(fashion_shards)
+    images, _, labels = load_split_tensors(manifest, ShardSource(str(fashion_shards)), "test")
+    keep = (labels[:1500] != 5).nonzero().squeeze(1)
+    result = evaluate(AlwaysThree(), images[keep], labels[keep], 500, torch.device("cpu"), contextlib.nullcontext, 10)
+    assert result.per_class_accuracy[5] is None
+    assert result.per_class_accuracy[3] == 1.0 and result.per_class_accuracy[0] == 0.0
+    metrics = result.metrics()
+    assert "eval/acc_5" not in metrics and metrics["eval/acc_0"] == 0.0 and metrics["eval/acc_3"] == 1.0
+
+
 def test_fused_optimizer_skips_a_non_finite_update_on_the_device():
     from accelerate import Accelerator
     from torch.optim.lr_scheduler import LambdaLR

@@ -44,6 +44,7 @@ def test_cpu_test_mode_end_to_end(tmp_path, fashion_shards):
                 "train_samples_per_s", "final_eval_accuracy", "best_eval_accuracy", "eval_seconds_mean"):
         assert summary[key] is not None, key
     assert summary["world_size"] == 1 and summary["steps"] == 300
+    assert summary["padding_waste"] == 0.0, "fixed-length images pad nothing: a figure, not null"
     assert summary["final_eval_accuracy"] >= 0.75
     events = read_jsonl(out / "metrics.jsonl")
     assert all("step" in e for e in events)

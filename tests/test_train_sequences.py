@@ -5,6 +5,7 @@ and device memory give the same run; W&B offline records it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,24 @@ def _predict_agrees_with_the_run(out: Path, fsdd_shards: Path, summary: dict, tm
     assert len(quiet) == 5 and "label" not in quiet[0] and [q["class"] for q in quiet] == [x["class"] for x in lines[:5]]
     proc = run_py("launch/predict.py", "--model", str(out / "model"), str(narrow))
     assert proc.returncode == 2 and "12 channel(s)" in proc.stderr and "reads 13" in proc.stderr
+    _predict_refuses_what_it_cannot_answer(out / "model", tmp_path)
+
+
+def _predict_refuses_what_it_cannot_answer(model: Path, tmp_path: Path) -> None:
+    """A file of no sequences, and a model directory whose card lost its weights' digest: exit 2, one
+    paragraph each, never an exit 0 that says nothing or weights loaded unverified."""
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, X=np.zeros((0, 13), np.float32), lengths=np.zeros(0, np.int64))
+    proc = run_py("launch/predict.py", "--model", str(model), str(empty))
+    assert proc.returncode == 2 and f"{empty} holds no sequences" in proc.stderr and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    unverified = tmp_path / "unverified"
+    shutil.copytree(model, unverified)
+    card = json.loads((unverified / "config.json").read_text())
+    del card["weights_sha256"]
+    (unverified / "config.json").write_text(json.dumps(card))
+    proc = run_py("launch/predict.py", "--model", str(unverified), str(empty))
+    assert proc.returncode == 2 and "records no weights_sha256" in proc.stderr, proc.stderr
 
 
 def test_two_processes_equal_one_with_accumulation(fsdd_shards, tmp_path):

@@ -91,7 +91,11 @@ def _from_model_dir(path: Path) -> TrainedModel:
         raise UnusableModel(f"{path / 'config.json'} is not a model description of this pipeline ({err}); {HINT}") from None
     weights = path / "model.safetensors"
     recorded = card.get("weights_sha256")
-    if recorded and weights.is_file() and sha256_file(weights) != recorded:
+    if not recorded:  # every model directory the trainer writes records it: without it, damage would go unseen
+        raise UnusableModel(f"{path / 'config.json'} records no weights_sha256, so {weights.name} cannot be verified "
+                            "against what training saved; re-copy the run's model directory whole, or use one of its "
+                            "checkpoints (RUN/checkpoints/step-N), which verify themselves")
+    if weights.is_file() and sha256_file(weights) != recorded:
         raise UnusableModel(f"{weights} is damaged: its sha256 differs from the one recorded in config.json when it was "
                             "saved; re-copy the run's model directory or use one of its checkpoints")
     model = _with_weights(build_model(model_cfg, features, num_classes), weights)

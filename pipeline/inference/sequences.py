@@ -13,7 +13,7 @@ import torch
 
 from pipeline.data import ragged
 from pipeline.inference.models import TrainedModel, UnusableModel
-from pipeline.sources.base import Cases, check_cases
+from pipeline.sources.base import Cases, InputError, check_cases
 from pipeline.sources.detect import ColumnOptions, open_source
 from pipeline.training.evaluation import logits_in_batches
 
@@ -31,6 +31,9 @@ def predict_file(trained: TrainedModel, path: str | Path, columns: ColumnOptions
             out.write(json.dumps(line) + "\n")
             lines.append(line)
     out.flush()
+    if not lines:  # an exit 0 with no output would read as success on a file that had nothing to predict
+        raise InputError(f"{path} holds no sequences, so there is nothing to predict; check that it is the file you "
+                         "meant (an export that wrote no rows, a filter that kept none)")
     return lines
 
 

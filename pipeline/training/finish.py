@@ -28,7 +28,8 @@ def end_run(t: Trainer, stopped_by: str | None) -> dict[str, Any]:
                           device=t.device)
     skipped, padded, real = t.accelerator.reduce(counts, reduction="sum").tolist()
     skipped = int(skipped)
-    t.run_info["padding_waste"] = padded / real if t.plan.ragged and real else None
+    # Fixed-length data pads nothing: its waste is 0, a figure like any other, not a missing one.
+    t.run_info["padding_waste"] = padded / real if t.plan.ragged and real else 0.0
     _record_bytes_read(t)
     if stopped_by == "SIGTERM":
         raise Preempted(
