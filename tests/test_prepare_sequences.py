@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_py
+from refusals import prepare_refused
 
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import ShardSource, read_blocks
@@ -236,3 +237,22 @@ def test_narrowed_on_purpose_to_float16(examples, fsdd, tmp_path):
     x[starts[7] + 1, 2] = 1e6
     np.savez(huge, X=x, lengths=fsdd["lengths"], y=fsdd["y"])
     _refused(["--from", str(huge), "--out", str(tmp_path / "h"), "--dtype", "float16"], "index 7", "float16's range")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--test-size", "nan", "--test-size nan is not a number"),
+    ("--test-size", "inf", "--test-size inf is infinite"),
+    ("--test-size", "-0.2", "--test-size -0.2 is negative"),
+    ("--test-size", "1.5", "--test-size 1.5 is neither a fraction below 1 nor a whole number"),
+    ("--test-size", "0.999", "--test-size 0.999 would hold out 200 of the data set's 200 cases, leaving none"),
+    ("--test-size", "500", "--test-size 500 would hold out 500 of the data set's 200 cases"),
+    ("--val-size", "nan", "--val-size nan is not a number"),
+    ("--val-size", "-1", "--val-size -1 is negative"),
+    ("--val-size", "160", "--val-size 160 would hold out 160 of the train split's 160 cases"),
+])
+def test_split_sizes_out_of_range_name_the_flag_and_value(fsdd, tmp_path, flag, value, needle):
+    """Sizes are checked where they are interpreted (pipeline/data/splits.py), on 200 real FSDD cases."""
+    src = tmp_path / "digits.npz"
+    lengths = fsdd["lengths"][:200]
+    np.savez(src, X=fsdd["X"][: int(lengths.sum())], lengths=lengths, y=fsdd["y"][:200])
+    prepare_refused(["--from", str(src), f"{flag}={value}"], tmp_path / "out", needle, "0 for no such split")

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from refusals import prepare_ok, prepare_refused
 
 from pipeline.sources.base import InputError, check_cases
 from pipeline.sources.parquet import open_parquet
@@ -316,3 +317,32 @@ def test_damaged_page_names_the_file_and_rows(tmp_path, digits):
     path.write_bytes(bytes(data))
     msg = _refused(path, "y", sequence_column="x")
     assert f"{path} could not be read at row 1280 or after" in msg and "damaged" in msg
+
+
+def test_files_beside_the_parquet_files_are_named_not_ignored(tmp_path, digits):
+    """An .npz, a .csv and a partition's subdirectory beside a directory's .parquet files are not read: the
+    preparation says so. What Spark and Arrow write there (_SUCCESS, _metadata, .crc files) passes quietly."""
+    x, lengths, y = digits
+    directory = tmp_path / "digits"
+    directory.mkdir()
+    _write(directory / "part-00000.parquet", {"x": _sequences(x, lengths), "y": pa.array(y)})
+    np.savez(directory / "more.npz", X=x[:100], lengths=np.full(10, 10), y=y[:10])
+    (directory / "labels.csv").write_text("y\n5\n")
+    (directory / "speaker=jackson").mkdir()
+    for quiet in ("_SUCCESS", "_metadata", "_common_metadata", ".part-00000.parquet.crc"):
+        (directory / quiet).write_bytes(b"")
+    stdout = prepare_ok(["--from", str(directory), "--label-column", "y", "--sequence-column", "x"], tmp_path / "out")
+    notes = [line for line in stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and str(directory) in notes[0], stdout
+    assert "3 entr(ies) that are not read (labels.csv, more.npz, speaker=jackson/)" in notes[0], notes[0]
+    assert not any(quiet in notes[0] for quiet in ("_SUCCESS", "_metadata", ".crc"))
+
+
+def test_float64_beyond_float32_is_not_called_infinite(tmp_path, digits):
+    x, lengths, y = digits
+    wide = x.astype(np.float64)
+    wide[int(lengths[:1234].sum()) + 3, 7] = -1e300
+    path = _write(tmp_path / "wide.parquet", {"x": _sequences(wide, lengths), "y": pa.array(y)})
+    message = prepare_refused(["--from", str(path), "--label-column", "y", "--sequence-column", "x"], tmp_path / "out",
+                              f"row 1234 of {path}", "-1e+300", "step 3, channel 7", "beyond the range of float32")
+    assert "infinite" not in message

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from refusals import prepare_refused
 
 from pipeline.sources import ts
 from pipeline.sources.base import Cases, InputError, check_cases
@@ -390,6 +391,21 @@ def test_pair_with_other_classes(examples, tmp_path):
     test.write_text((examples / "GunPoint" / "GunPoint_TEST.ts").read_text().replace("@classLabel true 1 2", "@classLabel true 1 2 3"))
     train = examples / "GunPoint" / "GunPoint_TRAIN.ts"
     _refused([train, test], f"{train} and {test} declare different classes (1 2 and 1 2 3)")
+
+
+def test_a_class_the_train_file_lacks_is_refused(examples, tmp_path):
+    """JapaneseVowels_TRAIN.ts cut short before its 30 cases of class 9 (the file lists them last): the TEST
+    file's class 9 cases could never be predicted, so the pair is refused, naming the class and the counts."""
+    pair = tmp_path / "JapaneseVowels"
+    pair.mkdir()
+    train, test = _pair(examples, "JapaneseVowels")
+    lines = train.read_text().splitlines()
+    assert all(lines[_data_line(lines, k)].endswith(":9") for k in range(240, 270))
+    (pair / train.name).write_text("\n".join(lines[:_data_line(lines, 240)]) + "\n")
+    (pair / test.name).write_text(test.read_text())
+    nines = sum(line.endswith(":9") for line in test.read_text().splitlines())
+    prepare_refused(["--from", str(pair)], tmp_path / "out", str(pair / train.name), str(pair / test.name),
+                    "class '9' has no case in the train split", f"train 0, val 0, test {nines} cases")
 
 
 def test_pair_with_other_channels(examples, tmp_path):

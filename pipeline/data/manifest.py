@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from pipeline.errors import ConfigError, DataError
 
@@ -93,14 +93,25 @@ class SourceEntry(_Strict):
 
 
 class HeldOut(_Strict):
-    """How a split was made: given by the source, or held out of another split by seed."""
+    """How a split was made: given by the source, or held out of another split by seed; or, asked for
+    but holding no case (origin not_made: too few cases to hold one out), why not."""
 
-    origin: Literal["source", "held_out"]
+    origin: Literal["source", "held_out", "not_made"]
     from_split: str | None = Field(None, description="With origin held_out: the split it was taken from")
     size: float | None = Field(None, description="A fraction of from_split (below 1) or a number of cases, as asked")
     seed: int | None = None
     stratified_by: str | None = Field(None, description="'label': each class gives its share")
     grouped_by: str | None = Field(None, description="'group': no group has cases in two splits")
+    reason: str | None = Field(None, description="With origin not_made: why no case was held out")
+
+    @model_serializer(mode="wrap")
+    def _without_absent_reason(self, write):
+        # Written only where there is one: a manifest of a split that was made reads (and fingerprints)
+        # as it did before the field existed.
+        data = write(self)
+        if self.reason is None:
+            data.pop("reason", None)
+        return data
 
 
 class Normalization(_Strict):

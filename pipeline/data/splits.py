@@ -5,24 +5,38 @@ Pure functions of the labels, the groups and the seed: the same input gives the 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.data.manifest import HeldOut
 from pipeline.errors import ConfigError
-from pipeline.sources.base import SPLIT_NAMES, InputError
+from pipeline.sources.base import SPLIT_NAMES, InputError, SourceInfo
 
 TRAIN, VAL, TEST = range(3)
 
 
-def count_of(size: float, total: int, what: str) -> int:
-    """A held-out size as a number of cases: a fraction of `total` (0 < size < 1) or a count."""
+def check_size(size: float, flag: str) -> None:
+    """ConfigError naming the flag and its value unless `size` is 0 (none), a fraction below 1 or a
+    whole number of cases. Checked before any split is made, so a value the source's own split would
+    leave unused is not silently accepted."""
+    if math.isfinite(size) and size >= 0 and (size < 1 or size == int(size)):
+        return
+    problem = "is not a number" if math.isnan(size) else "is infinite" if math.isinf(size) else \
+        "is negative" if size < 0 else "is neither a fraction below 1 nor a whole number of cases"
+    raise ConfigError(f"{flag} {size:g} {problem}: give a fraction such as 0.2, a whole number of cases such as 50, "
+                      "or 0 for no such split")
+
+
+def count_of(size: float, total: int, flag: str, pool: str = "data set") -> int:
+    """A held-out size (checked by check_size) as a number of cases: a fraction of `total` (0 < size < 1)
+    or a count; ConfigError where it leaves no case to train on."""
+    check_size(size, flag)
     # a fraction takes at least one case: a small data set still gets every split it asks for
     count = max(1, round(size * total)) if 0 < size < 1 else int(size)
-    if size != count and size >= 1:
-        raise ConfigError(f"{what} {size} is neither a fraction below 1 nor a whole number of cases")
-    if not 0 < count < total:
-        raise ConfigError(f"{what} {size} asks for {count} of {total} cases; it must leave cases on both sides "
-                          "(a fraction such as 0.1, or a count below the total)")
+    if not count < total:
+        raise ConfigError(f"{flag} {size:g} would hold out {count} of the {pool}'s {total} cases, leaving none to train "
+                          f"on: give a smaller fraction, a count below {total}, or 0 for no such split")
     return count
 
 
@@ -73,13 +87,13 @@ def hold_out_groups(labels: np.ndarray, groups: np.ndarray, size: int, seed: int
     return np.flatnonzero(np.isin(member, chosen))
 
 
-def _held(labels: np.ndarray, groups: np.ndarray | None, size: int, seed: int, what: str) -> np.ndarray:
+def _held(labels: np.ndarray, groups: np.ndarray | None, size: int, seed: int, what: str, files: str) -> np.ndarray:
     if groups is None:
         return hold_out(labels, size, seed)
     chosen = hold_out_groups(labels, groups, size, seed)
     if len(chosen) in (0, len(labels)):
-        raise InputError(f"cannot hold out {what} by groups: the {len(np.unique(groups))} group(s) cannot be divided "
-                         f"into about {size} and {len(labels) - size} cases. Give more groups, or no groups")
+        raise InputError(f"{files}: cannot hold out {what} by groups: the {len(np.unique(groups))} group(s) cannot be "
+                         f"divided into about {size} and {len(labels) - size} cases. Give more groups, or no groups")
     return chosen
 
 
@@ -98,28 +112,54 @@ def source_splits(split: np.ndarray, file: str) -> np.ndarray:
 
 
 def assign(labels: np.ndarray, groups: np.ndarray | None, given: np.ndarray | None, test_size: float,
-           val_size: float, seed: int) -> tuple[np.ndarray, dict[str, HeldOut]]:
-    """Each case's split code, and how each split was made. `given`: the source's codes (or None)."""
+           val_size: float, seed: int, source: SourceInfo | None = None) -> tuple[np.ndarray, dict[str, HeldOut]]:
+    """Each case's split code, and how each split was made. `given`: the source's codes (or None);
+    `source`: what messages name (its files and class names)."""
+    check_size(test_size, "--test-size")
+    check_size(val_size, "--val-size")
     codes = np.full(len(labels), TRAIN, np.int64) if given is None else given.copy()
     splitting = {}
-    grouped = "group" if groups is not None else None
-    for code, name, size, source in ((TEST, "test", test_size, "all"), (VAL, "val", val_size, "train")):
+    files = _files(source)
+    for code, size in ((TEST, test_size), (VAL, val_size)):
+        name = SPLIT_NAMES[code]
         if (codes == code).any():
             splitting[name] = HeldOut(origin="source")
-            continue
-        if size == 0:
-            continue
-        pool = np.flatnonzero(codes == TRAIN)
-        count = count_of(size, len(pool), f"--{name}-size")
-        sub_groups = None if groups is None else groups[pool]
-        codes[pool[_held(labels[pool], sub_groups, count, seed, name)]] = code
-        splitting[name] = HeldOut(origin="held_out", from_split="train" if source == "train" or given is not None
-                                  else "all", size=size, seed=seed, stratified_by="label", grouped_by=grouped)
-    _check_groups(codes, groups)
+        elif size != 0:
+            from_split = "train" if code == VAL or given is not None else "all"
+            splitting[name] = _hold_out_split(codes, code, labels, groups, size, seed, from_split, files)
+    _check_groups(codes, groups, files)
+    _check_trained(codes, labels, splitting, source)
     return codes, splitting
 
 
-def _check_groups(codes: np.ndarray, groups: np.ndarray | None) -> None:
+def _hold_out_split(codes: np.ndarray, code: int, labels: np.ndarray, groups: np.ndarray | None, size: float,
+                    seed: int, from_split: str, files: str) -> HeldOut:
+    """Move `size` of the train cases to split `code` (in place in `codes`); how it was made. A data set too
+    small to give a case (each class has one train case left) gets none, and the record says so."""
+    name, pool = SPLIT_NAMES[code], np.flatnonzero(codes == TRAIN)
+    pool_name = "data set" if from_split == "all" else "train split"
+    count = count_of(size, len(pool), f"--{name}-size", pool_name)
+    chosen = _held(labels[pool], None if groups is None else groups[pool], count, seed, name, files)
+    codes[pool[chosen]] = code
+    how = dict(from_split=from_split, size=size, seed=seed, stratified_by="label",
+               grouped_by="group" if groups is not None else None)
+    if len(chosen):
+        return HeldOut(origin="held_out", **how)
+    classes = len(np.unique(labels[pool]))
+    return HeldOut(origin="not_made", reason=f"no case could be held out: each of the {len(pool)} cases of the "
+                   f"{pool_name} is the only one of its class ({classes} classes), and a class is never held out "
+                   "whole (training would lose it)", **how)
+
+
+def _files(source: SourceInfo | None) -> str:
+    """The source's files as messages name them."""
+    if source is None:
+        return "the data set"
+    names = [str(p) for p in source.files]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _check_groups(codes: np.ndarray, groups: np.ndarray | None, files: str) -> None:
     """No group in two splits, even where the source gave the splits (a leak the user should hear of)."""
     if groups is None:
         return
@@ -127,6 +167,27 @@ def _check_groups(codes: np.ndarray, groups: np.ndarray | None) -> None:
         for b in range(a + 1, 3):
             shared = np.intersect1d(groups[codes == a], groups[codes == b])
             if len(shared):
-                raise InputError(f"group {str(shared[0])!r} has cases in both the {SPLIT_NAMES[a]} and {SPLIT_NAMES[b]} "
-                                 f"splits ({len(shared)} such group(s)): the source's split leaks groups. Fix the split, "
-                                 "or leave it out to have splits drawn by group")
+                raise InputError(f"{files}: group {str(shared[0])!r} has cases in both the {SPLIT_NAMES[a]} and "
+                                 f"{SPLIT_NAMES[b]} splits ({len(shared)} such group(s)): the source's split leaks "
+                                 "groups. Fix the split, or leave it out to have splits drawn by group")
+
+
+def _check_trained(codes: np.ndarray, labels: np.ndarray, made: dict[str, HeldOut], source: SourceInfo | None) -> None:
+    """Every class with val or test cases has train cases: a model never shown a class cannot predict it, and
+    its held-out cases would only count as errors. Held out by seed, a class always keeps a train case;
+    a source's own split, or whole groups, can take them all."""
+    if len(labels) == 0:
+        return
+    counts = np.zeros((len(SPLIT_NAMES), int(labels.max()) + 1), np.int64)
+    np.add.at(counts, (codes, labels), 1)
+    lacking = np.flatnonzero((counts[TRAIN] == 0) & (counts.sum(axis=0) > 0))
+    if len(lacking) == 0:
+        return
+    c = int(lacking[0])
+    name = source.class_names[c] if source is not None and c < len(source.class_names) else str(c)
+    held = [s for s in SPLIT_NAMES[1:] if counts[SPLIT_NAMES.index(s), c] and made[s].origin == "held_out"]
+    fix = ("its cases' groups all went to the held-out split: change --split-seed, or give its cases more groups"
+           if held else "give the class train cases in the source's split, or remove its cases from the data set")
+    shown = ", ".join(f"{s} {counts[i, c]}" for i, s in enumerate(SPLIT_NAMES))
+    raise InputError(f"{_files(source)}: class {name!r} has no case in the train split ({shown} cases), so a model "
+                     f"trained on these splits can never predict it ({len(lacking)} such class(es)). To prepare it, {fix}")

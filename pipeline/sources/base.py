@@ -83,6 +83,25 @@ def kept_dtype(dtype: np.dtype) -> np.dtype:
     return dtype if dtype in KEPT_DTYPES else np.dtype(np.float32)
 
 
+def narrowed(cases: Cases, dtype: np.dtype) -> Cases:
+    """The cases' values cast to `dtype` (a source's kept dtype). A finite value beyond its range (float64
+    1e300 in float32) is refused by name here: the cast would make it infinite, and the user would be
+    told of an infinite value their file does not hold."""
+    dtype = np.dtype(dtype)
+    values = cases.values
+    if values.dtype.kind == "f" and dtype.kind == "f" and np.finfo(values.dtype).max > np.finfo(dtype).max:
+        limit = np.finfo(dtype).max
+        with np.errstate(invalid="ignore"):
+            big = np.isfinite(values) & (np.abs(values) > limit)
+        if big.any():
+            row, column = (int(i[0]) for i in np.nonzero(big))
+            case, step = cases.case_at(row)
+            raise InputError(f"{cases.case(case)} holds {values[row, column]:g} (step {step}, channel {column}), beyond "
+                             f"the range of {dtype} (about {limit:.1e}), the dtype its values are kept in; "
+                             f"{int(big.sum())} such value(s) in this run of the file. Rescale the values and prepare again")
+    return Cases(**{**cases.__dict__, "values": values.astype(dtype, copy=False)})
+
+
 def check_cases(cases: Cases, features: int, missing: str = "refuse") -> Cases:
     """The checks every format shares: feature count, lengths of at least 1, finite values. With
     `missing="interpolate"` NaNs (a `.ts` file's `?`) are filled linearly along time within their case
@@ -95,8 +114,10 @@ def check_cases(cases: Cases, features: int, missing: str = "refuse") -> Cases:
                          "must have the same channels. Prepare files with other channels as a data set of their own")
     short = np.flatnonzero(cases.lengths < 1)
     if len(short):
-        raise InputError(f"{cases.case(short[0])} is a sequence of length 0 ({len(short)} such case(s)): every case "
-                         "needs at least one step. Remove those cases from the file and prepare again")
+        length = int(cases.lengths[short[0]])  # said as it is: a negative length is a broken lengths array
+        what = "is a sequence of length 0" if length == 0 else f"has length {length}, a negative number of steps"
+        raise InputError(f"{cases.case(short[0])} {what} ({len(short)} case(s) of length 0 or less): every case "
+                         "needs at least one step. Fix the lengths or remove those cases, and prepare again")
     if int(cases.lengths.sum()) != len(cases.values):
         raise InputError(f"{cases.file}: the lengths sum to {int(cases.lengths.sum())} steps, but there are "
                          f"{len(cases.values)} rows of values; the lengths do not describe these values")

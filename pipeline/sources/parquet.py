@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sources.base import SPLIT_NAMES, Cases, InputError, SourceInfo, kept_dtype
+from pipeline.sources.base import SPLIT_NAMES, Cases, InputError, SourceInfo, kept_dtype, narrowed
 
 T = TypeVar("T")
 
@@ -35,6 +35,10 @@ _BATCH_ROWS = 1024
 _BATCH_BYTES = 64 << 20  # uncompressed bytes of the columns read, per batch: rows of long sequences get fewer rows
 _LARGE_ROW_GROUP = 512 << 20  # bytes of a row group's columns read: above this, tell the user
 _LAYOUT_FLAGS = "--sequence-column (one list<list<float>> column) or --channel-columns (one list<float> column per channel)"
+# What Spark, Hadoop and Arrow write beside the .parquet files of a data set (_SUCCESS, _metadata,
+# _common_metadata, .crc checksums, _temporary/): skipped without a word, as pyarrow.dataset skips them.
+_QUIET_PREFIXES = (".", "_")
+_SHOWN_UNREAD = 10  # names a note lists before "and N more"
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,13 @@ def _numeric(t: pa.DataType) -> bool:
 class ParquetSource:
     """A base.Source over Parquet files; build it with `open_parquet`."""
 
-    def __init__(self, info: SourceInfo, columns: _Columns, labels: list[int] | list[str], features_from: str) -> None:
+    def __init__(self, info: SourceInfo, columns: _Columns, labels: list[int] | list[str], features_from: str,
+                 read_dtype: np.dtype) -> None:
         self.info = info
         self._columns = columns
         self._labels = labels  # class index -> the label's value in the file; [] for unlabelled cases
         self._features_from = features_from  # the step that set info.features, for messages
+        self._read_dtype = read_dtype  # the values' own dtype, narrowed to info.dtype with its range checked
 
     def cases(self) -> Iterator[Cases]:
         """One Cases per record batch, in file then row order."""
@@ -92,7 +98,9 @@ class ParquetSource:
             value_set = pa.array(self._labels, type=pa.int64() if isinstance(self._labels[0], int) else pa.string())
         for path in self.info.files:
             for start, batch in _batches(path, self._columns.all()):
-                yield _to_cases(batch, start, str(path), self._columns, self.info, value_set, self._features_from)
+                cases = _to_cases(batch, start, str(path), self._columns, self.info, value_set, self._features_from,
+                                  self._read_dtype)
+                yield narrowed(cases, self.info.dtype)
 
 
 def open_parquet(path: Path, label_column: str | None = None, sequence_column: str | None = None,
@@ -117,22 +125,42 @@ def open_parquet(path: Path, label_column: str | None = None, sequence_column: s
     if not label_column:
         _refuse_empty(files)
     leaves = [_leaf(types[c]) for c in columns.value_columns()]
-    dtype = kept_dtype(np.result_type(*[leaf.to_pandas_dtype() for leaf in leaves]))
+    read_dtype = np.result_type(*[leaf.to_pandas_dtype() for leaf in leaves])
+    notes = (_unread_notes(path, files) if path.is_dir() else []) + _row_group_notes(files, columns.all())
     info = SourceInfo(name=name or (path.stem if path.is_file() else path.name), files=files,
-                      class_names=[str(v) for v in labels], features=features, dtype=dtype,
-                      has_splits=bool(split_column), notes=_row_group_notes(files, columns.all()))
-    return ParquetSource(info, columns, labels, features_from)
+                      class_names=[str(v) for v in labels], features=features, dtype=kept_dtype(read_dtype),
+                      has_splits=bool(split_column), notes=notes)
+    return ParquetSource(info, columns, labels, features_from, read_dtype)
+
+
+def _read_here(path: Path) -> bool:
+    """Whether a directory's entry is one of its data set's files."""
+    return path.is_file() and path.suffix.lower() == ".parquet" and not path.name.startswith(_QUIET_PREFIXES)
 
 
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.glob("*.parquet") if p.is_file())
+        files = sorted(p for p in path.iterdir() if _read_here(p))
         if not files:
             raise InputError(f"{path} is a directory without *.parquet files: pass a .parquet file or a directory of them")
         return files
     if not path.is_file():
         raise InputError(f"{path} does not exist: pass a .parquet file or a directory of *.parquet files")
     return [path]
+
+
+def _unread_notes(directory: Path, files: list[Path]) -> list[str]:
+    """A note naming what else a directory holds (an .npz, a .csv, a partition's subdirectory): it is not
+    read, and a user who expected it to be should hear so before training on the rest."""
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+                    if not _read_here(p) and not p.name.startswith(_QUIET_PREFIXES))
+    if not others:
+        return []
+    more = len(others) - _SHOWN_UNREAD
+    shown = ", ".join(others[:_SHOWN_UNREAD]) + (f" and {more} more" if more > 0 else "")
+    return [f"{directory} holds {len(others)} entr(ies) that are not read ({shown}): only its {len(files)} .parquet "
+            "file(s) are, not other formats or subdirectories. Write what belongs to the data set as .parquet files "
+            "in the directory itself, and move the rest out"]
 
 
 def _open(path: Path) -> pq.ParquetFile:
@@ -340,12 +368,13 @@ def _row_group_notes(files: list[Path], columns: list[str]) -> list[str]:
 
 
 def _to_cases(batch: pa.RecordBatch, start: int, file: str, columns: _Columns, info: SourceInfo,
-              value_set: pa.Array | None, features_from: str) -> Cases:
+              value_set: pa.Array | None, features_from: str, dtype: np.dtype) -> Cases:
+    """The batch's cases, their values in `dtype` (the columns' own: base.narrowed casts them)."""
     if columns.sequence:
         values, lengths = _sequence_values(batch.column(columns.sequence), file, start, columns.sequence,
-                                           (info.features, features_from), info.dtype)
+                                           (info.features, features_from), dtype)
     else:
-        values, lengths = _channel_values(batch, file, start, columns.channels, info.dtype)
+        values, lengths = _channel_values(batch, file, start, columns.channels, dtype)
     n = batch.num_rows
     rows = np.arange(start, start + n, dtype=np.int64)
     labels = np.full(n, -1, dtype=np.int64)
