@@ -1,21 +1,24 @@
 """A source -> shards and their manifest: stage the cases, choose the splits, pack the shards, write
-the manifest last (its presence means the data set is complete).
+the manifest last (its presence means the data set is complete), all in a directory beside --out that
+then takes its place in one step (pipeline/data/replace.py).
 
     stage (one pass over the source, checked case by case) -> splits (pure, by seed)
-        -> shards per split (train shuffled by seed; blocks read back from the staging)
-        -> statistics -> manifest.json
+        -> shard counts, room checked -> shards per split (train shuffled by seed; blocks read back
+        from the staging) -> statistics -> manifest.json -> swapped in for --out
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from pipeline.data import splits as splitting
+from pipeline.data.interrupt import Interrupted, SignalGuard, Signalled
 from pipeline.data.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -26,7 +29,10 @@ from pipeline.data.manifest import (
     load_manifest,
     write_manifest,
 )
+from pipeline.data.prepare_pause import pause
+from pipeline.data.replace import Replacement, is_mount
 from pipeline.data.shards import write_shard
+from pipeline.data.space import FULL, Room, shard_bytes
 from pipeline.data.staging import STAGING_DIR, Staging
 from pipeline.data.statistics import ChannelMoments, class_counts, length_stats
 from pipeline.errors import DataError
@@ -58,32 +64,59 @@ class PrepareResult:
 
 
 def prepare(source: Source, out: str | Path, options: ShardOptions = ShardOptions(), force: bool = False,
-            name: str | None = None) -> PrepareResult:
-    """Nothing at `out` is touched until the whole source has been read and checked: bad input leaves a
-    data set prepared before as it was."""
+            name: str | None = None, say: Callable[[str], None] = lambda line: None) -> PrepareResult:
+    """Nothing at `out` changes until the new data set is complete: it is built beside `out` and takes its
+    place in one step (pipeline/data/replace.py), so bad input, a signal or a full disk at any moment leave
+    a data set prepared before as it was. `say`: one line for what killed runs left and this one removed."""
     out, start = Path(out), time.perf_counter()
     dataset = name or source.info.name
-    done = _already_prepared(out, dataset, force)
-    if done is not None:
-        return PrepareResult(done, time.perf_counter() - start, skipped=True)
-    created = not out.exists()
+    _check_output_dir(out)
+    room = Room(out, Path(os.path.realpath(out)).parent)
+    with SignalGuard() as guard:
+        try:
+            with Replacement(out, dataset, say, guard.held) as replacement:
+                done = _already_prepared(out, dataset, force)
+                if done is not None:
+                    return PrepareResult(done, time.perf_counter() - start, skipped=True)
+                manifest = _build(source, replacement, dataset, options, room)
+        except Signalled as sig:  # told once the build is removed: `out` is as it was
+            raise Interrupted(f"interrupted by {sig.name}; {_what_is_kept(out)}", sig.signum) from None
+        except OSError as err:
+            if err.errno not in FULL:
+                raise
+            raise room.full(err) from None
+    return PrepareResult(manifest, time.perf_counter() - start, skipped=False)
+
+
+def _what_is_kept(out: Path) -> str:
+    if (out / MANIFEST_NAME).is_file():
+        return f"{out} is unchanged (the earlier data set is kept)"
+    return f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
+
+
+def _build(source: Source, replacement: Replacement, dataset: str, options: ShardOptions, room: Room) -> Manifest:
+    """The data set in a new directory beside --out, its manifest last, then swapped in for --out."""
+    build = replacement.start()
     dtype = np.dtype(options.dtype) if options.dtype else source.info.dtype
-    staging = Staging(out, source.info.features, dtype)
+    staging = Staging(build, source.info.features, dtype)
+    room.staging = staging
     try:
         for cases in source.cases():
             staging.add(fits_dtype(check_cases(cases, source.info.features, options.missing), dtype))
+            pause("staging")
         staging.close()
         codes, made = _choose_splits(source, staging, options)
-        _clear(out)
-        manifest = _write_dataset(source, staging, out, dataset, codes, made, options)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        plan = _plan(source, staging, codes, options)
+        blocks = sum(-(-len(rows) // options.block_size) + count for _, rows, count in plan)
+        room.shards = shard_bytes(staging.bytes, len(staging.lengths), blocks, sum(count for _, _, count in plan))
+        room.check()
+        manifest = _write_dataset(source, staging, build, dataset, plan, made, options)
     finally:
         staging.remove()
-    write_manifest(manifest, out)
-    return PrepareResult(manifest, time.perf_counter() - start, skipped=False)
+    write_manifest(manifest, build)
+    pause("manifest")
+    replacement.swap()
+    return manifest
 
 
 def fits_dtype(cases: Cases, dtype: np.dtype) -> Cases:
@@ -99,7 +132,6 @@ def fits_dtype(cases: Cases, dtype: np.dtype) -> Cases:
 
 def _already_prepared(out: Path, dataset: str, force: bool) -> Manifest | None:
     """The manifest of a complete data set of this name at `out`, unless forced or of an older format."""
-    _check_output_dir(out)
     if force or not (out / MANIFEST_NAME).is_file():
         return None
     try:
@@ -111,13 +143,6 @@ def _already_prepared(out: Path, dataset: str, force: bool) -> Manifest | None:
     return manifest
 
 
-def _clear(out: Path) -> None:
-    """Remove a data set being replaced (forced, older format or interrupted): the manifest first."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for split in SPLIT_NAMES:
-        shutil.rmtree(out / split, ignore_errors=True)
-
-
 def _choose_splits(source: Source, staging: Staging, options: ShardOptions):
     image = source.info.image_shape is not None
     val_size = options.val_size if options.val_size is not None else (IMAGE_VAL_SIZE if image else 0.1)
@@ -125,14 +150,14 @@ def _choose_splits(source: Source, staging: Staging, options: ShardOptions):
         raise InputError(f"{source.info.files[0]} holds {len(staging.lengths)} case(s); there is nothing to split "
                          "and train on")
     given = splitting.source_splits(staging.split, str(source.info.files[0])) if staging.split is not None else None
-    return splitting.assign(staging.labels, staging.groups, given, options.test_size, val_size, options.split_seed)
+    return splitting.assign(staging.labels, staging.groups, given, options.test_size, val_size, options.split_seed,
+                            source.info)
 
 
-def _write_dataset(source: Source, staging: Staging, out: Path, dataset: str, codes: np.ndarray,
-                   made: dict, options: ShardOptions) -> Manifest:
-    info = source.info
-    moments = ChannelMoments(info.features)
-    entries = {}
+def _plan(source: Source, staging: Staging, codes: np.ndarray, options: ShardOptions) -> list[tuple[str, np.ndarray, int]]:
+    """Each split's cases in shard order and its shard count, before anything is written: a count that
+    cannot be cut is refused, and the shards' size can be estimated."""
+    plan = []
     for code, split in enumerate(SPLIT_NAMES):
         rows = np.flatnonzero(codes == code)
         if len(rows) == 0:
@@ -140,7 +165,16 @@ def _write_dataset(source: Source, staging: Staging, out: Path, dataset: str, co
         if split == "train":
             # Spread classes and source order evenly over shards, so any shard subset is a fair sample.
             rows = rows[np.random.default_rng(options.shuffle_seed).permutation(len(rows))]
-        count = _shard_count(split, rows, staging, info.image_shape is not None, options)
+        plan.append((split, rows, _shard_count(split, rows, staging, source.info.image_shape is not None, options)))
+    return plan
+
+
+def _write_dataset(source: Source, staging: Staging, out: Path, dataset: str, plan: list[tuple[str, np.ndarray, int]],
+                   made: dict, options: ShardOptions) -> Manifest:
+    info = source.info
+    moments = ChannelMoments(info.features)
+    entries = {}
+    for split, rows, count in plan:
         entries[split] = _write_split(out, split, rows, count, staging, options.block_size,
                                       moments if split == "train" else None, info.class_names)
     manifest = Manifest(
@@ -178,6 +212,8 @@ def _write_split(out: Path, split: str, rows: np.ndarray, count: int, staging: S
         if moments is not None:
             blocks = _counted(blocks, moments)
         shards.append(write_shard(out / split / f"{split}-{s:05d}.tar", f"{split}-{s:05d}", blocks))
+        if s == 0:
+            pause("shards")
     return SplitEntry(num_samples=len(rows), class_counts=class_counts(staging.labels[rows], class_names),
                       lengths=length_stats(staging.lengths[rows]), shards=shards)
 
@@ -192,8 +228,8 @@ def _is_ours(out: Path, path: Path) -> bool:
     rel = path.relative_to(out)
     if rel.name in (MANIFEST_NAME, f".{MANIFEST_NAME}.tmp"):
         return len(rel.parts) == 1
-    if rel.parts[0] == STAGING_DIR:
-        return True
+    if rel.parts[0] == STAGING_DIR or (rel.parts[0].startswith(".prepare") and is_mount(Path(os.path.realpath(out)))):
+        return True  # what a preparation builds, or leaves when killed; inside --out only where it is a mount
     if rel.parts[0] in SPLIT_NAMES:
         return len(rel.parts) == 1 or (len(rel.parts) == 2 and (rel.name.endswith(".tar") or rel.name.endswith(".tar.tmp")))
     return False

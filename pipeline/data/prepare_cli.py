@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     source = _source(args)
     for note in source.info.notes:
         print(f"note: {note}")
-    result = prepare(source, args.out, options, args.force, args.name)
+    result = prepare(source, args.out, options, args.force, args.name, say=lambda line: print(f"note: {line}", flush=True))
     m = result.manifest
     if result.skipped:
         print(f"{args.out} already holds a complete {m.dataset} dataset (fingerprint {m.fingerprint[:12]}); use --force to rebuild")
@@ -62,7 +62,12 @@ def summary(m: Manifest, out: str, seconds: float) -> str:
         lengths = split.lengths
         lines.append(f"  {name:<5} {split.num_samples:>8} cases in {len(split.shards)} shard(s){origin}; lengths "
                      f"{lengths.min}-{lengths.max} (median {lengths.median:g})")
-    return "\n".join(lines)
+    return "\n".join(lines + _not_made(m))
+
+
+def _not_made(m: Manifest) -> list[str]:
+    """A split asked for that holds no case (too few cases) is said, not just left out of the list."""
+    return [f"  {name:<5} none: {how.reason}" for name, how in m.splitting.items() if how.origin == "not_made"]
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
 """A source's cases staged on disk in one pass, then read back in any order in bounded memory.
 
-The preparation reads the source once: values go to a flat file next to the shards (the source's
-dtype, step after step), and what the splits need (lengths, labels, groups, the source's split) stays
-in memory, a few bytes per case. Shards are then cut in any order by reading each case back at its
-offset, a block at a time: memory holds one block, whatever the size of the data set."""
+The preparation reads the source once: values go to a flat file in the directory the data set is
+built in, beside its shards (the source's dtype, step after step), and what the splits need (lengths,
+labels, groups, the source's split) stays in memory, a few bytes per case. Shards are then cut in any
+order by reading each case back at its offset, a block at a time: memory holds one block, whatever the
+size of the data set."""
 
 from __future__ import annotations
 
@@ -20,19 +21,22 @@ STAGING_DIR = ".staging"
 
 
 class Staging:
-    def __init__(self, out: Path, features: int, dtype: np.dtype):
-        self.dir = out / STAGING_DIR
+    def __init__(self, build: Path, features: int, dtype: np.dtype):
+        self.dir = build / STAGING_DIR
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self.features, self.dtype = features, np.dtype(dtype)
         self._file = open(self.dir / "values.bin", "wb")
+        self.bytes = 0  # handed to the staging so far: what a disk that fills while staging can be told
         self._lengths: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._splits: list[np.ndarray] = []
         self._groups: list[np.ndarray] = []
 
     def add(self, cases: Cases) -> None:
-        self._file.write(np.ascontiguousarray(cases.values, dtype=self.dtype).tobytes())
+        data = np.ascontiguousarray(cases.values, dtype=self.dtype).tobytes()
+        self.bytes += len(data)
+        self._file.write(data)
         self._lengths.append(cases.lengths.astype(np.int64))
         self._labels.append(cases.labels.astype(np.int64))
         if cases.split is not None:
@@ -58,7 +62,10 @@ class Staging:
 
     def remove(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # its buffer cannot reach a full disk: the error that stopped the run is reported
+                pass
         if hasattr(self, "_fd"):
             os.close(self._fd)
         shutil.rmtree(self.dir, ignore_errors=True)
