@@ -24,8 +24,9 @@ from pipeline.files import mask_url
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos until proven otherwise.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are typos until proven otherwise. A non-finite number (inf, .nan) is no setting: accepted,
+    # optim.lr=inf would end the run at its first steps as a "non-finite loss", far from the key that caused it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -294,6 +295,34 @@ class Config(_Section):
         return _masked(self.model_dump(mode="json"))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last one silently,
+    so a recipe with `lr:` twice trains with whichever comes later; the YAML spec calls keys unique.
+    Every user YAML config is read through `load_yaml`, so the rule holds wherever one is loaded."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` and keys after it that override it are meant
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping, at lines {first} and {line} (YAML "
+                    "would keep the second silently); keep the one you mean", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """A user's YAML (a config file, an override's value), with duplicate keys refused (UniqueKeyLoader)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _masked(value: Any) -> Any:
     if isinstance(value, str):
         return mask_url(value)
@@ -313,7 +342,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(mask_url(f"command-line override '{item}' has an empty key path"))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -360,7 +389,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass one of configs/*.yaml with --config")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -12,9 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, load_yaml
 from pipeline.data import canonical
 from pipeline.data.manifest import load_manifest
 from pipeline.data.order import BatchLayout
@@ -94,7 +92,7 @@ def build_spec(config: str | Path, fmt: Format = "job", **options: Any) -> JobSp
 
 def _sets_streams(config_text: str, overrides: list[str]) -> bool:
     """Whether the user chose data.canonical_streams (in the file or an override), even as 1."""
-    raw = yaml.safe_load(config_text) or {}
+    raw = load_yaml(config_text) or {}  # the loader load_config used: the file has passed it
     in_file = isinstance(raw.get("data"), dict) and "canonical_streams" in raw["data"]
     return in_file or any(o.split("=", 1)[0].strip() == "data.canonical_streams" for o in overrides)
 
