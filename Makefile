@@ -45,8 +45,9 @@ train: data
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		--num_cpu_threads_per_process $(THREADS) launch/train.py --config $(CONFIG) data.dir=$(DATA) --resume auto
 
+# The single-CPU test mode starts afresh each time: --overwrite replaces its earlier run in runs/cpu_test.
 cpu-test: data
-	$(PY) launch/train.py --config configs/cpu_test.yaml data.dir=$(DATA)
+	$(PY) launch/train.py --config configs/cpu_test.yaml data.dir=$(DATA) --overwrite
 
 test: setup examples | $(FASHION_IDX) $(PODMAN)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """Train the sequence classifier.
 
-    accelerate launch launch/train.py --config configs/fashion_mnist.yaml [key.sub=value ...] [--resume auto]
+    accelerate launch launch/train.py --config configs/fashion_mnist.yaml [key.sub=value ...] [--resume auto | --overwrite]
     python launch/train.py --config configs/cpu_test.yaml        # one process
     torchrun --nproc_per_node 2 launch/train.py --config ...      # also works
 """
@@ -17,6 +17,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/cpu_test.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config keys, e.g. train.max_steps=100")
     p.add_argument("--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in output_dir (fresh start if none); or a checkpoint dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir: its checkpoints, metrics, summary, model and plots are "
+                        "removed first (never files the pipeline did not write); without it a run there is refused")
     return p.parse_args()
 
 
@@ -27,7 +30,7 @@ def main(env) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config is reported before torch is even imported
     from pipeline.training.run import train
 
-    train(cfg, resume=args.resume, env=env)
+    train(cfg, resume=args.resume, env=env, overwrite=args.overwrite)
     return 0
 
 

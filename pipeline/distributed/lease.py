@@ -90,6 +90,13 @@ class OutputLease:
         raise OutputDirBusy(f"output_dir {self.directory}: could not take {self.path} (other runs keep taking it); "
                             "make sure only one run uses this output_dir")
 
+    def refuse_if_busy(self) -> None:
+        """Read only: raise OutputDirBusy if a live run holds the lease, so that a start which looks at
+        output_dir before taking it names the run in there rather than judging that run's files."""
+        holder = self._read() if self.path.is_file() else None
+        if holder is not None and self._judge(holder) == "busy":
+            raise OutputDirBusy(self._busy_message(holder))
+
     def _judge(self, holder: Holder | None) -> str:
         now = time.time()
         if holder is None:

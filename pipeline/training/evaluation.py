@@ -155,15 +155,30 @@ class Evaluator:
         return sum(self.seconds) / len(self.seconds) if self.seconds else None
 
 
-def eval_split(requested: str, splits: list[str]) -> tuple[str, str | None]:
-    """The split to evaluate during training, and a warning when it had to be another one.
+def eval_split(requested: str, splits: list[str], splitting: dict | None = None) -> tuple[str, str | None]:
+    """The split to evaluate during training, and a warning, said before training, of what the data set lacks.
 
-    A dataset prepared before validation splits existed has none: it is evaluated on test, as it
-    was, with a warning that its figures are then tuned on the split they report."""
+    Without val (a data set prepared before validation splits existed, or too small to hold one out) it is
+    evaluated on test, with a warning that its figures are then tuned on the split they report; without
+    test the run ends without a test score, said at the start rather than found at the end; with neither
+    there is nothing to evaluate on, refused. `splitting`: the manifest's record of how splits were made,
+    whose reason for a split not made is quoted."""
+
+    def why(split: str) -> str:
+        how = (splitting or {}).get(split)
+        reason = getattr(how, "reason", None)
+        return f" ({reason})" if reason else ""
+
+    if "val" not in splits and "test" not in splits:
+        raise ConfigError(f"the dataset has only the splits {', '.join(splits)}: no validation or test split to "
+                          f"evaluate on{why('test')}. Prepare it again with more cases per class, or with a split "
+                          "of the source's own")
     if requested in splits:
-        return requested, None
+        return requested, None if "test" in splits else (
+            f"this dataset has no test split{why('test')}, so the run ends without a test score (summary.json's "
+            "test_accuracy is null); its figures are those of val")
     if requested == "val" and "test" in splits:
-        return "test", ("this dataset was prepared without a validation split, so training evaluates on test and "
-                        "every figure chosen by it is tuned on the data it reports; prepare it again with --force "
-                        "to hold 5,000 training samples out as one")
+        return "test", ("this dataset was prepared without a validation split" + why("val") + ", so training "
+                        "evaluates on test and every figure chosen by it is tuned on the data it reports; prepare it "
+                        "again with --force (and --val-size, a fraction or a count of training cases) to hold one out")
     raise ConfigError(f"eval.split is {requested}, but the dataset has the splits {', '.join(splits)}")

@@ -59,7 +59,7 @@ def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[st
         t.log(f"data.on_error=skip: the places of {skipped_samples} unreadable samples were taken by other samples "
               "of their windows; every step and every other sample kept its place")
     test = None
-    if state.step == t.total_steps:
+    if state.step == t.total_steps and "test" in t.manifest.splits:
         test = last if t.eval_split == "test" else t.evaluator_for("test")(t.shipped)
         t.sink.record(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
     card = {**t.model_card(), "wandb_run_id": t.tracker.run_id, "steps": state.step,
@@ -71,7 +71,8 @@ def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[st
                 t.eval_split)
     scores = (f"final {t.eval_split} accuracy {last.accuracy:.4f} (best {state.best_accuracy:.4f})"
               if last else "no evaluation yet")
-    scores += f", test accuracy {test.accuracy:.4f}" if test else ", test not scored until the run completes"
+    scores += (f", test accuracy {test.accuracy:.4f}" if test else ", no test split to score"
+               if "test" not in t.manifest.splits else ", test not scored until the run completes")
     if summary["completed"]:
         t.log(f"done: {state.step} steps, {scores}, {summary['wall_s']:.1f} s; outputs in {t.out}")
     else:

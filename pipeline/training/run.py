@@ -1,13 +1,13 @@
-"""One training run as a process sees it: the output_dir's lease, the peer watch and SIGTERM around
-the Trainer, and what each way of ending means for the exit code, the W&B run and the lease."""
+"""One training run as a process sees it: the output_dir's check and lease, the peer watch and SIGTERM
+around the Trainer, and what each way of ending means for the exit code, the W&B run and the lease."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 
 from pipeline.config import Config
 from pipeline.distributed.agreement import on_main
@@ -15,50 +15,69 @@ from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.distributed.lease import OutputLease
 from pipeline.distributed.peers import PeerWatch
 from pipeline.distributed.preemption import Preempted, StopSignal
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
+from pipeline.training import rundir
 from pipeline.training.accelerator import build_accelerator
+from pipeline.training.rundir import AlreadyComplete
 from pipeline.training.trainer import Trainer
 
 
-def take_output_lease(accelerator: Accelerator, cfg: Config, env: LaunchEnv) -> OutputLease | None:
-    """Collective: the main process takes output_dir's lease before anything is written there;
-    every rank learns whether it got it, so a refused run ends on all ranks at once."""
-    taken: list[OutputLease] = []
+def claim_output_dir(trainer: Trainer, resume: str | None, overwrite: bool,
+                     leases: list[OutputLease]) -> dict[str, Any] | None:
+    """Collective, once the run's length is known and before anything is written to output_dir: the main
+    process looks at what the directory holds (pipeline/training/rundir.py) and refuses it, or takes its
+    lease, marks it as this pipeline's run and, with --overwrite, clears the earlier run's outputs. Every
+    rank learns the outcome, so a refused run ends on all ranks alike. The lease goes into `leases`, for
+    the caller to give back however the run ends. Returns the summary of a finished run this start
+    resumes (the trainer stops there if no step is left), else None."""
+    cfg, out = trainer.cfg, Path(trainer.cfg.output_dir)
+    asked = (f"train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps is not None
+             else f"train.epochs={cfg.train.epochs} ({trainer.total_steps} steps)")
 
-    def take() -> None:
-        lease = OutputLease(cfg.output_dir, cfg.train.lease_timeout_s, env.job_identity())
+    def take() -> dict[str, Any] | None:
+        lease = OutputLease(out, cfg.train.lease_timeout_s, trainer.env.job_identity())
+        found = rundir.inspect(out)
+        lease.refuse_if_busy()  # a live run in there is named as such, whatever its files say
+        rundir.decide(found, resume, overwrite, trainer.total_steps, asked)
         warning = lease.acquire()
-        taken.append(lease)
+        leases.append(lease)
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
+        rundir.mark(out, replace=overwrite and found.kind == "run", log=trainer.log)
+        return found.summary if found.finished and resume else None
 
-    def unwritable(err: OSError) -> UserError:
-        return UserError(f"output_dir {cfg.output_dir} is not writable ({err.strerror or err}); choose another "
-                         "output_dir or fix its permissions or volume mount")
+    def unusable(err: OSError) -> UserError:
+        return UserError(f"output_dir {out} is not writable ({err.strerror or err}); choose another output_dir or fix "
+                         "its permissions or volume mount")
 
-    on_main(accelerator, take, unwritable)
-    return taken[0] if taken else None
+    return on_main(trainer.accelerator, take, unusable)
 
 
-def train(cfg: Config, resume: str | None = None, env: LaunchEnv | None = None) -> dict[str, Any]:
-    """Train to the end (or to train.stop_at_step, or a SIGTERM); returns the summary on the main process."""
+def train(cfg: Config, resume: str | None = None, env: LaunchEnv | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train to the end (or to train.stop_at_step, or a SIGTERM); returns the summary on the main process.
+    `overwrite` replaces a run already in output_dir (never files the pipeline did not write)."""
     env = env or LaunchEnv.from_environ()
+    if overwrite and resume:
+        raise ConfigError(f"--overwrite replaces the run in output_dir {cfg.output_dir} and --resume {resume} "
+                          "continues it: give one of them")
     accelerator = build_accelerator(cfg, env)
     trainer: Trainer | None = None
     watch = PeerWatch.start(accelerator, cfg.train.peer_timeout_s, lambda: where_it_stopped(trainer), env)
     stop = StopSignal()
-    lease, exit_code, preempted = None, 1, False
+    leases: list[OutputLease] = []
+    exit_code, preempted = 1, False
     try:
-        lease = take_output_lease(accelerator, cfg, env)
-        trainer = Trainer(cfg, resume, accelerator, env)
+        trainer = Trainer(cfg, resume, accelerator, env, claim=lambda t: claim_output_dir(t, resume, overwrite, leases))
         summary = trainer.run(stop)
         exit_code = 0
-        if watch is not None:
-            watch.stop(done=True)
-            watch.sign_off()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        _end_cleanly(watch)
         return summary
+    except AlreadyComplete as done:
+        if accelerator.is_main_process:
+            print(f"[train] {done}", flush=True)
+        exit_code = 0
+        _end_cleanly(watch)
+        return done.summary
     except Preempted as err:
         exit_code, preempted = err.exit_code, True
         raise
@@ -74,8 +93,17 @@ def train(cfg: Config, resume: str | None = None, env: LaunchEnv | None = None) 
         stop.restore()
         if trainer is not None:
             trainer.tracker.finish(exit_code, preempted=preempted)
-        if lease is not None:
+        for lease in leases:
             lease.release()
+
+
+def _end_cleanly(watch: PeerWatch | None) -> None:
+    """A run that succeeded: the peers sign off, then the process group goes."""
+    if watch is not None:
+        watch.stop(done=True)
+        watch.sign_off()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def where_it_stopped(trainer: Trainer | None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -45,6 +45,7 @@ from pipeline.training.loop import TrainingLoop
 from pipeline.training.metrics import MetricsSink, StepWindow
 from pipeline.training.optimizer import build_optimizer, build_scheduler
 from pipeline.training.outputs import MetricsLog, check_output_dir
+from pipeline.training.rundir import AlreadyComplete, complete_message
 from pipeline.training.step import StepParts
 
 
@@ -80,7 +81,10 @@ class Trainer:
     """Set-up in __init__ (data plan, model, optimizer, resume, tracker); run() trains and ends the run."""
 
     def __init__(self, cfg: Config, resume: str | None, accelerator: Accelerator | None = None,
-                 env: LaunchEnv | None = None):
+                 env: LaunchEnv | None = None, claim: Callable[[Trainer], dict[str, Any] | None] | None = None):
+        """`claim` (collective) runs once the run's length is known and before anything is written to
+        output_dir: it refuses the directory or takes it, and returns the summary of the finished run that
+        this start resumes, if it is one (pipeline/training/run.py)."""
         self.cfg = cfg
         self.env = env or LaunchEnv.from_environ()
         self.accelerator = accelerator = accelerator or build_accelerator(cfg, self.env)
@@ -90,6 +94,7 @@ class Trainer:
         self.device = accelerator.device
         self.rehearsal = cfg.train.gpu_rehearsal and self.device.type == "cuda"
         self._plan_data()
+        self.finished_run = claim(self) if claim is not None else None
         self._build_training(resume)
         self._build_outputs()
 
@@ -160,14 +165,23 @@ class Trainer:
         self.world_change: tuple[int, int] | None = None  # (world size that wrote the checkpoint, this one)
         self.resumed_from = self._restore(resume)
         self.state: TrainState = self.resumed_from[1] if self.resumed_from else TrainState()
+        self._stop_if_complete()
         if self.main:
             save_config(cfg, self.out / "config.yaml")
         self.batches = self._build_batches()
 
+    def _stop_if_complete(self) -> None:
+        """A finished run resumed at its end (the checkpoint has been checked against this config): nothing
+        to train. Stop before config.yaml, metrics.jsonl or the W&B run are touched, every rank alike."""
+        done = self.finished_run
+        reached = self.state.step if self.resumed_from else (done or {}).get("steps")
+        if done is not None and reached == self.total_steps:
+            raise AlreadyComplete(complete_message(self.out, done), done)
+
     def _build_outputs(self) -> None:
         """Evaluation, metrics, W&B and the progress bar."""
         cfg = self.cfg
-        self.eval_split, warning = eval_split(cfg.eval.split, list(self.manifest.splits))
+        self.eval_split, warning = eval_split(cfg.eval.split, list(self.manifest.splits), self.manifest.splitting)
         if warning and self.main:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         self.evaluator = self.evaluator_for(self.eval_split) if self.main else None

@@ -1,0 +1,46 @@
+"""A data set too small, or prepared, to lack a split: training says at the start what it lacks (no test
+score at the end), and refuses where there is nothing to evaluate on, quoting why the manifest says so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_py, train_run
+
+CONFIG = "configs/sequences.yaml"
+
+
+def _npz(path: Path, per_class: int) -> Path:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), per_class)
+    lengths = rng.integers(5, 12, len(labels))
+    np.savez(path, X=rng.normal(size=(int(lengths.sum()), 3)).astype(np.float32), lengths=lengths, y=labels)
+    return path
+
+
+def _prepared(tmp_path: Path, per_class: int, *flags: str) -> Path:
+    out = tmp_path / "data"
+    run_py("launch/prepare_data.py", "--from", str(_npz(tmp_path / "cases.npz", per_class)), "--out", str(out), *flags,
+           check=True)
+    return out
+
+
+@pytest.mark.slow
+def test_no_test_split_is_said_at_the_start_and_the_run_ends_without_a_test_score(tmp_path):
+    data = _prepared(tmp_path, 20, "--test-size", "0")
+    proc = train_run(tmp_path / "run", data, "train.min_steps=4", "train.epochs=1", "wandb.mode=disabled", config=CONFIG)
+    assert "warning: this dataset has no test split" in proc.stderr, proc.stderr
+    assert "no test split to score" in proc.stdout and "Traceback" not in proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["completed"] and summary["test_accuracy"] is None and (tmp_path / "run" / "model").is_dir()
+
+
+def test_nothing_to_evaluate_on_is_refused_with_the_manifests_reason(tmp_path):
+    data = _prepared(tmp_path, 1)  # one case per class: neither test nor val can be held out
+    assert set(json.loads((data / "manifest.json").read_text())["splits"]) == {"train"}
+    proc = train_run(tmp_path / "run", data, "wandb.mode=disabled", config=CONFIG, check=False)
+    assert proc.returncode == 2 and "no validation or test split to evaluate on" in proc.stderr, proc.stderr
+    assert "no case could be held out" in proc.stderr and "Traceback" not in proc.stderr
