@@ -15,29 +15,21 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
 
-# Run as a script: import the repository's packages, not benchmarks/ siblings shadowing top-level names.
-_ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "benchmarks":
-    sys.path[0] = str(_ROOT)
-elif str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from benchmarks.common import PY, ROOT, run_checked, say, table  # noqa: E402
-from pipeline.data import canonical, order  # noqa: E402
-from pipeline.data.augment import Augment  # noqa: E402
-from pipeline.data.manifest import load_manifest  # noqa: E402
-from pipeline.data.order import BatchLayout  # noqa: E402
-from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, load_split_arrays  # noqa: E402
-from pipeline.training.batches import StreamBatches  # noqa: E402
+from benchmarks.common import PY, ROOT, run_checked, say, table
+from pipeline.data import canonical, order
+from pipeline.data.augment import Augment
+from pipeline.data.manifest import load_manifest
+from pipeline.data.order import BatchLayout
+from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, load_split_arrays
+from pipeline.training.batches import StreamBatches
 
 GLOBAL, MICRO, SEED, WINDOW = 256, 32, 0, 4096
 

@@ -22,32 +22,24 @@ such (a lower bound) rather than timed for minutes.
 
 from __future__ import annotations
 
+import argparse
+import json
+import multiprocessing
 import sys
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-# Run as a script: import the repository's packages, not benchmarks/ siblings shadowing top-level names.
-_ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "benchmarks":
-    sys.path[0] = str(_ROOT)
-elif str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from benchmarks.common import ROOT, median, say, table
+from pipeline.config import ModelConfig
+from pipeline.model import LENGTH_MODES, SequenceClassifier
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchmarks.common import median, say, table  # noqa: E402
-from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.model import LENGTH_MODES, SequenceClassifier  # noqa: E402
-
-FSDD = _ROOT / "data" / "examples" / "fsdd" / "digits.npz"
+FSDD = ROOT / "data" / "examples" / "fsdd" / "digits.npz"
 HIDDEN = 128
 PROBE_STEPS = 256  # CPU batches longer than this get their first step probed in a child with a timeout
 CLASSES = 10
@@ -207,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     if not FSDD.is_file():
-        say(f"{FSDD.relative_to(_ROOT)} is missing (make examples): FSDD lengths drawn uniformly from 6-92 instead")
+        say(f"{FSDD.relative_to(ROOT)} is missing (make examples): FSDD lengths drawn uniformly from 6-92 instead")
     device = torch.device(args.device)
     results = []
     # Kept and reported: on a GPU, a per-direction call that made cuDNN copy its weights would warn here.
@@ -226,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"))
     if args.out:
         meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__, "seed": args.seed,
-                "fsdd_lengths": FSDD.relative_to(_ROOT).as_posix() if FSDD.is_file() else "uniform 6-92 stand-in",
+                "fsdd_lengths": FSDD.relative_to(ROOT).as_posix() if FSDD.is_file() else "uniform 6-92 stand-in",
                 "warnings": seen}
         Path(args.out).write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
     return 0

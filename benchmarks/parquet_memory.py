@@ -19,26 +19,18 @@ generating 2 GB would set every child's figure.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
-# Run as a script: import the repository's packages, not benchmarks/ siblings shadowing top-level names.
-_ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "benchmarks":
-    sys.path[0] = str(_ROOT)
-elif str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-from benchmarks.common import PY, ROOT, env_for_children, say, table  # noqa: E402
+from benchmarks.common import PY, ROOT, env_for_children, say, table
 
 CHANNELS = 16
 CLASSES = 10

@@ -3,7 +3,7 @@ process, so a second `Accelerator(mixed_precision=...)` in the same process rais
 batch size: the in-memory floor on the device, then our trainer (configs/fashion_mnist.yaml),
 and their ratio. Both use fused AdamW, the trainer's sync-free step; the trainer draws its batches
 with `data.placement=auto` (resident where the split fits; the config pins the stream for its
-CPU accuracy figure). Writes one JSON file; benchmarks/cuda.py runs one of these per precision.
+CPU accuracy figure). Writes one JSON file; benchmarks/precision.py runs one of these per precision.
 
     python benchmarks/precision_sweep.py --device cuda --precision bf16 --data DIR --work DIR --out sweep-bf16.json
 """
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import throughput  # noqa: E402
-from benchmarks.common import ROOT, say  # noqa: E402
+from benchmarks import throughput
+from benchmarks.common import ROOT, say
 
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 SHARED = ["optim.fused=true"]

@@ -18,22 +18,14 @@ Sections (--quick runs 1 and 2 with fewer repetitions, in under 3 minutes on 2 C
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-# Run as a script: import the repository's packages, not benchmarks/ siblings shadowing top-level names.
-_ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "benchmarks":
-    sys.path[0] = str(_ROOT)
-elif str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 SECTIONS = ("loader", "throughput", "tta", "scaling", "profile", "precision")
 GOALS = {
@@ -199,11 +191,11 @@ def main(argv=None) -> int:
               f"--out {args.data}", file=sys.stderr)
         return 2
     if args.device == "cuda":
-        from benchmarks import cuda
+        from benchmarks import precision
 
         try:
-            cuda.require_cuda()
-        except cuda.NoCuda as err:
+            precision.require_cuda()
+        except precision.NoCuda as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     default_sections = ("loader", "throughput") if args.quick else SECTIONS[:-1]
@@ -253,9 +245,9 @@ def main(argv=None) -> int:
 
             results["profile"] = stepprofile.run(data, work, args.profile_steps)
         if "precision" in sections:
-            from benchmarks import cuda, loader
+            from benchmarks import loader, precision
 
-            results[args.device] = cuda.run(data, work, args.quick, steps, args.tta_timeout, args.device,
+            results[args.device] = precision.run(data, work, args.quick, steps, args.tta_timeout, args.device,
                                             loader.torchvision_root(work / "torchvision"))
     results["seconds"] = time.perf_counter() - started
     results["load_average_end"] = [round(v, 2) for v in os.getloadavg()]

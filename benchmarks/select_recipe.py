@@ -24,30 +24,23 @@ validation figure, so a time-boxed machine still returns what it learned.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "benchmarks":
-    sys.path[0] = str(_ROOT)
-elif str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+import yaml
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import yaml  # noqa: E402
-
-from benchmarks.common import PY, ROOT, env_for_children, read_events, say, stop_processes, table  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
+from benchmarks.common import PY, ROOT, env_for_children, read_events, say, stop_processes, table
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 
 
 @dataclass

@@ -17,39 +17,23 @@ Packed against masked LSTMs per step is benchmarks/packed_vs_masked.py.
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# Run as a script: import the repository's packages, not benchmarks/ siblings shadowing top-level names.
-_ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "benchmarks":
-    sys.path[0] = str(_ROOT)
-elif str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchmarks.common import ROOT, median, say, table  # noqa: E402
-from benchmarks.throughput import _cfg, ours_once  # noqa: E402
+from benchmarks.common import ROOT, median, say, table
+from benchmarks.throughput import bench_config, ours_once
 
 CONFIG = ROOT / "configs" / "sequences.yaml"
 # Evaluation once at the very end (outside the measured windows), the split resident on the device.
 MEASURED = ["eval.every_epochs=null", "train.min_steps=null", "data.placement=device"]
-
-
-def epoch_sequence(manifest, lengths: np.ndarray, layout, seed: int, window: int, epoch: int, buckets: bool) -> np.ndarray:
-    """The trainer's order of one epoch (positions in the split): the plan ResidentBatches asks."""
-    from pipeline.data.stream import EpochPlan
-
-    sizes = [s.num_samples for s in manifest.split("train").shards]
-    return EpochPlan.make(manifest, "train", layout, seed, window, buckets).sequence(sizes, lengths, epoch)
 
 
 class SequenceFloor:
@@ -57,20 +41,23 @@ class SequenceFloor:
     with no loader, no Accelerate, no logging, no checkpoints."""
 
     def __init__(self, data_dir: Path, batch: int, steps: int, buckets: bool = True):
+        from pipeline.data import canonical
         from pipeline.data.manifest import load_manifest
         from pipeline.data.order import BatchLayout
         from pipeline.data.stream import ShardSource, load_split_arrays
         from pipeline.inputs import InputScale
 
         manifest = load_manifest(data_dir)
+        sizes = [s.num_samples for s in manifest.split("train").shards]
         x, lengths, y, _ = load_split_arrays(manifest, ShardSource(str(data_dir)), "train")
-        cfg = _cfg(CONFIG, data_dir, Path("unused"), batch, steps, steps, MEASURED)
+        cfg = bench_config(CONFIG, data_dir, Path("unused"), batch, steps, steps, MEASURED)
         layout = BatchLayout.make(batch, batch, 1)
         scale, device = InputScale.for_data(manifest), torch.device("cpu")
         self.batches = []
         epoch = 0
         while len(self.batches) < steps:
-            sequence = epoch_sequence(manifest, lengths, layout, cfg.train.seed, cfg.data.shuffle_buffer, epoch, buckets)
+            sequence = canonical.epoch_sequence(sizes, lengths if buckets else None, cfg.train.seed, epoch,
+                                                cfg.data.shuffle_buffer, layout, cfg.data.canonical_streams)
             for lo in range(0, len(sequence) // batch * batch, batch):
                 rows = sequence[lo:lo + batch]
                 longest = int(lengths[rows].max())
@@ -84,7 +71,7 @@ class SequenceFloor:
         from pipeline.training.optimizer import build_optimizer, build_scheduler
         from pipeline.training.trainer import auto_frame
 
-        cfg = _cfg(CONFIG, self.data_dir, Path("unused"), batch, warm_steps + steps, warm_steps, MEASURED)
+        cfg = bench_config(CONFIG, self.data_dir, Path("unused"), batch, warm_steps + steps, warm_steps, MEASURED)
         cfg.model.frame = auto_frame(self.manifest.split("train").lengths.median)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.manifest.features, self.manifest.num_classes)
@@ -120,18 +107,21 @@ def floor_section(data_dir: Path, work: Path, batch: int, reps: int, warm: int, 
 def waste(data_dir: Path, batch: int, epochs: int = 5) -> dict:
     """Padding waste per epoch for `epochs` epochs, buckets against random micro-batches (no training)."""
     from pipeline.config import load_config
+    from pipeline.data import canonical
     from pipeline.data.manifest import load_manifest
     from pipeline.data.order import BatchLayout, epoch_padding_waste
     from pipeline.data.stream import ShardSource, load_split_arrays
 
     manifest = load_manifest(data_dir)
+    sizes = [s.num_samples for s in manifest.split("train").shards]
     _, lengths, _, _ = load_split_arrays(manifest, ShardSource(str(data_dir)), "train")
     cfg = load_config(CONFIG)
     layout = BatchLayout.make(batch, batch, 1)
     out = {}
     for buckets in (True, False):
-        per_epoch = [epoch_padding_waste(epoch_sequence(manifest, lengths, layout, cfg.train.seed, cfg.data.shuffle_buffer,
-                                                        e, buckets), lengths, layout) for e in range(epochs)]
+        per_epoch = [epoch_padding_waste(canonical.epoch_sequence(sizes, lengths if buckets else None, cfg.train.seed, e,
+                                                                  cfg.data.shuffle_buffer, layout, cfg.data.canonical_streams),
+                                         lengths, layout) for e in range(epochs)]
         out["buckets" if buckets else "random"] = round(float(np.mean(per_epoch)), 4)
     t = manifest.split("train").lengths
     return {"dataset": manifest.dataset, "train_cases": manifest.split("train").num_samples,

@@ -28,10 +28,11 @@ CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 
 def _timed_pieces(cfg, steps: int) -> tuple[dict, dict]:
     """Seconds and calls of each public piece of a Trainer over `steps` steps."""
+    from pipeline.distributed.launch_env import LaunchEnv
     from pipeline.training.step import train_step
     from pipeline.training.trainer import Trainer
 
-    trainer = Trainer(cfg, None)
+    trainer = Trainer(cfg, None, LaunchEnv())  # one process
     seconds, calls = defaultdict(float), defaultdict(int)
 
     def timed(name, fn, *args):
@@ -65,6 +66,7 @@ def _timed_pieces(cfg, steps: int) -> tuple[dict, dict]:
 
 def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
     from pipeline.config import load_config
+    from pipeline.distributed.launch_env import LaunchEnv
     from pipeline.training.run import train
 
     base = load_config(CONFIG, [f"data.dir={data_dir}"])
@@ -78,7 +80,7 @@ def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
                                           "wandb.mode=disabled", "train.progress_bar=false"])
     with quiet(work / "profile-trainer.log"):
         start = time.perf_counter()
-        summary = train(cfgs["profile-trainer"])
+        summary = train(cfgs["profile-trainer"], LaunchEnv())  # one process
         wall = time.perf_counter() - start
         seconds, calls = _timed_pieces(cfgs["profile-pieces"], steps)
     cfg = cfgs["profile-trainer"]
@@ -111,6 +113,7 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     from pipeline.data.manifest import load_manifest
     from pipeline.data.order import BatchLayout
     from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
+    from pipeline.distributed.launch_env import LaunchEnv
     from pipeline.inputs import IMAGES
     from pipeline.model import build_model
     from pipeline.training.accelerator import build_accelerator
@@ -118,7 +121,7 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     from pipeline.training.optimizer import build_optimizer, build_scheduler
 
     cfg = load_config(CONFIG, [f"data.dir={data_dir}", "output_dir=unused"])
-    accelerator = build_accelerator(cfg)
+    accelerator = build_accelerator(cfg, LaunchEnv())  # one process
     manifest = load_manifest(data_dir)
     layout = BatchLayout.make(cfg.train.batch_size, cfg.train.batch_size, 1)
     plan = EpochPlan.make(manifest, "train", layout, 0, cfg.data.shuffle_buffer)

@@ -26,7 +26,7 @@ from benchmarks.common import ROOT, median, quiet, say
 CONFIG = ROOT / "configs" / "cpu_test.yaml"
 
 
-def _cfg(config: Path, data_dir: Path, out: Path, batch: int, total_steps: int, log_every: int, extra: list[str] = ()):
+def bench_config(config: Path, data_dir: Path, out: Path, batch: int, total_steps: int, log_every: int, extra: list[str] = ()):
     from pipeline.config import load_config
 
     return load_config(config, [
@@ -38,13 +38,14 @@ def _cfg(config: Path, data_dir: Path, out: Path, batch: int, total_steps: int, 
 
 
 def ours_once(data_dir: Path, work: Path, batch: int, warm_steps: int, steps: int, config: Path = CONFIG, extra=()) -> dict:
+    from pipeline.distributed.launch_env import LaunchEnv
     from pipeline.training.run import train
 
     out = work / f"ours-b{batch}"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = _cfg(config, data_dir, out, batch, warm_steps + steps, warm_steps, list(extra))
+    cfg = bench_config(config, data_dir, out, batch, warm_steps + steps, warm_steps, list(extra))
     with quiet(work / "trainer.log"):
-        summary = train(cfg)
+        summary = train(cfg, LaunchEnv())  # one process
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     windows = [e for e in events if "train/samples_per_s" in e and e["step"] > warm_steps]
     samples = seconds = 0.0
@@ -84,7 +85,7 @@ class Floor:
         from pipeline.model import build_model
         from pipeline.training.optimizer import build_optimizer, build_scheduler
 
-        cfg = _cfg(self.config, data_dir, Path("unused"), batch, warm_steps + steps, warm_steps, self.extra)
+        cfg = bench_config(self.config, data_dir, Path("unused"), batch, warm_steps + steps, warm_steps, self.extra)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.features, self.num_classes).to(self.device)
         model.train()

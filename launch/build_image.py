@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.errors import run_cli
+from pipeline.cli import run_cli
 
 
 def main() -> int:

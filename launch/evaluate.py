@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.errors import run_cli
+from pipeline.cli import run_cli
 
 
 def parse_args() -> argparse.Namespace:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.errors import run_cli
+from pipeline.cli import run_cli
 
 if __name__ == "__main__":
     from pipeline.distributed.launcher import run_node

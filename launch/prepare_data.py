@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.cli import run_cli
 from pipeline.data import prepare_cli
-from pipeline.errors import run_cli
 
 
 def parse_args() -> argparse.Namespace:

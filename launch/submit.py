@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.errors import run_cli
+from pipeline.cli import run_cli
 from pipeline.kube.spec import FORMATS
 
 ACTIONS = ("status", "logs", "delete")

@@ -155,9 +155,10 @@ def train_in_process(out: Path, shards: Path, *overrides: str, resume: str | Non
     import json
 
     from pipeline.config import load_config
+    from pipeline.distributed.launch_env import LaunchEnv
     from pipeline.training.run import train
 
     cfg = load_config(ROOT / config, [f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false",
                                       "train.device=cpu", "wandb.mode=disabled", *overrides])
-    train(cfg, resume=resume)
+    train(cfg, LaunchEnv(), resume=resume)  # one process: the launch a plain `python` start reads
     return json.loads((out / "summary.json").read_text())

@@ -46,7 +46,7 @@ results = {
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:  # one file each: two ranks' prints can interleave
     json.dump(results, f)
 acc.wait_for_everyone()
-os._exit(0)  # as errors.leave does: torch's teardown of a gloo group held by a live interpreter can abort
+os._exit(0)  # as cli.leave does: torch's teardown of a gloo group held by a live interpreter can abort
 """
 
 

@@ -3,10 +3,34 @@ positive values. No timing is asserted (the numbers depend on the machine and it
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import run_py
+from conftest import ROOT, run_py
+
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+
+
+def test_no_benchmark_shadows_a_module_the_others_import():
+    """`python benchmarks/NAME.py` puts benchmarks/ first on sys.path, so no file there may share its
+    name with a top-level module (benchmarks/cuda.py once hid cuda-python's `cuda` package from torch)."""
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() not in (BENCHMARKS, ROOT)]
+    clashes = [p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "__init__"
+               and (p.stem in sys.stdlib_module_names or importlib.machinery.PathFinder.find_spec(p.stem, elsewhere))]
+    assert clashes == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_starts_as_a_script_without_a_path_shim(script):
+    """The benchmarks import `benchmarks` and `pipeline` as the installed packages they are
+    (pyproject.toml), so no script edits sys.path, and each starts as the docs write it."""
+    assert "sys.path" not in (BENCHMARKS / script).read_text()
+    proc = run_py(f"benchmarks/{script}", "--help", timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.slow

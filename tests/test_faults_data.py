@@ -39,10 +39,10 @@ def _break_header_mid_shard(path: Path) -> None:
 
 def _first_shard_of_epoch0_damaged(data: Path) -> str:
     """The shard epoch 0 reads first (seed 0, data.shuffle_buffer 4096), damaged mid-way: every rank reads it."""
-    from pipeline.data import order
+    from pipeline.data import canonical
 
     sizes = [s.num_samples for s in mf.load_manifest(data).split("train").shards]
-    first = order.windows(sizes, 0, 0, 4096)[0][0]
+    first = canonical.epoch_units(sizes, 0, 0, 4096, 1)[0].pieces[0][0]
     name = f"train-{first:05d}.tar"
     _break_header_mid_shard(data / "train" / name)
     return name
@@ -110,7 +110,8 @@ def test_manifest_problems_refused(tmp_path, fashion_shards):
     m.fingerprint = mf.fingerprint(m)
     mf.write_manifest(m, data)
     proc = train_run(tmp_path / "b", data, *SHORT, check=False)
-    assert proc.returncode == 1 and "no split 'test'" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "the test split is recorded as made (source)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "b" / "checkpoints").exists(), "refused before training"
 
 
 @pytest.mark.parametrize("url", ["../../../../etc/hostname", "/etc/hostname", "file:///etc/hostname",

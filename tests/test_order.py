@@ -77,22 +77,29 @@ def test_an_epoch_uses_every_sample_once_but_its_last_partial_global_batch(refer
     n = load_manifest(fashion_shards).split("train").num_samples
     assert ids.shape == (n // GLOBAL, GLOBAL)
     assert len(np.unique(ids)) == ids.size == n - n % GLOBAL
-    sizes = [s.num_samples for s in load_manifest(fashion_shards).split("train").shards]
-    sequence = order.epoch_order(sizes, SEED, 1, WINDOW)
+    manifest = load_manifest(fashion_shards)
+    sizes = [s.num_samples for s in manifest.split("train").shards]
+    sequence = canonical.epoch_sequence(sizes, None, SEED, 1, WINDOW, BatchLayout(GLOBAL, MICRO, 1))
     assert sorted(sequence.tolist()) == list(range(n))  # the whole split, each position once
+    every_id = np.concatenate([b.ids for s in manifest.split("train").shards
+                               for b in read_blocks(ShardSource(str(fashion_shards)), s)])
+    np.testing.assert_array_equal(ids.ravel(), every_id[sequence[:ids.size]])  # the stream trains this order
 
 
 def test_epochs_and_seeds_reorder_and_the_order_is_a_pure_function(fashion_shards):
     sizes = [s.num_samples for s in load_manifest(fashion_shards).split("train").shards]
-    first = order.epoch_order(sizes, SEED, 0, WINDOW)
-    np.testing.assert_array_equal(first, order.epoch_order(sizes, SEED, 0, WINDOW))
-    assert not np.array_equal(first, order.epoch_order(sizes, SEED, 1, WINDOW))
-    assert not np.array_equal(first, order.epoch_order(sizes, SEED + 1, 0, WINDOW))
+    layout = BatchLayout(GLOBAL, MICRO, 1)
+    first = canonical.epoch_sequence(sizes, None, SEED, 0, WINDOW, layout)
+    np.testing.assert_array_equal(first, canonical.epoch_sequence(list(sizes), None, SEED, 0, WINDOW, layout))
+    assert not np.array_equal(first, canonical.epoch_sequence(sizes, None, SEED, 1, WINDOW, layout))
+    assert not np.array_equal(first, canonical.epoch_sequence(sizes, None, SEED + 1, 0, WINDOW, layout))
     # Within a window too, not only by regrouping the shards into other windows.
     within = [order.window_permutation(SEED, epoch, 0, 4096) for epoch in (0, 1)]
     assert not np.array_equal(*within) and sorted(within[1]) == list(range(4096))
-    windows = order.windows(sizes, SEED, 0, WINDOW)
-    assert sorted(s for w in windows for s in w) == list(range(len(sizes)))
+    units = canonical.epoch_units(sizes, SEED, 0, WINDOW, 1)
+    assert all(a == 0 and b == sizes[shard] for unit in units for shard, a, b in unit.pieces)
+    windows = [[shard for shard, _, _ in unit.pieces] for unit in units]
+    assert sorted(s for w in windows for s in w) == list(range(len(sizes)))  # one stream: whole shards, each once
     assert all(sum(sizes[s] for s in w) >= WINDOW for w in windows[:-1])  # the bounded shuffle is at least that wide
 
 
@@ -122,7 +129,7 @@ def test_a_rank_s_micro_batches_tile_the_global_batch():
     assert covered == list(range(3 * 256, 4 * 256))
     positions = np.arange(3 * 256, 4 * 256)
     for r in range(2):
-        mine = positions[order.rank_mask(positions, layout, r)]
+        mine = positions[canonical.rank_keeps(layout, 1, 0, positions, r)]
         expected = np.concatenate([np.arange(*order.micro_positions(layout, r, 3, a).indices(10**6))
                                    for a in range(layout.accumulation)])
         np.testing.assert_array_equal(mine, expected)  # the stream's mask and the resident slices agree

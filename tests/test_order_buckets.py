@@ -1,5 +1,6 @@
-"""Length-bucketed order (order.py): each micro-batch holds samples of similar length, and it is still
-one global order, a pure function of the data's shard sizes and lengths, whatever the world size.
+"""Length-bucketed order (order.bucketed_window_permutation, in canonical.epoch_sequence): each
+micro-batch holds samples of similar length, and it is still one global order, a pure function of
+the data's shard sizes and lengths, whatever the world size.
 
 Pure numpy, no data read but the real FSDD lengths (3000 spoken digits, 6..92 frames).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data import order
+from pipeline.data import canonical, order
 from pipeline.data.order import BatchLayout
 
 SEED, EPOCH = 7, 3
@@ -21,14 +22,14 @@ def _random_split(rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
     return sizes, rng.integers(1, rng.integers(2, 40), sum(sizes))
 
 
-def _window_spans(sizes: list[int], seed: int, epoch: int, window: int) -> list[tuple[list[int], int, int]]:
-    """(shards, first, end sequence position) of each of the epoch's windows."""
-    spans, lo = [], 0
-    for shards in order.windows(sizes, seed, epoch, window):
-        hi = lo + sum(sizes[s] for s in shards)
-        spans.append((shards, lo, hi))
-        lo = hi
-    return spans
+def _sequence(sizes: list[int], lengths: np.ndarray | None, seed: int, epoch: int, window: int, micro: int) -> np.ndarray:
+    """The epoch's order (one canonical stream), bucketed by `lengths` unless None."""
+    return canonical.epoch_sequence(sizes, lengths, seed, epoch, window, BatchLayout(micro, micro, 1))
+
+
+def _window_spans(sizes: list[int], seed: int, epoch: int, window: int) -> list[tuple[int, int]]:
+    """(first, end sequence position) of each of the epoch's windows."""
+    return [(unit.lo, unit.lo + unit.size) for unit in canonical.epoch_units(sizes, seed, epoch, window, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,11 @@ def test_a_bucketed_epoch_keeps_every_window_s_samples_and_uses_every_sample_onc
     for _ in range(30):
         sizes, lengths = _random_split(rng)
         window = int(rng.integers(1, 300))
-        seq = order.bucketed_epoch_order(sizes, lengths, SEED, EPOCH, window, micro)
-        plain = order.epoch_order(sizes, SEED, EPOCH, window)
+        seq = _sequence(sizes, lengths, SEED, EPOCH, window, micro)
+        plain = _sequence(sizes, None, SEED, EPOCH, window, micro)
         assert np.array_equal(np.sort(seq), np.arange(sum(sizes)))
         # Bucketing only rearranges inside a window: the stream still reads window by window.
-        for _, lo, hi in _window_spans(sizes, SEED, EPOCH, window):
+        for lo, hi in _window_spans(sizes, SEED, EPOCH, window):
             assert np.array_equal(np.sort(seq[lo:hi]), np.sort(plain[lo:hi]))
 
 
@@ -84,13 +85,13 @@ def test_the_bucketed_order_is_a_pure_function_of_seed_and_epoch():
     rng = np.random.default_rng(0)
     sizes = rng.integers(50, 120, 10).tolist()
     lengths = rng.integers(5, 90, sum(sizes))
-    first = order.bucketed_epoch_order(sizes, lengths, SEED, EPOCH, 256, 16)
-    assert np.array_equal(first, order.bucketed_epoch_order(list(sizes), lengths.copy(), SEED, EPOCH, 256, 16))
-    assert not np.array_equal(first, order.bucketed_epoch_order(sizes, lengths, SEED + 1, EPOCH, 256, 16))
-    assert not np.array_equal(first, order.bucketed_epoch_order(sizes, lengths, SEED, EPOCH + 1, 256, 16))
+    first = _sequence(sizes, lengths, SEED, EPOCH, 256, 16)
+    assert np.array_equal(first, _sequence(list(sizes), lengths.copy(), SEED, EPOCH, 256, 16))
+    assert not np.array_equal(first, _sequence(sizes, lengths, SEED + 1, EPOCH, 256, 16))
+    assert not np.array_equal(first, _sequence(sizes, lengths, SEED, EPOCH + 1, 256, 16))
     # The chunks themselves change with the seed, not only their places: other micro-batches each epoch.
     chunks = {frozenset(c.tolist()) for c in first[:len(first) // 16 * 16].reshape(-1, 16)}
-    other = order.bucketed_epoch_order(sizes, lengths, SEED, EPOCH + 1, 256, 16)
+    other = _sequence(sizes, lengths, SEED, EPOCH + 1, 256, 16)
     assert chunks != {frozenset(c.tolist()) for c in other[:len(other) // 16 * 16].reshape(-1, 16)}
 
 
@@ -99,20 +100,19 @@ def test_with_all_lengths_equal_the_bucketed_order_is_the_published_one():
     for micro in (1, 16, 64):
         sizes, _ = _random_split(rng)
         same = np.full(sum(sizes), 17)
-        assert np.array_equal(order.bucketed_epoch_order(sizes, same, SEED, EPOCH, 100, micro),
-                              order.epoch_order(sizes, SEED, EPOCH, 100))
+        assert np.array_equal(_sequence(sizes, same, SEED, EPOCH, 100, micro), _sequence(sizes, None, SEED, EPOCH, 100, micro))
 
 
 def test_the_micro_batches_are_the_same_at_every_world_size_for_stream_and_resident():
     """W=1 x A=4, W=2 x A=2, W=4 x A=1: the same chunks, as ordered lists, from the resident path
     (the epoch's sequence, then micro_positions) and from the stream's (per window: the bucketed
-    permutation, then rank_mask's positions). The order takes no world size at all."""
+    permutation, then the rank's positions, canonical.rank_keeps). The order takes no world size at all."""
     rng = np.random.default_rng(2)
     sizes, window, micro, global_batch = rng.integers(30, 200, 14).tolist(), 333, 16, 64
     lengths = rng.integers(3, 95, sum(sizes))
-    seq = order.bucketed_epoch_order(sizes, lengths, SEED, EPOCH, window, micro)
+    seq = canonical.epoch_sequence(sizes, lengths, SEED, EPOCH, window, BatchLayout(global_batch, micro, 1))
     offsets = order.shard_offsets(sizes)
-    steps = order.steps_in_epoch(len(seq), global_batch)
+    steps = canonical.steps_in_epoch(len(seq), global_batch)
     seen = []
     for world in (1, 2, 4):
         layout = BatchLayout.make(global_batch, micro, world)
@@ -125,11 +125,11 @@ def test_the_micro_batches_are_the_same_at_every_world_size_for_stream_and_resid
                     chunks[(step, order.chunk_index(layout, rank, a))] = rows.tolist()
                     resident.append(rows)
             streamed = []
-            for index, (shards, lo, hi) in enumerate(_window_spans(sizes, SEED, EPOCH, window)):
-                positions = np.arange(lo, hi)
-                keep = order.rank_mask(positions, layout, rank) & (positions < steps * global_batch)
-                members = np.concatenate([np.arange(offsets[s], offsets[s] + sizes[s]) for s in shards])
-                streamed.append(members[order.bucketed_window_permutation(lengths[members], SEED, EPOCH, index, lo, micro)][keep])
+            for unit in canonical.epoch_units(sizes, SEED, EPOCH, window, 1):
+                positions = np.arange(unit.lo, unit.lo + unit.size)
+                keep = canonical.rank_keeps(layout, 1, 0, positions, rank) & (positions < steps * global_batch)
+                members = canonical.unit_members(unit, offsets)
+                streamed.append(members[canonical.unit_permutation(unit, lengths[members], SEED, EPOCH, micro)][keep])
             assert np.array_equal(np.concatenate(streamed), np.concatenate(resident))
         assert len(chunks) == steps * layout.chunks
         seen.append(chunks)
@@ -142,8 +142,7 @@ def _waste(sizes, lengths, micro, bucketed: bool) -> list[float]:
     out = []
     for seed in range(3):
         for epoch in range(3):
-            seq = (order.bucketed_epoch_order(sizes, lengths, seed, epoch, 1024, micro) if bucketed
-                   else order.epoch_order(sizes, seed, epoch, 1024))
+            seq = _sequence(sizes, lengths if bucketed else None, seed, epoch, 1024, micro)
             out.append(order.epoch_padding_waste(seq, lengths, layout))
     return out
 

@@ -24,10 +24,11 @@ from pipeline.training.evaluation import evaluate
 DTYPE_PROBE = """
 import json, sys
 from pipeline.config import load_config
+from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.training.trainer import Trainer
 from pipeline.training.step import train_step
 cfg = load_config("configs/cpu_test.yaml", sys.argv[1:])
-trainer = Trainer(cfg, None)
+trainer = Trainer(cfg, None, LaunchEnv.from_environ())
 model = trainer.accelerator.unwrap_model(trainer.parts.model)
 seen = {}
 def record(name):
@@ -226,9 +227,10 @@ ALLREDUCE_PROBE = """
 import sys, torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from pipeline.config import load_config
+from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.training.trainer import Trainer
 from pipeline.training.step import train_step
-trainer = Trainer(load_config("configs/cpu_test.yaml", sys.argv[1:]), None)
+trainer = Trainer(load_config("configs/cpu_test.yaml", sys.argv[1:]), None, LaunchEnv.from_environ())
 calls = [0]
 def counting(state, bucket):
     calls[0] += 1

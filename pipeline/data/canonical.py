@@ -1,14 +1,21 @@
-"""Canonical streams: the epoch's samples cut into S streams, so that a rank reads only its share.
+"""The epoch's order of samples, in one implementation (`epoch_sequence`): one global sequence per
+epoch, whatever the world size, cut into S canonical streams so that a rank reads only its share.
 
-Pure functions, like order.py, whose order they generalise (S = 1 is exactly order.py's):
-1. the shards are permuted as order.py permutes them (`order.shard_permutation`);
-2. that run of samples, shard after shard, is cut into S contiguous streams of nearly equal size
-   (split positions, so a shard at a boundary is shared by two streams as two pieces);
-3. each stream forms its own windows of at least `window` samples from its pieces, numbered
-   across streams (stream 0's first), and permutes each window by its number (order.py's
-   permutation, or its length-bucketed one, on the stream's own grid of micro-batches);
-4. global batch k takes G/S consecutive samples of every stream: micro-batch (chunk) c of the
-   global batch comes from stream c mod S, its (c div S)-th run of m in that slice.
+Pure functions of the shard sizes (and, bucketed, the lengths), the seed, the epoch and the batch
+layout, put together from order.py's parts. With S = 1 (the default) it is the plain order:
+1. the shards are permuted with a generator seeded by (seed, epoch) (`order.shard_permutation`);
+2. consecutive shards of that permutation form windows of at least `window` samples
+   (`data.shuffle_buffer`, `order.group_windows`), numbered in reading order;
+3. each window's samples are permuted with a generator seeded by (seed, epoch, window number)
+   (`order.window_permutation`), or laid out by length (`order.bucketed_window_permutation`);
+4. global batch k is positions [kG, (k+1)G) of that sequence; the last, partial one is dropped.
+
+With S streams, the run of samples of step 1, shard after shard, is cut into S contiguous
+streams of nearly equal size (split positions, so a shard at a boundary is shared by two streams
+as two pieces); each stream forms its own windows from its pieces (step 2, numbered across
+streams, stream 0's first) and permutes each by its number (step 3, on the stream's own grid of
+micro-batches); global batch k takes G/S consecutive samples of every stream: micro-batch
+(chunk) c of the global batch comes from stream c mod S, its (c div S)-th run of m in that slice.
 
 Rank r computes chunks a*W + r (order.py), so it reads streams (a*W + r) mod S: when W divides S,
 only S/W of them. The global batches depend on S and never on W (the chunks' assignment to
@@ -53,14 +60,14 @@ def stream_bounds(total: int, streams: int) -> np.ndarray:
 
 
 def steps_in_epoch(num_samples: int, global_batch: int, streams: int = 1) -> int:
-    """Whole global batches every stream can fill (S = 1: order.steps_in_epoch)."""
-    if streams == 1:
-        return order.steps_in_epoch(num_samples, global_batch)
+    """Whole global batches every stream can fill (each gives a global batch G / S samples): with one
+    stream, N div G. ConfigError when not one fits."""
     shortest = int(np.diff(stream_bounds(num_samples, streams)).min())
     steps = shortest // (global_batch // streams)
     if steps == 0:
+        where = "" if streams == 1 else f" in {streams} canonical streams"
         raise ConfigError(f"train.global_batch_size {global_batch} is larger than the train split ({num_samples} "
-                          f"samples in {streams} canonical streams): not one step fits in an epoch")
+                          f"samples{where}): not one step fits in an epoch")
     return steps
 
 
@@ -82,11 +89,11 @@ def stream_pieces(shard_sizes: list[int], seed: int, epoch: int, streams: int) -
 
 
 def epoch_units(shard_sizes: list[int], seed: int, epoch: int, window: int, streams: int) -> list[Unit]:
-    """Every stream's windows, stream by stream; S = 1 gives order.windows's windows, numbered alike."""
+    """Every stream's windows (steps 1-2 of the module's docstring), stream by stream, numbered across them."""
     units: list[Unit] = []
     for s, pieces in enumerate(stream_pieces(shard_sizes, seed, epoch, streams)):
         sizes, lo = [b - a for _, a, b in pieces], 0
-        for group in order.group_windows(sizes, window):  # order.windows's rule, on pieces
+        for group in order.group_windows(sizes, window):
             if group:  # a stream without pieces (more streams than samples) has no window
                 size = sum(sizes[i] for i in group)
                 units.append(Unit(s, len(units), tuple(pieces[i] for i in group), lo, size))
@@ -118,7 +125,8 @@ def global_positions(layout: BatchLayout, streams: int, stream: int, q: np.ndarr
 def epoch_sequence(shard_sizes: list[int], lengths: np.ndarray | None, seed: int, epoch: int, window: int,
                    layout: BatchLayout, streams: int = 1) -> np.ndarray:
     """The epoch's sequence of split positions (global batch k at [kG, (k+1)G)); `lengths` (by split
-    position) buckets each window by length. S = 1: order.epoch_order / bucketed_epoch_order exactly."""
+    position) buckets each window by length. S = 1: the plain order (the whole split, steps 1-3), the
+    default; S > 1: only the epoch's whole global batches."""
     check_streams(layout, streams)
     offsets = order.shard_offsets(shard_sizes)
     per_stream: list[list[np.ndarray]] = [[] for _ in range(streams)]

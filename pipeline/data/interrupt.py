@@ -3,7 +3,7 @@
 While a preparation runs, either signal raises `Signalled` wherever the main thread is. It is a
 BaseException, like KeyboardInterrupt, so that no `except Exception` of a source reader takes it for bad
 input; the build's clean-up sees it on its way out, and prepare() turns it into `Interrupted`, which
-run_cli prints as one line, exit 128 + the signal (143, 130). Only the first signal raises: a second one
+run_cli (pipeline/cli.py) prints as one line, exit 128 + the signal (143, 130). Only the first signal raises: a second one
 (Ctrl-C pressed twice) must not cut the clean-up short. Inside `held()` (the swap, the clean-up) a
 signal is only noted: a swap is never cut in half, and once the new data set is in place the run ends
 as it would have. The trainer stops on SIGTERM by a flag read between steps

@@ -192,6 +192,10 @@ def load_manifest(directory: str | Path, dataset_hint: str | None = "fashion_mni
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:5])
         raise DataError(f"{path} does not match the manifest schema ({problems}); re-run the preparation with --force") from None
+    for name, how in manifest.splitting.items():
+        if how.origin != "not_made" and name not in manifest.splits:  # a split recorded as made must be there
+            raise DataError(f"{path}: the {name} split is recorded as made ({how.origin}) but the manifest lists no "
+                            f"{name} shards; the manifest was edited or is damaged. Re-run the preparation with --force")
     for name, split in manifest.splits.items():
         total = sum(s.num_samples for s in split.shards)
         if total != split.num_samples:

@@ -1,14 +1,15 @@
-"""The order of training samples: one global sequence per epoch, whatever the world size.
+"""The parts an epoch's order is made of, and the batch layout: pure functions.
 
-Everything here is a pure function of the dataset's shard sizes, the seed, the epoch and the
-batch layout; nothing reads data, and nothing but `micro_positions` knows the world size. The
-stream, the resident batches, the benchmarks and the tests all take their order from here.
-
-An epoch's sequence of samples, as positions in the split (manifest order: shard by shard):
-1. the shards are permuted with a generator seeded by (seed, epoch);
-2. consecutive shards of that permutation form windows of at least `window` samples
-   (`data.shuffle_buffer`): the bounded shuffle a streaming reader can afford;
-3. each window's samples are permuted with a generator seeded by (seed, epoch, window).
+Everything here is a function of the dataset's shard sizes, the seed, the epoch and the batch
+layout; nothing reads data, and nothing but the layout's functions knows the world size. The
+epoch's sequence itself is put together in one place, `canonical.epoch_sequence`
+(pipeline/data/canonical.py; one canonical stream, the default, is the plain order): the stream,
+the resident batches, the benchmarks and the tests all take their order from there. Its parts:
+- `shard_permutation`: the order in which the epoch reads its shards, seeded by (seed, epoch);
+- `group_windows`: consecutive shards form windows of at least `window` samples
+  (`data.shuffle_buffer`): the bounded shuffle a streaming reader can afford;
+- `window_permutation`: a window's samples permuted by (seed, epoch, window), or
+  `bucketed_window_permutation` (below): micro-batches of similar lengths.
 Global batch k of the epoch is positions [k*G, (k+1)*G) of the sequence; the last, partial
 global batch is dropped (the epoch's last N mod G samples, different ones each epoch).
 
@@ -67,7 +68,7 @@ def fit_to_split(layout: BatchLayout, num_samples: int) -> BatchLayout:
     micro-batch is halved as often, so the number of micro-batches per global batch (and with it the
     layout's fit to every world size and to data.canonical_streams) stays. The new global batch
     depends on the config and the split alone, so the order stays the same at any world size; where
-    the micro-batch cannot be halved as often, the layout stays and steps_in_epoch refuses it."""
+    the micro-batch cannot be halved as often, the layout stays and canonical.steps_in_epoch refuses it."""
     g, m, w = layout.global_batch, layout.micro_batch, layout.world_size
     halvings = 0
     while (g >> halvings) > num_samples and (g >> halvings) % 2 == 0:
@@ -75,14 +76,6 @@ def fit_to_split(layout: BatchLayout, num_samples: int) -> BatchLayout:
     if halvings == 0 or m % (1 << halvings):
         return layout
     return BatchLayout(g >> halvings, m >> halvings, w)
-
-
-def steps_in_epoch(num_samples: int, global_batch: int) -> int:
-    steps = num_samples // global_batch
-    if steps == 0:
-        raise ConfigError(f"train.global_batch_size {global_batch} is larger than the train split ({num_samples} "
-                          "samples): not one step fits in an epoch")
-    return steps
 
 
 def shard_permutation(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -104,12 +97,6 @@ def group_windows(sizes: list[int], window: int) -> list[list[int]]:
     return out
 
 
-def windows(shard_sizes: list[int], seed: int, epoch: int, window: int) -> list[list[int]]:
-    """The epoch's windows: lists of shard indices, in reading order."""
-    shards = shard_permutation(len(shard_sizes), seed, epoch).tolist()
-    return [[shards[i] for i in group] for group in group_windows([shard_sizes[s] for s in shards], window)]
-
-
 def window_permutation(seed: int, epoch: int, index: int, size: int) -> np.ndarray:
     """The order of a window's samples (indices into the window's shards, concatenated)."""
     return np.random.default_rng([seed, epoch, index, 1]).permutation(size)
@@ -117,26 +104,6 @@ def window_permutation(seed: int, epoch: int, index: int, size: int) -> np.ndarr
 
 def shard_offsets(shard_sizes: list[int]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
-
-
-def window_positions(shard_sizes: list[int], offsets: np.ndarray, shards: list[int], seed: int, epoch: int,
-                     index: int) -> np.ndarray:
-    """Split positions of a window's samples, in their order in the epoch's sequence."""
-    members = np.concatenate([np.arange(offsets[s], offsets[s] + shard_sizes[s]) for s in shards])
-    return members[window_permutation(seed, epoch, index, len(members))]
-
-
-def epoch_order(shard_sizes: list[int], seed: int, epoch: int, window: int) -> np.ndarray:
-    """The whole epoch's sequence of split positions (length: the split's size)."""
-    offsets = shard_offsets(shard_sizes)
-    return np.concatenate([window_positions(shard_sizes, offsets, w, seed, epoch, i)
-                           for i, w in enumerate(windows(shard_sizes, seed, epoch, window))])
-
-
-def rank_mask(positions: np.ndarray, layout: BatchLayout, rank: int) -> np.ndarray:
-    """Which of these sequence positions (indices into the epoch's sequence) this rank computes."""
-    chunk = (positions % layout.global_batch) // layout.micro_batch
-    return chunk % layout.world_size == rank
 
 
 def micro_positions(layout: BatchLayout, rank: int, step: int, accumulation_step: int) -> slice:
@@ -200,21 +167,6 @@ def bucketed_window_permutation(lengths: np.ndarray, seed: int, epoch: int, inde
     for start, run, size in zip(piece_start.tolist(), run_start.tolist(), pieces.tolist(), strict=True):
         out[start:start + size] = ranked[run:run + size]
     return out
-
-
-def bucketed_epoch_order(shard_sizes: list[int], lengths: np.ndarray, seed: int, epoch: int, window: int,
-                         micro_batch: int) -> np.ndarray:
-    """`epoch_order` with each window bucketed by length; `lengths` is indexed by split position."""
-    lengths = np.asarray(lengths)
-    if len(lengths) != sum(shard_sizes):
-        raise ValueError(f"{len(lengths)} lengths for a split of {sum(shard_sizes)} samples")
-    offsets = shard_offsets(shard_sizes)
-    parts, lo = [], 0
-    for i, shards in enumerate(windows(shard_sizes, seed, epoch, window)):
-        members = np.concatenate([np.arange(offsets[s], offsets[s] + shard_sizes[s]) for s in shards])
-        parts.append(members[bucketed_window_permutation(lengths[members], seed, epoch, i, lo, micro_batch)])
-        lo += len(members)
-    return np.concatenate(parts)
 
 
 def padded_and_real(lengths) -> tuple[int, int]:

@@ -14,7 +14,8 @@ import socket
 import sys
 import time
 
-from pipeline.errors import UserError, run_cli
+from pipeline.cli import run_cli
+from pipeline.errors import UserError
 
 
 class MasterUnreachable(UserError):

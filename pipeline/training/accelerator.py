@@ -60,8 +60,7 @@ def check_devices(cfg: Config, cuda: bool, env: LaunchEnv) -> None:
         check_gpu_count(env.local_world_size, torch.cuda.device_count(), cfg.train.gpu_rehearsal)
 
 
-def build_accelerator(cfg: Config, env: LaunchEnv | None = None) -> Accelerator:
-    env = env or LaunchEnv.from_environ()
+def build_accelerator(cfg: Config, env: LaunchEnv) -> Accelerator:
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     check_devices(cfg, cuda, env)
     rehearsal = cuda and cfg.train.gpu_rehearsal

@@ -53,10 +53,10 @@ def claim_output_dir(trainer: Trainer, resume: str | None, overwrite: bool,
     return on_main(trainer.accelerator, take, unusable)
 
 
-def train(cfg: Config, resume: str | None = None, env: LaunchEnv | None = None, overwrite: bool = False) -> dict[str, Any]:
+def train(cfg: Config, env: LaunchEnv, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train to the end (or to train.stop_at_step, or a SIGTERM); returns the summary on the main process.
-    `overwrite` replaces a run already in output_dir (never files the pipeline did not write)."""
-    env = env or LaunchEnv.from_environ()
+    `env` is the launch as the entry point read it; `overwrite` replaces a run already in output_dir (never
+    files the pipeline did not write)."""
     if overwrite and resume:
         raise ConfigError(f"--overwrite replaces the run in output_dir {cfg.output_dir} and --resume {resume} "
                           "continues it: give one of them")
@@ -67,7 +67,7 @@ def train(cfg: Config, resume: str | None = None, env: LaunchEnv | None = None, 
     leases: list[OutputLease] = []
     exit_code, preempted = 1, False
     try:
-        trainer = Trainer(cfg, resume, accelerator, env, claim=lambda t: claim_output_dir(t, resume, overwrite, leases))
+        trainer = Trainer(cfg, resume, env, accelerator, claim=lambda t: claim_output_dir(t, resume, overwrite, leases))
         summary = trainer.run(stop)
         exit_code = 0
         _end_cleanly(watch)

@@ -80,13 +80,14 @@ def required_free_bytes(model: torch.nn.Module, keep_last: int) -> int:
 class Trainer:
     """Set-up in __init__ (data plan, model, optimizer, resume, tracker); run() trains and ends the run."""
 
-    def __init__(self, cfg: Config, resume: str | None, accelerator: Accelerator | None = None,
-                 env: LaunchEnv | None = None, claim: Callable[[Trainer], dict[str, Any] | None] | None = None):
-        """`claim` (collective) runs once the run's length is known and before anything is written to
-        output_dir: it refuses the directory or takes it, and returns the summary of the finished run that
-        this start resumes, if it is one (pipeline/training/run.py)."""
+    def __init__(self, cfg: Config, resume: str | None, env: LaunchEnv, accelerator: Accelerator | None = None,
+                 claim: Callable[[Trainer], dict[str, Any] | None] | None = None):
+        """`env` is the launch as the entry point read it (pipeline/distributed/launch_env.py): nothing here reads
+        the environment for it. `claim` (collective) runs once the run's length is known and before anything is
+        written to output_dir: it refuses the directory or takes it, and returns the summary of the finished run
+        that this start resumes, if it is one (pipeline/training/run.py)."""
         self.cfg = cfg
-        self.env = env or LaunchEnv.from_environ()
+        self.env = env
         self.accelerator = accelerator = accelerator or build_accelerator(cfg, self.env)
         self.out = Path(cfg.output_dir)
         self.main = accelerator.is_main_process
