@@ -50,6 +50,9 @@ ENV HOME=/home/app \
     WANDB_CONFIG_DIR=/tmp/wandb/config \
     WANDB_CACHE_DIR=/tmp/wandb/cache \
     WANDB_DATA_DIR=/tmp/wandb/data
+# No OMP_NUM_THREADS, OMP_WAIT_POLICY or GOMP_SPINCOUNT here: each entry point sets them before torch
+# loads (pipeline/distributed/cpu_threads.py), from the container's own CPU limit and how busy its CPUs
+# are; a value baked in would be the same for every container, whatever its CPUs.
 USER 10001
 
 # The pod command is rendered by launch/submit.py; this default only shows the image works.

@@ -6,9 +6,10 @@ DATA ?= data/fashion_mnist
 CONFIG ?= configs/fashion_mnist.yaml
 FASHION_IDX := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
-# accelerate launch gives a GPU-less process one thread unless told otherwise; a single trainer
-# should use every core, as torch does when started with plain python.
-THREADS ?= $(shell nproc)
+# Torch threads per process. 0: the trainer counts the CPUs it may use (affinity mask, cgroup quota:
+# a container's, not the host's), as it does under plain python (pipeline/distributed/cpu_threads.py);
+# accelerate launch would otherwise give a GPU-less process one thread. THREADS=N forces N.
+THREADS ?= 0
 
 .PHONY: setup data examples train cpu-test test test-fast bench bench-quick image clean
 

@@ -30,8 +30,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main() -> int:
+def main(env) -> int:
     args = parse_args()
+    from pipeline.distributed.cpu_threads import configure
+
+    configure(env)  # before torch loads: OpenMP reads its variables then
     from pipeline.inference.evaluate import print_table, run, track
     from pipeline.inference.placement import evaluation_device
 
@@ -48,4 +51,4 @@ def main() -> int:
 if __name__ == "__main__":
     from pipeline.distributed.launch_env import LaunchEnv
 
-    run_cli(lambda env: main(), LaunchEnv.from_environ)  # under accelerate launch: one rank of several
+    run_cli(main, LaunchEnv.from_environ)  # under accelerate launch: one rank of several

@@ -4,6 +4,8 @@
         --main_process_port 29500 --multi_gpu --same_network launch/train.py --config ... --resume auto
 
 The rendered Kubernetes pods run this; pipeline/distributed/launcher.py says what it changes.
+It sets no OpenMP variables: each rank it starts (launch/train.py) counts its own CPU threads and
+chooses its waiting (pipeline/distributed/cpu_threads.py), which inherited values would override.
 """
 
 from __future__ import annotations

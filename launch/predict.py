@@ -31,8 +31,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main() -> int:
+def main(env) -> int:
     args = parse_args()
+    from pipeline.distributed.cpu_threads import configure, to_stderr
+
+    configure(env, say=to_stderr)  # before torch loads: OpenMP reads its variables then; stdout is the JSON lines
     from pipeline.inference.predict import run
     from pipeline.sources.detect import ColumnOptions
 
@@ -45,4 +48,4 @@ def main() -> int:
 if __name__ == "__main__":
     from pipeline.distributed.launch_env import LaunchEnv
 
-    run_cli(lambda env: main(), LaunchEnv.from_environ)  # under accelerate launch: one rank of several
+    run_cli(main, LaunchEnv.from_environ)  # under accelerate launch: one rank of several

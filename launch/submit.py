@@ -60,7 +60,8 @@ def submit_parser() -> argparse.ArgumentParser:
                    help="in-pod worker restarts with c10d rendezvous (default 0; 3 with --nodes MIN:MAX)")
     p.add_argument("--restarts", type=int, default=1, help="whole-job restarts after failures (default: 1)")
     p.add_argument("--port", type=int, default=29500, help="rendezvous port on the master pod")
-    p.add_argument("--cpu", help="CPU request per pod (default: processes x (1 + data.num_workers))")
+    p.add_argument("--cpu", help="CPUs per pod, request and limit; each process computes with limit / processes "
+                                 "threads (default: processes x (1 + data.num_workers))")
     p.add_argument("--memory", help="memory request and limit per pod (default: 4Gi per process + /dev/shm)")
     p.add_argument("--wait-timeout", type=int, default=900, help="seconds a pod waits for the master before failing")
     p.add_argument("--runtime", default="torch-distributed", help="--format trainjob: ClusterTrainingRuntime name")

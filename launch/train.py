@@ -28,6 +28,9 @@ def main(env) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad config is reported before torch is even imported
+    from pipeline.distributed.cpu_threads import configure
+
+    configure(env, cfg.train.cpu_threads)  # OpenMP reads its variables when torch loads: before that
     from pipeline.training.run import train
 
     train(cfg, resume=args.resume, env=env, overwrite=args.overwrite)

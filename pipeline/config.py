@@ -191,6 +191,9 @@ class TrainConfig(_Section):
         300, ge=5, description="output_dir's lease is stale, and taken over, after this long without a heartbeat"
     )
     progress_bar: bool = True
+    cpu_threads: Optional[int] = Field(
+        None, ge=1, description="CPU threads per process (torch's OpenMP pool); null: OMP_NUM_THREADS when set, else the "
+        "CPUs the process may use (affinity, cgroup quota) / the processes of its node (pipeline/distributed/cpu_threads.py)")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -94,7 +94,7 @@ def test_every_flag_passed_to_our_scripts_is_one_they_take():
 
 
 # Flags of other tools that the pages mention in passing.
-EXTERNAL_FLAGS = {"--from-literal": "kubectl create secret", "--nnodes": "torchrun", "--read-only": "podman",
+EXTERNAL_FLAGS = {"--from-literal": "kubectl create secret", "--nnodes": "torchrun", "--read-only": "podman", "--cpus": "podman run",
                   "--user": "pip install"}
 
 

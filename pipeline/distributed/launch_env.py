@@ -24,6 +24,7 @@ class LaunchEnv:
     rank: int = 0
     world_size: int = 1
     local_world_size: int = 1  # processes on this machine
+    local_rank: int = 0  # this process among them
     group_rank: int = 0  # this machine's rank
     group_world_size: int = 1  # machines
     master_addr: str | None = None
@@ -55,6 +56,7 @@ class LaunchEnv:
             rank=number("RANK", 0),
             world_size=number("WORLD_SIZE", 1),
             local_world_size=number("LOCAL_WORLD_SIZE", 1),
+            local_rank=number("LOCAL_RANK", 0),
             group_rank=number("GROUP_RANK", 0),
             group_world_size=number("GROUP_WORLD_SIZE", 1),
             master_addr=env.get("MASTER_ADDR"),

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pipeline.distributed.cpu_threads import AUTO_THREADS
 from pipeline.kube.spec import CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT, JobSpec
 
 CONFIG_KEY = "config.yaml"
@@ -73,6 +74,8 @@ def accelerate_args(spec: JobSpec) -> list[str]:
     # The trainer's Accelerator(mixed_precision=...) decides; repeating it keeps the launcher
     # from warning about defaults and from exporting a different value to the workers.
     args += ["--mixed_precision", spec.mixed_precision, "--dynamo_backend", "no"]
+    # 0: each rank counts its threads from the pod's CPU limit (accelerate's default would be 1).
+    args += ["--num_cpu_threads_per_process", AUTO_THREADS]
     return args
 
 

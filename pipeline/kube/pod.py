@@ -53,9 +53,10 @@ def resources(spec: JobSpec) -> Obj:
     # The memory-backed /dev/shm counts against the container's memory limit, so add it.
     memory = spec.memory or _mi(procs * _MEMORY_PER_PROCESS_MI + shm_size_mi(spec))
     requests: Obj = {"cpu": cpu, "memory": memory}
-    # Memory limit = request: a training pod should not be the first evicted under pressure.
-    # No CPU limit: CFS throttling of loader workers slows every rank at the next all-reduce.
-    limits: Obj = {"memory": memory}
+    # Limits = requests: a training pod should not be the first evicted under pressure, and the CPU
+    # limit is the quota each rank sizes its threads from (pipeline/distributed/cpu_threads.py), so a
+    # rank never starts more threads than the pod may run: the node's cores are not the pod's.
+    limits: Obj = {"cpu": cpu, "memory": memory}
     if spec.gpus_per_node:
         requests["nvidia.com/gpu"] = spec.gpus_per_node
         limits["nvidia.com/gpu"] = spec.gpus_per_node
