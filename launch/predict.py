@@ -33,9 +33,10 @@ def parse_args() -> argparse.Namespace:
 
 def main(env) -> int:
     args = parse_args()
-    from pipeline.distributed.cpu_threads import configure, to_stderr
+    from pipeline.distributed.cpu_threads import configure
 
-    configure(env, say=to_stderr)  # before torch loads: OpenMP reads its variables then; stdout is the JSON lines
+    # Before torch loads (OpenMP reads its variables then); unsaid: stdout is the JSON lines, stderr the errors.
+    configure(env, say=lambda line: None)
     from pipeline.inference.predict import run
     from pipeline.sources.detect import ColumnOptions
 

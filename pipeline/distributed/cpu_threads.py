@@ -219,10 +219,6 @@ def to_stdout(line: str) -> None:
     print(line, flush=True)
 
 
-def to_stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def configure(env: LaunchEnv, configured: int | None = None, environ: MutableMapping[str, str] | None = None,
               root: Path = Path("/"), say: Callable[[str], None] | None = None,
               free: Callable[[int], float] | None = measure_free) -> CpuThreads:
@@ -236,6 +232,6 @@ def configure(env: LaunchEnv, configured: int | None = None, environ: MutableMap
     torch = sys.modules.get("torch")
     if torch is not None:  # a caller imported it first (a benchmark in-process): resize its pool at least
         torch.set_num_threads(choice.threads)
-    if env.local_rank == 0:  # a log line, like [train]'s; predict.py passes to_stderr (its stdout is data)
+    if env.local_rank == 0:  # a log line, like [train]'s; predict.py keeps it to itself (its stdout is data)
         (say or to_stdout)(f"[threads] {choice.describe()}")
     return choice
