@@ -2,7 +2,7 @@
 one process).
 
 1. The real trainer (`pipeline.training.run.train`) runs a short job for its throughput. Then a
-   `Trainer` built from the same config is driven through its public pieces, each timed:
+   run built from the same config (trainer.build_run) is driven through its public pieces, each timed:
    the next batch from `trainer.batches`, `train_step(trainer.parts, batch)`, the metrics sink,
    `trainer.evaluator` and `trainer.checkpointer.save`. Eval and checkpoint costs are amortized
    per step at the config's eval.every_steps / checkpoint.every_steps.
@@ -27,12 +27,13 @@ CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 
 
 def _timed_pieces(cfg, steps: int) -> tuple[dict, dict]:
-    """Seconds and calls of each public piece of a Trainer over `steps` steps."""
+    """Seconds and calls of each public piece of a run over `steps` steps."""
     from pipeline.distributed.launch_env import LaunchEnv
+    from pipeline.training.accelerator import build_accelerator
     from pipeline.training.step import train_step
-    from pipeline.training.trainer import Trainer
+    from pipeline.training.trainer import build_run
 
-    trainer = Trainer(cfg, None, LaunchEnv())  # one process
+    trainer = build_run(cfg, LaunchEnv(), build_accelerator(cfg, LaunchEnv()))  # one process
     seconds, calls = defaultdict(float), defaultdict(int)
 
     def timed(name, fn, *args):

@@ -218,6 +218,13 @@ class EvalConfig(_Section):
                        "model is scored once on test at the end")
     batch_size: int = Field(1000, ge=1)
 
+    def never_within(self, steps: int, named: str) -> str | None:
+        """The one rule for eval.every_steps against a run's length (`named`: how the user gave it), or None.
+        eval.every_epochs replaces every_steps: its value then says nothing about when the run evaluates."""
+        if self.every_epochs is None and self.every_steps > steps:
+            return f"eval.every_steps ({self.every_steps}) is larger than {named}: the run would never evaluate before the end"
+        return None
+
 
 class CheckpointConfig(_Section):
     every_steps: int = Field(200, ge=1)
@@ -264,12 +271,10 @@ class Config(_Section):
             raise ValueError(
                 "model.dropout applies between recurrent layers; with model.num_layers 1 it does nothing"
             )
-        # eval.every_epochs replaces every_steps: its value then says nothing about when the run evaluates
-        if self.train.max_steps is not None and self.eval.every_epochs is None and self.eval.every_steps > self.train.max_steps:
-            raise ValueError(
-                f"eval.every_steps ({self.eval.every_steps}) is larger than train.max_steps "
-                f"({self.train.max_steps}): the run would never evaluate before the end"
-            )
+        if self.train.max_steps is not None:  # a run of epochs is checked once its length is known (trainer.py)
+            problem = self.eval.never_within(self.train.max_steps, f"train.max_steps ({self.train.max_steps})")
+            if problem:
+                raise ValueError(problem)
         if self.data.placement == "device" and self.data.on_error == "skip":
             raise ValueError(
                 "data.placement device reads and checks every shard before training, so there is nothing to skip later; "

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.config import ModelConfig
+from pipeline.model_card import ModelCard
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 # How forward(x, lengths) keeps padding out: "masked" runs the cell over the padded batch and reads each row
@@ -219,8 +220,10 @@ def build_model(cfg: ModelConfig, features: int, num_classes: int) -> SequenceCl
     return SequenceClassifier(cfg, input_size=features, num_classes=num_classes)
 
 
-def save_trained(model: SequenceClassifier, directory, extra: dict) -> None:
-    """Final weights as safetensors beside the config needed to rebuild the module."""
+def save_trained(model: SequenceClassifier, directory, card: ModelCard) -> None:
+    """Final weights as safetensors beside their model card (config.json), which records their digest so that
+    evaluate and predict tell a damaged copy from the weights that were saved. Read back with
+    pipeline.inference.models.load_trained_model, which checks the card, the digest and the weights."""
     import json
     from pathlib import Path
 
@@ -232,20 +235,5 @@ def save_trained(model: SequenceClassifier, directory, extra: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "model.safetensors"
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, weights)
-    # The digest lets evaluate/predict tell a damaged copy from the weights that were saved.
-    card = {"model": model.cfg.model_dump(), **extra, "weights_sha256": sha256_file(weights)}
-    (directory / "config.json").write_text(json.dumps(card, indent=2) + "\n")
-
-
-def load_trained(directory) -> SequenceClassifier:
-    """`model = pipeline.model.load_trained("runs/fashion_mnist/model")` -> eval-mode module on the CPU."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    meta = json.loads((directory / "config.json").read_text())
-    model = build_model(ModelConfig(**meta["model"]), meta.get("features") or meta["image_shape"][1], meta["num_classes"])
-    model.load_state_dict(load_file(directory / "model.safetensors"))
-    return model.eval()
+    card = card.model_copy(update={"model": model.cfg, "weights_sha256": sha256_file(weights)})
+    (directory / "config.json").write_text(json.dumps(card.to_dict(), indent=2) + "\n")

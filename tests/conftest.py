@@ -160,5 +160,7 @@ def train_in_process(out: Path, shards: Path, *overrides: str, resume: str | Non
 
     cfg = load_config(ROOT / config, [f"data.dir={shards}", f"output_dir={out}", "train.progress_bar=false",
                                       "train.device=cpu", "wandb.mode=disabled", *overrides])
+    as_given = cfg.model_dump()
     train(cfg, LaunchEnv(), resume=resume)  # one process: the launch a plain `python` start reads
+    assert cfg.model_dump() == as_given, "training wrote into the user's config"
     return json.loads((out / "summary.json").read_text())

@@ -76,7 +76,7 @@ def test_missing_data_dir_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_step_profile_smoke(tmp_path, fashion_shards):
-    """The profile drives a real Trainer through its public pieces: it breaks when their signatures move."""
+    """The profile drives a real run through its public pieces: it breaks when their signatures move."""
     out = tmp_path / "p.json"
     run_py("benchmarks/run.py", "--sections", "profile", "--profile-steps", "4", "--data", str(fashion_shards),
            "--out", str(out), "--work", str(tmp_path / "work"), check=True, timeout=600)

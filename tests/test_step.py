@@ -25,10 +25,12 @@ DTYPE_PROBE = """
 import json, sys
 from pipeline.config import load_config
 from pipeline.distributed.launch_env import LaunchEnv
-from pipeline.training.trainer import Trainer
+from pipeline.training.accelerator import build_accelerator
+from pipeline.training.trainer import build_run
 from pipeline.training.step import train_step
 cfg = load_config("configs/cpu_test.yaml", sys.argv[1:])
-trainer = Trainer(cfg, None, LaunchEnv.from_environ())
+env = LaunchEnv.from_environ()
+trainer = build_run(cfg, env, build_accelerator(cfg, env))
 model = trainer.accelerator.unwrap_model(trainer.parts.model)
 seen = {}
 def record(name):
@@ -228,9 +230,11 @@ import sys, torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from pipeline.config import load_config
 from pipeline.distributed.launch_env import LaunchEnv
-from pipeline.training.trainer import Trainer
+from pipeline.training.accelerator import build_accelerator
+from pipeline.training.trainer import build_run
 from pipeline.training.step import train_step
-trainer = Trainer(load_config("configs/cpu_test.yaml", sys.argv[1:]), None, LaunchEnv.from_environ())
+cfg, env = load_config("configs/cpu_test.yaml", sys.argv[1:]), LaunchEnv.from_environ()
+trainer = build_run(cfg, env, build_accelerator(cfg, env))
 calls = [0]
 def counting(state, bucket):
     calls[0] += 1

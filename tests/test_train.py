@@ -23,7 +23,8 @@ from pipeline.config import load_config
 from pipeline.data import manifest as mf
 from pipeline.data.order import BatchLayout
 from pipeline.errors import ConfigError
-from pipeline.model import build_model, load_trained
+from pipeline.inference.models import load_trained_model
+from pipeline.model import build_model
 
 NO_WANDB = "wandb.mode=disabled"
 @pytest.mark.slow
@@ -50,12 +51,12 @@ def test_cpu_test_mode_end_to_end(tmp_path, fashion_shards):
     assert all("step" in e for e in events)
     assert [e["step"] for e in events if "eval/accuracy" in e] == [50, 100, 150, 200, 250, 300]
     assert all(math.isfinite(e["train/grad_norm"]) for e in events if "train/loss" in e)
-    assert load_config(out / "config.yaml").train.max_steps == 300, "resolved config saved and loadable"
+    assert load_config(out / "config.yaml").train.max_steps == 300, "the config as given, saved and loadable"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000200", "step-00000300"], "keep_last 2"
     for png in ("loss.png", "accuracy.png", "confusion.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the documented one-liner gives a working classifier
-    model = load_trained(out / "model")
+    model = load_trained_model(out / "model").model
     from pipeline.data.manifest import load_manifest
     from pipeline.data.stream import ShardSource, load_split_tensors
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import ROOT, read_jsonl, run_py, train_in_process, train_run
 from safetensors.torch import load_file
 from wandb_records import find_logs, parse_finished
+
+from pipeline.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +48,14 @@ def test_fsdd_trains_and_reports_padding(fsdd_shards, tmp_path):
     assert 0 < summary["padding_waste"] < 0.15, summary["padding_waste"]
     windows = [e["train/padding_waste"] for e in read_jsonl(out / "metrics.jsonl") if "train/loss" in e]
     assert len(windows) == 15 and all(0 <= w < 0.3 for w in windows)
+    # config.yaml is the config as given (frame auto); what the data decided stands beside it, and in the card
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["frame"] == "auto"
+    resolved = yaml.safe_load((out / "resolved.yaml").read_text())
+    assert resolved["model.frame"] == 1 and resolved["train.global_batch_size"] == 32 and resolved["train.max_steps"] == 150
+    pinned = load_config(out / "config.yaml", [f"{key}={value}" for key, value in resolved.items()])  # as overrides
+    assert pinned.model.frame == 1 and pinned.train.max_steps == 150
     card = json.loads((out / "model" / "config.json").read_text())
+    assert card["model"]["frame"] == 1 and card["version"] == 1
     assert card["features"] == 13 and card["ragged"] and card["image_shape"] is None and len(card["input_scale"]["mean"]) == 13
     # evaluate.py scores the shipped model as the run did, to the last digit, on both splits
     for split, accuracy, loss in (("val", "final_eval_accuracy", "final_eval_loss"), ("test", "test_accuracy", "test_loss")):

@@ -58,7 +58,7 @@ def free_memory(device: torch.device) -> int:
 
 
 class ResidentBatches:
-    """The trainer's batch source (the same interface as StreamBatches), from device memory."""
+    """The train split from device memory (a BatchProvider: provider.py, as StreamBatches is)."""
 
     def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: EpochPlan, rank: int,
                  device: torch.device, augment: Augment, record_sample_ids: bool = False):

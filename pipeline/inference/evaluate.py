@@ -186,7 +186,7 @@ def track(outcome: dict[str, Any], mode: str, into_training_run: bool) -> str | 
     prefix = f"evaluate/{report['split']}"
     metrics = {f"{prefix}/accuracy": report["accuracy"], f"{prefix}/loss": report["loss"]}
     metrics.update({f"{prefix}/f1_{row['class']}": row["f1"] for row in report["per_class"]})
-    tracker.log_eval(int(trained.card.get("steps") or 0), metrics, result.confusion, trained.class_names, result.examples,
+    tracker.log_eval(trained.card.steps or 0, metrics, result.confusion, trained.class_names, result.examples,
                      final=True)
     run_id = tracker.run_id
     tracker.finish(0)

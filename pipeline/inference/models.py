@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 from pipeline.inputs import InputScale
 from pipeline.model import SequenceClassifier, build_model
+from pipeline.model_card import CardError, ModelCard
 
 
 class UnusableModel(UserError):
@@ -28,33 +28,43 @@ class UnusableModel(UserError):
 @dataclass
 class TrainedModel:
     model: SequenceClassifier  # eval mode, on the CPU
-    image_shape: list[int] | None  # [steps, features] of an image model; None: sequences
-    class_names: list[str]
-    dataset: str | None
+    card: ModelCard  # everything recorded beside the weights
     source: Path  # what the user pointed at
     kind: str  # "model" (a run's model/) or "checkpoint"
-    card: dict[str, Any] = field(default_factory=dict)  # everything recorded beside the weights
+
+    @property
+    def image_shape(self) -> list[int] | None:
+        """[steps, features] of an image model; None: sequences."""
+        return self.card.image_shape
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.card.class_names
+
+    @property
+    def dataset(self) -> str | None:
+        return self.card.dataset
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return self.card.num_classes
 
     @property
     def features(self) -> int:
-        return int(self.card.get("features") or self.image_shape[1])
+        return self.card.features
 
     @property
     def inputs(self) -> InputScale:
         """Stored values -> model inputs, exactly as in training (images / 255, else the train split's statistics)."""
-        return InputScale.from_card(self.card.get("input_scale"))
+        return self.card.inputs
 
     @property
     def mixed_precision(self) -> str:
-        return self.card.get("mixed_precision", "no")
+        return self.card.mixed_precision
 
     @property
     def wandb_run_id(self) -> str | None:
-        return self.card.get("wandb_run_id")
+        return self.card.wandb_run_id
 
     def autocast(self, device: torch.device, precision: str = "auto"):
         """The trainer evaluates under its mixed precision; the same choice reproduces its numbers
@@ -81,25 +91,17 @@ def load_trained_model(path: str | Path) -> TrainedModel:
 
 
 def _from_model_dir(path: Path) -> TrainedModel:
-    card = _read_json(path / "config.json")
-    try:
-        model_cfg = ModelConfig(**card["model"])
-        image_shape, num_classes = card["image_shape"], int(card["num_classes"])
-        features = int(card.get("features") or image_shape[1])
-        class_names = list(card.get("class_names") or [str(i) for i in range(num_classes)])
-    except (KeyError, TypeError, ValueError) as err:
-        raise UnusableModel(f"{path / 'config.json'} is not a model description of this pipeline ({err}); {HINT}") from None
+    card = _card(_read_json(path / "config.json"), path / "config.json")
     weights = path / "model.safetensors"
-    recorded = card.get("weights_sha256")
-    if not recorded:  # every model directory the trainer writes records it: without it, damage would go unseen
+    if not card.weights_sha256:  # every model directory the trainer writes records it: without it, damage would go unseen
         raise UnusableModel(f"{path / 'config.json'} records no weights_sha256, so {weights.name} cannot be verified "
                             "against what training saved; re-copy the run's model directory whole, or use one of its "
                             "checkpoints (RUN/checkpoints/step-N), which verify themselves")
-    if weights.is_file() and sha256_file(weights) != recorded:
+    if weights.is_file() and sha256_file(weights) != card.weights_sha256:
         raise UnusableModel(f"{weights} is damaged: its sha256 differs from the one recorded in config.json when it was "
                             "saved; re-copy the run's model directory or use one of its checkpoints")
-    model = _with_weights(build_model(model_cfg, features, num_classes), weights)
-    return TrainedModel(model, image_shape, class_names, card.get("dataset"), path, "model", card)
+    model = _with_weights(build_model(card.model, card.features, card.num_classes), weights)
+    return TrainedModel(model, card, path, "model")
 
 
 def _from_checkpoint(path: Path) -> TrainedModel:
@@ -109,17 +111,21 @@ def _from_checkpoint(path: Path) -> TrainedModel:
     if problem:
         raise UnusableModel(f"checkpoint {path} is damaged ({problem}); use another checkpoint or the run's model directory")
     meta = read_meta(path)
-    card = dict(meta.model_card)
-    if not card:  # written before checkpoints carried a model card: the config and the weights tell
-        from pipeline.sources.idx import get_spec
+    if not meta.model_card:
+        raise UnusableModel(f"checkpoint {path} was written before checkpoints carried a model card, so what its weights "
+                            "were trained on (classes, inputs) is unknown; use the run's model directory (RUN/model)")
+    raw = {**meta.model_card, "model": meta.model}  # the architecture the weights fit, as the checkpoint records it
+    raw["wandb_run_id"] = raw.get("wandb_run_id") or meta.state.wandb_run_id
+    card = _card(raw, path / "state.json")
+    model = _with_weights(build_model(card.model, card.features, card.num_classes), path / "model.safetensors")
+    return TrainedModel(model, card, path, "checkpoint")
 
-        dataset = meta.config.get("data", {}).get("dataset", "fashion_mnist")
-        card = {"image_shape": [28, 28], "num_classes": 10, "class_names": get_spec(dataset).class_names, "dataset": dataset,
-                "mixed_precision": meta.config.get("train", {}).get("mixed_precision", "no")}
-    card["wandb_run_id"] = card.get("wandb_run_id") or meta.state.wandb_run_id
-    features = int(card.get("features") or card["image_shape"][1])
-    model = _with_weights(build_model(ModelConfig(**meta.model), features, card["num_classes"]), path / "model.safetensors")
-    return TrainedModel(model, card["image_shape"], list(card["class_names"]), card.get("dataset"), path, "checkpoint", card)
+
+def _card(raw: dict[str, Any], where: Path) -> ModelCard:
+    try:
+        return ModelCard.from_dict(raw)
+    except CardError as err:
+        raise UnusableModel(f"{where} is not a model description this pipeline can read ({err}); {HINT}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

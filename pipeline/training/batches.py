@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from pipeline.data import canonical, ragged
+from pipeline.data.provider import MicroBatch
 from pipeline.data.stream import TrainStream, WindowItem, make_train_loader, save_sample_ids
 from pipeline.errors import DataError
 
-# (x [m, longest, F] padded, labels [m], sample ids [m], lengths [m] or None for a data set of one length)
-MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
-
 
 class StreamBatches:
+    """The train split read from shards by the loader's workers (a BatchProvider: pipeline/data/provider.py)."""
+
     def __init__(self, stream: TrainStream, *, seed: int, data_dir: str, pin_memory: bool, record_sample_ids: bool):
         self.stream = stream
         self.layout = stream.plan.layout

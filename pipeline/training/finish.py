@@ -7,7 +7,7 @@ when every step has run, so that its resumed run logs what an uninterrupted one 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -15,64 +15,62 @@ from pipeline.distributed.preemption import Preempted
 from pipeline.model import save_trained
 from pipeline.training.evaluation import EvalResult
 from pipeline.training.outputs import write_json_atomic, write_plots
-
-if TYPE_CHECKING:
-    from pipeline.training.trainer import Trainer
+from pipeline.training.parts import Run
 
 
-def end_run(t: Trainer, stopped_by: str | None) -> dict[str, Any]:
-    """Collective: every rank's sample ids and skipped samples; the main process writes the rest."""
+def end_run(t: Run, stopped_by: str | None) -> dict[str, Any]:
+    """Collective: every rank's sample ids and skipped samples; the main process writes the rest and
+    returns the summary (the other ranks: {})."""
     t.bar.close()
     t.batches.save_sample_ids(t.out, t.accelerator.process_index)
     counts = torch.tensor([float(t.batches.skipped_samples), *t.batches.padding.total], dtype=torch.float64,
                           device=t.device)
     skipped, padded, real = t.accelerator.reduce(counts, reduction="sum").tolist()
-    skipped = int(skipped)
     # Fixed-length data pads nothing: its waste is 0, a figure like any other, not a missing one.
-    t.run_info["padding_waste"] = padded / real if t.plan.ragged and real else 0.0
-    _record_bytes_read(t)
+    ended = {"padding_waste": padded / real if t.data.plan.ragged and real else 0.0,
+             "data_bytes_read": _bytes_read(t)}
     if stopped_by == "SIGTERM":
         raise Preempted(
             f"SIGTERM received: every rank stopped after step {t.state.step} of {t.total_steps} and its checkpoint "
             f"is in {t.checkpointer.root}; continue with --resume auto"
         )
-    summary = _finish(t, skipped, stopped_by) if t.main else {}
+    summary = _finish(t, int(skipped), stopped_by, ended) if t.main else {}
     t.accelerator.wait_for_everyone()
     return summary
 
 
-def _record_bytes_read(t: Trainer) -> None:
+def _bytes_read(t: Run) -> list[int]:
     """Collective: the bytes of training shards each rank read in this launch, rank by rank."""
     mine = torch.tensor([t.batches.bytes_read], dtype=torch.int64, device=t.device)
     per_rank = t.accelerator.gather(mine).tolist()
-    t.run_info["data_bytes_read"] = per_rank
     # W&B's summary, not metrics.jsonl: a resumed run reads windows again, and its events must stay those
     # of the uninterrupted run.
     t.tracker.summarize({"data/bytes_read_total": sum(per_rank), "data/bytes_read_max_rank": max(per_rank),
-                         "data/split_bytes": t.manifest.split("train").bytes})
+                         "data/split_bytes": t.data.manifest.split("train").bytes})
+    return per_rank
 
 
-def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[str, Any]:
+def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[str, Any]) -> dict[str, Any]:
     """Main process: the one score on test, final model, summary.json, plots, the last line of the log."""
-    state, last = t.state, t.evaluator.last
+    state, last, manifest = t.state, t.evaluator.last, t.data.manifest
     if skipped_samples:
         t.log(f"data.on_error=skip: the places of {skipped_samples} unreadable samples were taken by other samples "
               "of their windows; every step and every other sample kept its place")
     test = None
-    if state.step == t.total_steps and "test" in t.manifest.splits:
+    if state.step == t.total_steps and "test" in manifest.splits:
         test = last if t.eval_split == "test" else t.evaluator_for("test")(t.shipped)
         t.sink.record(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
-    card = {**t.model_card(), "wandb_run_id": t.tracker.run_id, "steps": state.step,
-            "weights": t.run_info["weights"], **({"ema": t.cfg.train.ema.model_dump()} if t.ema else {})}
+    card = t.card.model_copy(update={"wandb_run_id": t.tracker.run_id, "steps": state.step, "weights": t.info["weights"],
+                                     "ema": t.cfg.train.ema.model_dump() if t.ema else None})
     save_trained(t.shipped, t.out / "model", card)
-    summary = _summary(t, skipped_samples, test)
+    summary = _summary(t, skipped_samples, test, ended)
     write_json_atomic(t.out / "summary.json", summary)
-    write_plots(t.out / "plots", t.sink.log.read(), test.confusion if test else None, t.manifest.class_names,
+    write_plots(t.out / "plots", t.sink.log.read(), test.confusion if test else None, manifest.class_names,
                 t.eval_split)
     scores = (f"final {t.eval_split} accuracy {last.accuracy:.4f} (best {state.best_accuracy:.4f})"
               if last else "no evaluation yet")
     scores += (f", test accuracy {test.accuracy:.4f}" if test else ", no test split to score"
-               if "test" not in t.manifest.splits else ", test not scored until the run completes")
+               if "test" not in manifest.splits else ", test not scored until the run completes")
     if summary["completed"]:
         t.log(f"done: {state.step} steps, {scores}, {summary['wall_s']:.1f} s; outputs in {t.out}")
     else:
@@ -80,14 +78,15 @@ def _finish(t: Trainer, skipped_samples: int, stopped_by: str | None) -> dict[st
     return summary
 
 
-def _summary(t: Trainer, skipped_samples: int, test: EvalResult | None) -> dict[str, Any]:
-    state, last = t.state, t.evaluator.last
+def _summary(t: Run, skipped_samples: int, test: EvalResult | None, ended: dict[str, Any]) -> dict[str, Any]:
+    state, last, layout = t.state, t.evaluator.last, t.data.layout
     return {
-        **t.run_info,
+        **t.info,
+        **ended,
         "steps": state.step,
         "samples_seen": state.samples_seen,
-        "global_batch_size": t.layout.global_batch,
-        "accumulation_steps": t.layout.accumulation,
+        "global_batch_size": layout.global_batch,
+        "accumulation_steps": layout.accumulation,
         "wall_s": t.sink.elapsed(),
         "train_samples_per_s": t.window.samples_per_s,
         # On eval_split, of the weights model/ holds (their average with train.ema).

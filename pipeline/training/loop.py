@@ -1,21 +1,18 @@
 """The training loop: one code path for one CPU, several processes, GPUs and nodes.
 
 The loop only decides, between two steps: when to log, evaluate, roll the epoch over, stop and
-checkpoint. What it decides about is built by the Trainer (trainer.py); what a finished or
-stopped run leaves behind is written by finish.py.
+checkpoint. What it decides about is a Run built once (parts.py, by trainer.py); it advances the
+run's state and returns what stopped it; what a finished or stopped run leaves behind is written
+by finish.py.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pipeline.data import order
 from pipeline.distributed.preemption import StopSignal
 from pipeline.errors import UserError
+from pipeline.training.parts import Run
 from pipeline.training.step import StepResult, train_step
-
-if TYPE_CHECKING:
-    from pipeline.training.trainer import Trainer
 
 
 class Diverged(UserError):
@@ -24,8 +21,8 @@ class Diverged(UserError):
 
 
 class TrainingLoop:
-    def __init__(self, trainer: Trainer):
-        self.t = trainer
+    def __init__(self, run: Run):
+        self.t = run
         self.stopped_by: str | None = None
 
     def run(self, stop: StopSignal) -> str | None:
@@ -34,10 +31,10 @@ class TrainingLoop:
         t.parts.model.train()
         t.sink.begin()
         if t.world_change:
-            t.sink.record(state.step, {"world/size": t.world, "world/previous_size": t.world_change[0],
-                                      "world/accumulation_steps": t.layout.accumulation})
+            t.sink.record(state.step, {"world/size": t.world_change[1], "world/previous_size": t.world_change[0],
+                                      "world/accumulation_steps": t.data.layout.accumulation})
         while state.step < t.total_steps and self.stopped_by is None:
-            count = min(t.plan.steps - state.step_in_epoch, t.total_steps - state.step)
+            count = min(t.data.plan.steps - state.step_in_epoch, t.total_steps - state.step)
             epoch = state.epoch
             for micro in t.batches.epoch(epoch, state.step_in_epoch, count):
                 result = train_step(t.parts, micro, self._dropout_seeds(), epoch)
@@ -51,11 +48,11 @@ class TrainingLoop:
         """Per micro-batch, from its place in the global batch: the masks do not depend on the rank
         that computes it, and a resumed run draws what an uninterrupted one did."""
         t = self.t
-        if not t.uses_dropout:
+        if not t.data.model.dropout > 0:
             return None
-        rank, step = t.accelerator.process_index, t.state.step
-        return [order.chunk_seed(t.cfg.train.seed, step, order.chunk_index(t.layout, rank, a))
-                for a in range(t.layout.accumulation)]
+        rank, step, layout = t.accelerator.process_index, t.state.step, t.data.layout
+        return [order.chunk_seed(t.cfg.train.seed, step, order.chunk_index(layout, rank, a))
+                for a in range(layout.accumulation)]
 
     def _count(self, result: StepResult) -> None:
         t, state = self.t, self.t.state
@@ -63,7 +60,7 @@ class TrainingLoop:
         if t.ema is not None:
             t.ema.update(t.unwrapped, state.step)
         state.step_in_epoch += 1
-        state.samples_seen += t.layout.global_batch
+        state.samples_seen += t.data.layout.global_batch
         t.window.add(result, state.step)
         t.bar.update(1)
 
@@ -81,11 +78,11 @@ class TrainingLoop:
         """The decisions between two steps: log, evaluate, roll the epoch over, stop, checkpoint."""
         t, cfg, state = self.t, self.t.cfg, self.t.state
         final = state.step == t.total_steps
-        epoch_steps = t.plan.steps
+        epoch_steps = t.data.plan.steps
         boundary = state.step % cfg.train.log_every_steps == 0 or final
         if boundary:
             self._check_finite()
-            padding = t.batches.padding.take() if t.plan.ragged else None
+            padding = t.batches.padding.take() if t.data.plan.ragged else None
             t.sink.train(state.step, {**t.window.close(t.accelerator, padding),
                                       "train/epoch": state.epoch + state.step_in_epoch / epoch_steps,
                                       "train/skipped_steps": state.skipped_steps})
@@ -105,7 +102,7 @@ class TrainingLoop:
         cfg, state = self.t.cfg, self.t.state
         if cfg.eval.every_epochs is None:
             return state.step % cfg.eval.every_steps == 0
-        return state.step_in_epoch == self.t.plan.steps and (state.epoch + 1) % cfg.eval.every_epochs == 0
+        return state.step_in_epoch == self.t.data.plan.steps and (state.epoch + 1) % cfg.eval.every_epochs == 0
 
     def _stop_reason(self, stop: StopSignal, boundary: bool) -> str | None:
         if self.t.state.step == self.t.cfg.train.stop_at_step:

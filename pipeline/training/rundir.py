@@ -1,6 +1,6 @@
 """Whose output_dir this is, and whether this start may write there: nothing a user made is lost.
 
-train.py writes config.yaml, metrics.jsonl, summary.json, model/, plots/ and checkpoints/ into its
+train.py writes config.yaml, resolved.yaml, metrics.jsonl, summary.json, model/, plots/ and checkpoints/ into its
 output_dir. Before anything is written there (before the lease), the main process looks at what the
 directory holds and decides once, for every rank:
 - missing or empty, or a run that has recorded nothing yet: train;
@@ -38,7 +38,8 @@ RUN_MARKER = "run.json"
 RUN_KIND = "lstm-pipeline training run"
 # What a training run writes into its output_dir, and all that --overwrite removes. wandb/ stays: an
 # offline W&B run there is still to be synced, and the new run's files go beside it under their own id.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "plots", "config.yaml", "sample_ids")
+RESOLVED = "resolved.yaml"  # beside config.yaml: the settings the run resolved from its data
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "plots", "config.yaml", RESOLVED, "sample_ids")
 _REPLACE = "add --overwrite (it removes that run's checkpoints, metrics.jsonl, summary.json, model/ and plots/ first)"
 
 

@@ -1,11 +1,10 @@
-"""The Trainer's set-up: the data plan, the model and optimizer, the resume, and the run's outputs.
+"""A run's set-up, once: the data plan, the model and optimizer, the resume, and the run's outputs.
 
-A built Trainer holds everything one run needs; `run()` hands it to the loop (loop.py) and then to
-the end of the run (finish.py). The pieces do the work: `train_step` (step.py) computes one update,
-`StreamBatches` (batches.py) or `ResidentBatches` (data/resident.py) deliver this rank's data,
-`Evaluator` (evaluation.py) scores a split on rank 0, `Checkpointer` (checkpoint.py) owns the
-checkpoints, and `MetricsSink` (metrics.py) writes every event to metrics.jsonl, W&B and the
-progress bar at once.
+`build_run` returns a Run (parts.py) that the loop (loop.py) and the end of the run (finish.py) take
+whole. The pieces do the work: `train_step` (step.py) computes one update, a BatchProvider
+(data/provider.py) delivers this rank's data, `Evaluator` (evaluation.py) scores a split on rank 0,
+`Checkpointer` (checkpoint.py) owns the checkpoints, and `MetricsSink` (metrics.py) writes every
+event to metrics.jsonl, W&B and the progress bar at once.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
@@ -23,9 +23,10 @@ from pipeline.config import Config, save_config
 from pipeline.data.augment import Augment
 from pipeline.data.manifest import Manifest, check_dataset, load_manifest
 from pipeline.data.order import BatchLayout, fit_to_split
+from pipeline.data.provider import BatchProvider
 from pipeline.data.resident import ResidentBatches, choose_placement
 from pipeline.data.sequence_augment import SequenceAugment
-from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, load_split_tensors, verify_shards
+from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, verify_shards
 from pipeline.distributed.agreement import any_rank, fail_together, on_main
 from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.distributed.preemption import StopSignal
@@ -33,19 +34,20 @@ from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.files import mask_url
 from pipeline.inputs import InputScale
 from pipeline.model import build_model
+from pipeline.model_card import ModelCard
 from pipeline.tracking import Tracker
-from pipeline.training.accelerator import build_accelerator
 from pipeline.training.batches import StreamBatches
 from pipeline.training.checkpoint import Checkpointer, TrainState
 from pipeline.training.ema import WeightAverage
-from pipeline.training.evaluation import Evaluator, eval_split
+from pipeline.training.evaluation import eval_split
 from pipeline.training.exact_reduction import ExactReduction
 from pipeline.training.finish import end_run
 from pipeline.training.loop import TrainingLoop
 from pipeline.training.metrics import MetricsSink, StepWindow
 from pipeline.training.optimizer import build_optimizer, build_scheduler
 from pipeline.training.outputs import MetricsLog, check_output_dir
-from pipeline.training.rundir import AlreadyComplete, complete_message
+from pipeline.training.parts import DataPlan, Run, make_evaluator, say
+from pipeline.training.rundir import RESOLVED, AlreadyComplete, complete_message
 from pipeline.training.step import StepParts
 
 
@@ -54,6 +56,19 @@ def total_steps(cfg: Config, plan: EpochPlan) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     return max(plan.steps * cfg.train.epochs, cfg.train.min_steps or 0)
+
+
+def check_eval_every(cfg: Config, steps: int) -> None:
+    """A run of epochs learns its length here; one of max_steps was checked when the config loaded."""
+    problem = cfg.eval.never_within(steps, f"the run ({steps} steps)") if cfg.train.max_steps is None else None
+    if problem:
+        raise ConfigError(problem)
+
+
+def save_resolved(resolved: dict[str, Any], path: Path) -> None:
+    """Beside config.yaml (what the user wrote): the values the data decided, under the keys they answer."""
+    header = "# Settings this run resolved from its data; config.yaml beside it is the config as given.\n"
+    path.write_text(header + yaml.safe_dump(resolved, sort_keys=False))
 
 
 def auto_frame(median_length: float, target_steps: int = 64) -> int:
@@ -77,225 +92,221 @@ def required_free_bytes(model: torch.nn.Module, keep_last: int) -> int:
     return 2 * (keep_last + 1) * 4 * params + 8 * 2**20
 
 
-class Trainer:
-    """Set-up in __init__ (data plan, model, optimizer, resume, tracker); run() trains and ends the run."""
+def build_run(cfg: Config, env: LaunchEnv, accelerator: Accelerator, resume: str | None = None,
+              claim: Callable[[DataPlan], dict[str, Any] | None] | None = None) -> Run:
+    """`env` is the launch as the entry point read it (pipeline/distributed/launch_env.py): nothing here reads
+    the environment for it. `claim` (collective) runs once the run's length is known and before anything is
+    written to output_dir: it refuses the directory or takes it, and returns the summary of the finished run
+    that this start resumes, if it is one (pipeline/training/run.py). `cfg` is never written to."""
+    data = plan_data(cfg, accelerator)
+    finished_run = claim(data) if claim is not None else None
+    parts = _build_parts(cfg, accelerator, data)
+    card = model_card(data, accelerator)
+    checkpointer = Checkpointer(
+        accelerator, cfg.output_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
+        fingerprint=data.manifest.fingerprint, model_desc=data.model.model_dump(), config=cfg.to_dict(),
+        model_card=card.to_dict(), order={"global_batch_size": data.layout.global_batch, "seed": cfg.train.seed,
+                                "shuffle_buffer": cfg.data.shuffle_buffer, "canonical_streams": cfg.data.canonical_streams},
+        fault=env.fault)
+    unwrapped = accelerator.unwrap_model(parts.model)
+    # The average of the weights, on the main process (it alone evaluates and saves it).
+    ema = WeightAverage(unwrapped, cfg.train.ema.decay, cfg.train.ema.start_step) \
+        if cfg.train.ema and accelerator.is_main_process else None
+    resumed = _restore(checkpointer, resume, parts, ema, data.layout, accelerator)
+    state = resumed[1] if resumed else TrainState()
+    _stop_if_complete(cfg, finished_run, state.step if resumed else None, data.total_steps)
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        save_resolved(data.resolved(), Path(cfg.output_dir) / RESOLVED)
+    batches = _build_batches(cfg, data, accelerator)
+    return _with_outputs(cfg, accelerator, data, parts, unwrapped, ema, checkpointer, state, resumed, batches, card)
 
-    def __init__(self, cfg: Config, resume: str | None, env: LaunchEnv, accelerator: Accelerator | None = None,
-                 claim: Callable[[Trainer], dict[str, Any] | None] | None = None):
-        """`env` is the launch as the entry point read it (pipeline/distributed/launch_env.py): nothing here reads
-        the environment for it. `claim` (collective) runs once the run's length is known and before anything is
-        written to output_dir: it refuses the directory or takes it, and returns the summary of the finished run
-        that this start resumes, if it is one (pipeline/training/run.py)."""
-        self.cfg = cfg
-        self.env = env
-        self.accelerator = accelerator = accelerator or build_accelerator(cfg, self.env)
-        self.out = Path(cfg.output_dir)
-        self.main = accelerator.is_main_process
-        self.world = accelerator.num_processes
-        self.device = accelerator.device
-        self.rehearsal = cfg.train.gpu_rehearsal and self.device.type == "cuda"
-        self._plan_data()
-        self.finished_run = claim(self) if claim is not None else None
-        self._build_training(resume)
-        self._build_outputs()
 
-    def _plan_data(self) -> None:
-        cfg = self.cfg
-        self.source = ShardSource(cfg.data.dir, cfg.data.base_url, cfg.data.retry_s)
-        self.manifest = self._read_manifest()
-        self.placement = self._choose_placement()
-        self.layout = self._fit_layout(BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, self.world))
-        self.plan = EpochPlan.make(self.manifest, "train", self.layout, cfg.train.seed, cfg.data.shuffle_buffer,
-                                   cfg.data.length_buckets, cfg.data.canonical_streams)
-        self.inputs = InputScale.for_data(self.manifest)
-        if cfg.model.frame == "auto":  # fixed here from the data, so the model's description holds a number
-            cfg.model.frame = auto_frame(self.manifest.split("train").lengths.median)
-        if (cfg.data.hflip or cfg.data.shift or cfg.data.erase) and self.manifest.image_shape is None:
-            raise ConfigError(f"data.hflip, data.shift and data.erase augment images, but {cfg.data.dir} holds sequences "
-                              f"({self.manifest.dataset}); set them to false / 0 for this data set")
-        if (cfg.data.time_mask or cfg.data.jitter or cfg.data.scale) and self.manifest.image_shape is not None:
-            raise ConfigError(f"data.time_mask, data.jitter and data.scale augment standardised sequences, but {cfg.data.dir} "
-                              f"holds images ({self.manifest.dataset}, scaled by / 255); use data.hflip, shift or erase")
-        self.total_steps = total_steps(cfg, self.plan)
-        if cfg.train.max_steps is None and cfg.eval.every_epochs is None and cfg.eval.every_steps > self.total_steps:
-            raise ConfigError(f"eval.every_steps ({cfg.eval.every_steps}) is larger than the run ({self.total_steps} steps)")
-        self._log_plan()
+def plan_data(cfg: Config, accelerator: Accelerator) -> DataPlan:
+    """The manifest read and checked, the placement, the batch layout and epoch plan, the resolved model and
+    the run's length: every rank alike, before any model exists."""
+    source = ShardSource(cfg.data.dir, cfg.data.base_url, cfg.data.retry_s)
+    manifest = _read_manifest(cfg, source, accelerator)
+    placement = _choose_placement(cfg, manifest, accelerator)
+    layout = _fit_layout(BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, accelerator.num_processes),
+                         manifest, accelerator)
+    plan = EpochPlan.make(manifest, "train", layout, cfg.train.seed, cfg.data.shuffle_buffer,
+                          cfg.data.length_buckets, cfg.data.canonical_streams)
+    _check_augmentation(cfg, manifest)
+    # model.frame auto is fixed here from the data, so the model's description holds a number; the user's
+    # config keeps "auto" (config.yaml), the number is in resolved.yaml and the model card.
+    frame = auto_frame(manifest.split("train").lengths.median) if cfg.model.frame == "auto" else cfg.model.frame
+    data = DataPlan(source, manifest, placement, layout, plan, InputScale.for_data(manifest),
+                    cfg.model.model_copy(update={"frame": frame}), total_steps(cfg, plan))
+    check_eval_every(cfg, data.total_steps)
+    _log_plan(cfg, accelerator, data)
+    return data
 
-    def _fit_layout(self, layout: BatchLayout) -> BatchLayout:
-        train = self.manifest.split("train").num_samples
-        fitted = fit_to_split(layout, train)
-        if fitted != layout:
-            self.log(f"the train split holds {train} samples, fewer than the global batch of {layout.global_batch}: "
-                     f"global batch {fitted.global_batch}, micro-batch {fitted.micro_batch} instead")
-        return fitted
 
-    def _read_manifest(self) -> Manifest:
-        """Every rank reads the manifest and checks the shards it reads from disk (each node may hold its own
-        copy): one message, however many failed. Shards on a server are the same for every rank: the main
-        process alone asks the server, and every rank learns the answer."""
-        cfg, manifest, failure = self.cfg, None, None
-        try:
-            manifest = load_manifest(cfg.data.dir, cfg.data.dataset)
-            check_dataset(manifest, cfg.data.dir, cfg.data.dataset)
-            if not self.source.base_url:
-                verify_shards(manifest, self.source, "train", cfg.data.verify)
-        except UserError as err:
-            failure = err
-        fail_together(self.accelerator, failure)
-        if self.source.base_url:
-            on_main(self.accelerator, lambda: verify_shards(manifest, self.source, "train", cfg.data.verify),
-                    lambda err: DataError(f"checking the shards at data.base_url failed ({mask_url(str(err))})"))
-        return manifest
+def _check_augmentation(cfg: Config, manifest: Manifest) -> None:
+    if (cfg.data.hflip or cfg.data.shift or cfg.data.erase) and manifest.image_shape is None:
+        raise ConfigError(f"data.hflip, data.shift and data.erase augment images, but {cfg.data.dir} holds sequences "
+                          f"({manifest.dataset}); set them to false / 0 for this data set")
+    if (cfg.data.time_mask or cfg.data.jitter or cfg.data.scale) and manifest.image_shape is not None:
+        raise ConfigError(f"data.time_mask, data.jitter and data.scale augment standardised sequences, but {cfg.data.dir} "
+                          f"holds images ({manifest.dataset}, scaled by / 255); use data.hflip, shift or erase")
 
-    def _build_training(self, resume: str | None) -> None:
-        """The model, its optimizer and average, the checkpoints, and the state resumed from one of them."""
-        cfg = self.cfg
-        self.parts = self._build_parts()
-        self.checkpointer = Checkpointer(
-            self.accelerator, self.out, cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
-            fingerprint=self.manifest.fingerprint, model_desc=cfg.model.model_dump(), config=cfg.to_dict(),
-            model_card=self.model_card(), order={"global_batch_size": self.layout.global_batch, "seed": cfg.train.seed,
-                                                 "shuffle_buffer": cfg.data.shuffle_buffer,
-                                                 "canonical_streams": cfg.data.canonical_streams},
-            fault=self.env.fault)
-        self.uses_dropout = cfg.model.dropout > 0
-        self.unwrapped = self.accelerator.unwrap_model(self.parts.model)
-        # The average of the weights, on the main process (it alone evaluates and saves it).
-        self.ema = WeightAverage(self.unwrapped, cfg.train.ema.decay, cfg.train.ema.start_step) \
-            if cfg.train.ema and self.main else None
-        self.world_change: tuple[int, int] | None = None  # (world size that wrote the checkpoint, this one)
-        self.resumed_from = self._restore(resume)
-        self.state: TrainState = self.resumed_from[1] if self.resumed_from else TrainState()
-        self._stop_if_complete()
-        if self.main:
-            save_config(cfg, self.out / "config.yaml")
-        self.batches = self._build_batches()
 
-    def _stop_if_complete(self) -> None:
-        """A finished run resumed at its end (the checkpoint has been checked against this config): nothing
-        to train. Stop before config.yaml, metrics.jsonl or the W&B run are touched, every rank alike."""
-        done = self.finished_run
-        reached = self.state.step if self.resumed_from else (done or {}).get("steps")
-        if done is not None and reached == self.total_steps:
-            raise AlreadyComplete(complete_message(self.out, done), done)
+def _fit_layout(layout: BatchLayout, manifest: Manifest, accelerator: Accelerator) -> BatchLayout:
+    train = manifest.split("train").num_samples
+    fitted = fit_to_split(layout, train)
+    if fitted != layout:
+        say(accelerator, f"the train split holds {train} samples, fewer than the global batch of {layout.global_batch}: "
+                         f"global batch {fitted.global_batch}, micro-batch {fitted.micro_batch} instead")
+    return fitted
 
-    def _build_outputs(self) -> None:
-        """Evaluation, metrics, W&B and the progress bar."""
-        cfg = self.cfg
-        self.eval_split, warning = eval_split(cfg.eval.split, list(self.manifest.splits), self.manifest.splitting)
-        if warning and self.main:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
-        self.evaluator = self.evaluator_for(self.eval_split) if self.main else None
-        self.run_info = {
-            "world_size": self.world,
-            "distributed_type": self.accelerator.distributed_type.value,
-            "mixed_precision": self.accelerator.mixed_precision,
-            "gpu_rehearsal": self.rehearsal,
-            "data_placement": self.placement,
-            "dataset_fingerprint": self.manifest.fingerprint,
-            "eval_split": self.eval_split,
-            "weights": "ema" if cfg.train.ema else "raw",
-        }
-        metrics_log = MetricsLog(self.out / "metrics.jsonl", self.state.step if self.resumed_from else None) if self.main else None
-        self.window = StepWindow(self.device, self.layout.global_batch)
-        # Last: nothing after it may fail, or the W&B run would be left unfinished.
-        self.tracker = Tracker.create(cfg.wandb, self.out, self.main, {**cfg.to_dict(), **self.run_info}, self.state.wandb_run_id)
-        self.bar = tqdm(total=self.total_steps, initial=self.state.step, dynamic_ncols=True, desc="train",
-                        disable=not self.main or not cfg.train.progress_bar or None)
-        self.sink = MetricsSink(metrics_log, self.tracker, self.bar, self.manifest.class_names)
 
-    def run(self, stop: StopSignal) -> dict[str, Any]:
-        """Train to the end, train.stop_at_step or an agreed SIGTERM; the summary on the main process."""
-        stopped_by = TrainingLoop(self).run(stop)
-        return end_run(self, stopped_by)
+def _read_manifest(cfg: Config, source: ShardSource, accelerator: Accelerator) -> Manifest:
+    """Every rank reads the manifest and checks the shards it reads from disk (each node may hold its own
+    copy): one message, however many failed. Shards on a server are the same for every rank: the main
+    process alone asks the server, and every rank learns the answer."""
+    manifest, failure = None, None
+    try:
+        manifest = load_manifest(cfg.data.dir, cfg.data.dataset)
+        check_dataset(manifest, cfg.data.dir, cfg.data.dataset)
+        if not source.base_url:
+            verify_shards(manifest, source, "train", cfg.data.verify)
+    except UserError as err:
+        failure = err
+    fail_together(accelerator, failure)
+    if source.base_url:
+        on_main(accelerator, lambda: verify_shards(manifest, source, "train", cfg.data.verify),
+                lambda err: DataError(f"checking the shards at data.base_url failed ({mask_url(str(err))})"))
+    return manifest
 
-    def log(self, message: str) -> None:
-        if self.main:
-            tqdm.write(f"[train] {message}")
 
-    def _log_plan(self) -> None:
-        cfg, accelerator, layout = self.cfg, self.accelerator, self.layout
-        dropped = self.manifest.split("train").num_samples - self.plan.steps * layout.global_batch
-        implicit = "" if cfg.train.global_batch_size else " (train.global_batch_size unset: batch_size x processes)"
-        self.log(f"world size {self.world} ({accelerator.distributed_type.value}, device {self.device}, "
-                 f"mixed precision {accelerator.mixed_precision}); global batch {layout.global_batch}{implicit} = "
-                 f"{self.world} process(es) x {layout.accumulation} accumulation step(s) x {layout.micro_batch}; "
-                 f"{self.plan.steps} steps per epoch, the last {dropped} samples of each epoch's order dropped; "
-                 f"{self.total_steps} steps")
-        if self.rehearsal:
-            self.log(f"GPU rehearsal: {self.world} ranks share {torch.cuda.device_count()} GPU(s) over gloo; this checks "
-                     "the multi-rank path (evaluation, checkpoints, resume), its speed means nothing")
+def _stop_if_complete(cfg: Config, finished_run: dict[str, Any] | None, resumed_step: int | None, steps: int) -> None:
+    """A finished run resumed at its end (the checkpoint has been checked against this config): nothing
+    to train. Stop before config.yaml, metrics.jsonl or the W&B run are touched, every rank alike."""
+    reached = resumed_step if resumed_step is not None else (finished_run or {}).get("steps")
+    if finished_run is not None and reached == steps:
+        raise AlreadyComplete(complete_message(Path(cfg.output_dir), finished_run), finished_run)
 
-    def _build_parts(self) -> StepParts:
-        cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model, self.manifest.features, self.manifest.num_classes)
-        # The main process alone writes there; every rank learns if it cannot, and ends with its reason.
-        on_main(self.accelerator, lambda: check_output_dir(self.out, required_free_bytes(model, cfg.checkpoint.keep_last)),
-                lambda err: UserError(f"output_dir {self.out} cannot be checked ({err})"))
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
-        model, optimizer = self.accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
-        augment = SequenceAugment(cfg.train.seed, cfg.data.time_mask, cfg.data.jitter, cfg.data.scale)
-        return StepParts(self.accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing,
-                         self.inputs, self._class_weights(), augment if augment.active else None,
-                         ExactReduction(self.layout) if cfg.train.exact_reduction else None)
 
-    def _class_weights(self) -> torch.Tensor | None:
-        if self.cfg.train.class_weights == "none":
-            return None
-        return balanced_weights(self.manifest.split("train").class_counts).to(self.device)
+def _with_outputs(cfg: Config, accelerator: Accelerator, data: DataPlan, parts: StepParts, unwrapped: torch.nn.Module,
+                  ema: WeightAverage | None, checkpointer: Checkpointer, state: TrainState,
+                  resumed: tuple[Path, TrainState, tuple[int, int] | None] | None, batches: BatchProvider,
+                  card: ModelCard) -> Run:
+    """Evaluation, metrics, W&B and the progress bar, then the Run."""
+    main, out = accelerator.is_main_process, Path(cfg.output_dir)
+    split, warning = eval_split(cfg.eval.split, list(data.manifest.splits), data.manifest.splitting)
+    if warning and main:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    evaluator = make_evaluator(cfg, accelerator, data, split) if main else None
+    info = {
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "mixed_precision": accelerator.mixed_precision,
+        "gpu_rehearsal": _rehearsal(cfg, accelerator),
+        "data_placement": data.placement,
+        "dataset_fingerprint": data.manifest.fingerprint,
+        "eval_split": split,
+        "weights": "ema" if cfg.train.ema else "raw",
+    }
+    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resumed else None) if main else None
+    window = StepWindow(accelerator.device, data.layout.global_batch)
+    # W&B's config is the run as it trained: the model with model.frame resolved.
+    tracked = {**cfg.to_dict(), "model": data.model.model_dump(mode="json"), **info}
+    # Last: nothing after it may fail, or the W&B run would be left unfinished.
+    tracker = Tracker.create(cfg.wandb, out, main, tracked, state.wandb_run_id)
+    bar = tqdm(total=data.total_steps, initial=state.step, dynamic_ncols=True, desc="train",
+               disable=not main or not cfg.train.progress_bar or None)
+    sink = MetricsSink(metrics_log, tracker, bar, data.manifest.class_names)
+    return Run(cfg, accelerator, data, parts, unwrapped, ema, checkpointer, state, resumed[0] if resumed else None,
+               resumed[2] if resumed else None, batches, split, evaluator, card, info, window, tracker, bar, sink)
 
-    def _choose_placement(self) -> str:
-        """Where the train split lives; the same on every rank, since steps per epoch depend on it."""
-        placement, why = choose_placement(self.cfg.data.placement, self.cfg.data.on_error, self.manifest, self.device)
-        if any_rank(self.accelerator, placement == "stream") and placement != "stream":
-            placement, why = "stream", "auto: another rank's device has too little free memory"
-        self.log(f"data placement {placement} ({why})")
-        return placement
 
-    def _build_batches(self) -> StreamBatches | ResidentBatches:
-        cfg, rank = self.cfg, self.accelerator.process_index
-        augment = Augment(cfg.train.seed, hflip=cfg.data.hflip, shift=cfg.data.shift, erase=cfg.data.erase,
-                          erase_area=cfg.data.erase_area)
-        if self.placement == "device":
-            return ResidentBatches(self.manifest, self.source, "train", self.plan, rank, self.device, augment,
-                                   record_sample_ids=cfg.data.record_sample_ids)
-        stream = TrainStream(self.manifest, self.source, "train", self.plan, rank, augment, workers=cfg.data.num_workers,
-                             on_error=cfg.data.on_error)
-        return StreamBatches(stream, seed=cfg.train.seed, data_dir=cfg.data.dir, pin_memory=self.device.type == "cuda",
-                             record_sample_ids=cfg.data.record_sample_ids)
+def train_run(run: Run, stop: StopSignal) -> dict[str, Any]:
+    """Train to the end, train.stop_at_step or an agreed SIGTERM; the summary on the main process."""
+    stopped_by = TrainingLoop(run).run(stop)
+    return end_run(run, stopped_by)
 
-    def model_card(self) -> dict[str, Any]:
-        """Saved beside the weights (model/config.json, checkpoints): what evaluate and predict need."""
-        m = self.manifest
-        return {"image_shape": m.image_shape, "features": m.features, "dtype": m.dtype, "ragged": self.plan.ragged,
-                "input_scale": self.inputs.card(), "num_classes": m.num_classes, "class_names": m.class_names,
-                "dataset": m.dataset, "dataset_fingerprint": m.fingerprint,
-                "mixed_precision": self.accelerator.mixed_precision}
 
-    def _restore(self, resume: str | None) -> tuple[Path, TrainState] | None:
-        removed = self.checkpointer.clean_partial()
-        if removed:
-            self.log(f"removed {len(removed)} incomplete checkpoint(s): {', '.join(p.name for p in removed)}")
-        path = self.checkpointer.resolve(resume)
-        if path is None:
-            return None
-        state, written_by = self.checkpointer.restore(path, self.parts.model, self.parts.optimizer, self.parts.scheduler,
-                                                      ema=self.ema)
-        self.log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} of it)")
-        if written_by != self.world:
-            self.log(f"world size {written_by} -> {self.world}: the same global batch of {self.layout.global_batch}, now "
-                     f"{self.world} x {self.layout.accumulation} x {self.layout.micro_batch}")
-            self.world_change = (written_by, self.world)
-        return path, state
+def _rehearsal(cfg: Config, accelerator: Accelerator) -> bool:
+    return cfg.train.gpu_rehearsal and accelerator.device.type == "cuda"
 
-    def evaluator_for(self, split: str) -> Evaluator:
-        x, lengths, y = load_split_tensors(self.manifest, self.source, split)
-        return Evaluator(x, lengths if self.plan.ragged else None, y, self.cfg.eval.batch_size,
-                         self.manifest.num_classes, self.device, self.accelerator.autocast, self.inputs)
 
-    @property
-    def shipped(self) -> torch.nn.Module:
-        """The weights model/ will hold: their average when train.ema is set."""
-        return self.ema.model if self.ema else self.unwrapped
+def _log_plan(cfg: Config, accelerator: Accelerator, data: DataPlan) -> None:
+    layout, world = data.layout, accelerator.num_processes
+    dropped = data.manifest.split("train").num_samples - data.plan.steps * layout.global_batch
+    implicit = "" if cfg.train.global_batch_size else " (train.global_batch_size unset: batch_size x processes)"
+    say(accelerator, f"world size {world} ({accelerator.distributed_type.value}, device {accelerator.device}, "
+                     f"mixed precision {accelerator.mixed_precision}); global batch {layout.global_batch}{implicit} = "
+                     f"{world} process(es) x {layout.accumulation} accumulation step(s) x {layout.micro_batch}; "
+                     f"{data.plan.steps} steps per epoch, the last {dropped} samples of each epoch's order dropped; "
+                     f"{data.total_steps} steps")
+    if _rehearsal(cfg, accelerator):
+        say(accelerator, f"GPU rehearsal: {world} ranks share {torch.cuda.device_count()} GPU(s) over gloo; this checks "
+                         "the multi-rank path (evaluation, checkpoints, resume), its speed means nothing")
+
+
+def _build_parts(cfg: Config, accelerator: Accelerator, data: DataPlan) -> StepParts:
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(data.model, data.manifest.features, data.manifest.num_classes)
+    # The main process alone writes there; every rank learns if it cannot, and ends with its reason.
+    on_main(accelerator, lambda: check_output_dir(out, required_free_bytes(model, cfg.checkpoint.keep_last)),
+            lambda err: UserError(f"output_dir {out} cannot be checked ({err})"))
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, data.total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is never prepared: optimizer.py
+    augment = SequenceAugment(cfg.train.seed, cfg.data.time_mask, cfg.data.jitter, cfg.data.scale)
+    weights = None if cfg.train.class_weights == "none" else \
+        balanced_weights(data.manifest.split("train").class_counts).to(accelerator.device)
+    return StepParts(accelerator, model, optimizer, scheduler, cfg.train.grad_clip, cfg.train.label_smoothing,
+                     data.inputs, weights, augment if augment.active else None,
+                     ExactReduction(data.layout) if cfg.train.exact_reduction else None)
+
+
+def _choose_placement(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> str:
+    """Where the train split lives; the same on every rank, since steps per epoch depend on it."""
+    placement, why = choose_placement(cfg.data.placement, cfg.data.on_error, manifest, accelerator.device)
+    if any_rank(accelerator, placement == "stream") and placement != "stream":
+        placement, why = "stream", "auto: another rank's device has too little free memory"
+    say(accelerator, f"data placement {placement} ({why})")
+    return placement
+
+
+def _build_batches(cfg: Config, data: DataPlan, accelerator: Accelerator) -> BatchProvider:
+    rank, device = accelerator.process_index, accelerator.device
+    augment = Augment(cfg.train.seed, hflip=cfg.data.hflip, shift=cfg.data.shift, erase=cfg.data.erase,
+                      erase_area=cfg.data.erase_area)
+    if data.placement == "device":
+        return ResidentBatches(data.manifest, data.source, "train", data.plan, rank, device, augment,
+                               record_sample_ids=cfg.data.record_sample_ids)
+    stream = TrainStream(data.manifest, data.source, "train", data.plan, rank, augment, workers=cfg.data.num_workers,
+                         on_error=cfg.data.on_error)
+    return StreamBatches(stream, seed=cfg.train.seed, data_dir=cfg.data.dir, pin_memory=device.type == "cuda",
+                         record_sample_ids=cfg.data.record_sample_ids)
+
+
+def model_card(data: DataPlan, accelerator: Accelerator) -> ModelCard:
+    """Saved beside the weights (model/config.json, checkpoints): what evaluate and predict need."""
+    m = data.manifest
+    return ModelCard(model=data.model, features=m.features, num_classes=m.num_classes, class_names=m.class_names,
+                     image_shape=m.image_shape, dtype=m.dtype, ragged=data.plan.ragged, input_scale=data.inputs.card(),
+                     dataset=m.dataset, dataset_fingerprint=m.fingerprint, mixed_precision=accelerator.mixed_precision)
+
+
+def _restore(checkpointer: Checkpointer, resume: str | None, parts: StepParts, ema: WeightAverage | None,
+             layout: BatchLayout, accelerator: Accelerator) -> tuple[Path, TrainState, tuple[int, int] | None] | None:
+    """(checkpoint, its state, (world size that wrote it, this one) where they differ), or None: a fresh start."""
+    removed = checkpointer.clean_partial()
+    if removed:
+        say(accelerator, f"removed {len(removed)} incomplete checkpoint(s): {', '.join(p.name for p in removed)}")
+    path = checkpointer.resolve(resume)
+    if path is None:
+        return None
+    state, written_by = checkpointer.restore(path, parts.model, parts.optimizer, parts.scheduler, ema=ema)
+    say(accelerator, f"resumed from {path} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch} of it)")
+    world = accelerator.num_processes
+    if written_by == world:
+        return path, state, None
+    say(accelerator, f"world size {written_by} -> {world}: the same global batch of {layout.global_batch}, now "
+                     f"{world} x {layout.accumulation} x {layout.micro_batch}")
+    return path, state, (written_by, world)
