@@ -26,9 +26,11 @@ import numpy as np
 from benchmarks.common import PY, ROOT, run_checked, say, table
 from pipeline.data import canonical, order
 from pipeline.data.augment import Augment
+from pipeline.data.epoch_plan import EpochPlan
 from pipeline.data.manifest import load_manifest
 from pipeline.data.order import BatchLayout
-from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, load_split_arrays
+from pipeline.data.store import ShardStore, load_split_arrays
+from pipeline.data.stream import TrainStream
 from pipeline.training.batches import StreamBatches
 
 GLOBAL, MICRO, SEED, WINDOW = 256, 32, 0, 4096
@@ -40,7 +42,7 @@ def bytes_per_rank(data: Path, world: int, streams: int) -> list[int]:
     plan = EpochPlan.make(manifest, "train", BatchLayout.make(GLOBAL, MICRO, world), SEED, WINDOW, streams=streams)
     out = []
     for rank in range(world):
-        stream = TrainStream(manifest, ShardSource(str(data)), "train", plan, rank, Augment(SEED))
+        stream = TrainStream(manifest, ShardStore(str(data)), "train", plan, rank, Augment(SEED))
         batches = StreamBatches(stream, seed=SEED, data_dir=str(data), pin_memory=False, record_sample_ids=False)
         for _ in batches.epoch(0, 0, plan.steps):
             pass
@@ -51,7 +53,7 @@ def bytes_per_rank(data: Path, world: int, streams: int) -> list[int]:
 def mixing(data: Path, streams: int, epochs: int = 3) -> dict:
     """Classes per micro-batch over `epochs` epochs of the order (positions -> labels; nothing trained)."""
     manifest = load_manifest(data)
-    _, _, labels, _ = load_split_arrays(manifest, ShardSource(str(data)), "train")
+    _, _, labels, _ = load_split_arrays(manifest, ShardStore(str(data)), "train")
     sizes = [s.num_samples for s in manifest.split("train").shards]
     share = np.bincount(labels, minlength=manifest.num_classes) / len(labels)
     distinct, distance = [], []
@@ -67,7 +69,7 @@ def mixing(data: Path, streams: int, epochs: int = 3) -> dict:
 
 def padding(data: Path, streams: int) -> float:
     manifest = load_manifest(data)
-    _, lengths, _, _ = load_split_arrays(manifest, ShardSource(str(data)), "train")
+    _, lengths, _, _ = load_split_arrays(manifest, ShardStore(str(data)), "train")
     sizes = [s.num_samples for s in manifest.split("train").shards]
     layout = BatchLayout(GLOBAL, MICRO, 1)
     seq = canonical.epoch_sequence(sizes, lengths, SEED, 0, WINDOW, layout, streams)

@@ -2,9 +2,9 @@
 # The GPU check, as one time-boxed script for a borrowed GPU machine:
 #   bash benchmarks/gpu_check.sh OUT_DIR DATA_DIR [BUDGET_S]
 # 1. a smoke run of the trainer on CUDA (bf16, cpu_test.yaml) - if it fails, the rest is pointless
-#    and only tests/test_devices.py runs, for the diagnosis;
+#    and only tests/training/test_devices.py runs, for the diagnosis;
 # 2. the recipe selection (benchmarks/select_recipe.py, SPEC, default benchmarks/recipes/lstm_gpu.yaml:
-#    every candidate x seeds 0-2 at once, sharing the GPU), with tests/test_devices.py beside it;
+#    every candidate x seeds 0-2 at once, sharing the GPU), with tests/training/test_devices.py beside it;
 # 3. the precision sweep (benchmarks/run.py --device $device --quick: trainer vs in-memory floor at
 #    batch 256/1024/4096 in fp32, bf16, fp16), alone on the GPU since it is timed;
 # 4. everything small that the runs wrote, and the chosen weights, packed into OUT_DIR/runs.tgz.
@@ -29,20 +29,20 @@ timeout 120 "$py" launch/train.py --config configs/cpu_test.yaml "data.dir=$data
 smoke=$?
 tail -5 "$work/smoke.log"
 if [ $smoke -ne 0 ]; then
-  echo "smoke run failed (exit $smoke): only tests/test_devices.py runs now"
-  timeout $(( $(left) > 60 ? $(left) : 60 )) "$py" -m pytest -x -q tests/test_devices.py > "$out/test_devices.log" 2>&1
+  echo "smoke run failed (exit $smoke): only tests/training/test_devices.py runs now"
+  timeout $(( $(left) > 60 ? $(left) : 60 )) "$py" -m pytest -x -q tests/training/test_devices.py > "$out/test_devices.log" 2>&1
   tail -30 "$out/test_devices.log"
   cp "$work/smoke.log" "$out/"
   exit 1
 fi
 
 bench_s=120
-step "recipe selection, with tests/test_devices.py beside it"
-timeout 300 "$py" -m pytest -q tests/test_devices.py > "$out/test_devices.log" 2>&1 &
+step "recipe selection, with tests/training/test_devices.py beside it"
+timeout 300 "$py" -m pytest -q tests/training/test_devices.py > "$out/test_devices.log" 2>&1 &
 tests=$!
 "$py" benchmarks/select_recipe.py --spec "${SPEC:-benchmarks/recipes/lstm_gpu.yaml}" --data "$data" --work "$work/select" \
   --out "$out/selection.json" --device $device --seeds 0,1,2 --parallel 16 --deadline-s $(( $(left) - bench_s - 20 )) ${SELECT_EXTRA:-}
-wait $tests; echo "tests/test_devices.py exit $?"; tail -3 "$out/test_devices.log"
+wait $tests; echo "tests/training/test_devices.py exit $?"; tail -3 "$out/test_devices.log"
 
 step "precision sweep (quick), alone on the GPU"
 timeout $(( $(left) > 30 ? $(left) : 30 )) "$py" benchmarks/run.py --device $device --quick --sections precision \

@@ -52,15 +52,17 @@ def torchvision_root(tmp: Path, source: Path = FASHION_IDX) -> Path:
 
 def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size: int = 256, cast: bool = False) -> dict:
     from pipeline.data.augment import Augment
+    from pipeline.data.epoch_plan import EpochPlan
     from pipeline.data.manifest import load_manifest
     from pipeline.data.order import BatchLayout
-    from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
+    from pipeline.data.store import ShardStore
+    from pipeline.data.stream import TrainStream
     from pipeline.inputs import IMAGES
     from pipeline.training.batches import StreamBatches
 
     manifest = load_manifest(data_dir)
     plan = EpochPlan.make(manifest, "train", BatchLayout.make(batch_size, batch_size, 1), 0, shuffle_buffer)
-    stream = TrainStream(manifest, ShardSource(str(data_dir)), "train", plan, 0, Augment(0))
+    stream = TrainStream(manifest, ShardStore(str(data_dir)), "train", plan, 0, Augment(0))
     batches = StreamBatches(stream, seed=0, data_dir=str(data_dir), pin_memory=False, record_sample_ids=False)
     cpu = torch.device("cpu")
     epoch = [0]
@@ -85,10 +87,10 @@ def bench_ours(data_dir: Path, reps: int, shuffle_buffer: int = 8192, batch_size
 def bench_blocks_only(data_dir: Path, reps: int) -> dict:
     """read_blocks over every train shard in manifest order: tar parsing + np.load, no shuffle/batching."""
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import ShardSource, read_blocks
+    from pipeline.data.store import ShardStore, read_blocks
 
     manifest = load_manifest(data_dir)
-    source = ShardSource(str(data_dir))
+    source = ShardStore(str(data_dir))
 
     def once() -> int:
         return sum(len(y) for shard in manifest.split("train").shards for y in (b.labels for b in read_blocks(source, shard)))
@@ -101,9 +103,9 @@ def write_per_sample(data_dir: Path, out: Path, n_samples: int | None, num_shard
     import webdataset as wds
 
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import ShardSource, load_split_tensors
+    from pipeline.data.store import ShardStore, load_split_tensors
 
-    images, _, labels = load_split_tensors(load_manifest(data_dir), ShardSource(str(data_dir)), "train")
+    images, _, labels = load_split_tensors(load_manifest(data_dir), ShardStore(str(data_dir)), "train")
     images, labels = images.numpy(), labels.numpy()
     n = len(labels) if not n_samples else min(n_samples, len(labels))
     out.mkdir(parents=True, exist_ok=True)

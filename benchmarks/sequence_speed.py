@@ -44,12 +44,12 @@ class SequenceFloor:
         from pipeline.data import canonical
         from pipeline.data.manifest import load_manifest
         from pipeline.data.order import BatchLayout
-        from pipeline.data.stream import ShardSource, load_split_arrays
+        from pipeline.data.store import ShardStore, load_split_arrays
         from pipeline.inputs import InputScale
 
         manifest = load_manifest(data_dir)
         sizes = [s.num_samples for s in manifest.split("train").shards]
-        x, lengths, y, _ = load_split_arrays(manifest, ShardSource(str(data_dir)), "train")
+        x, lengths, y, _ = load_split_arrays(manifest, ShardStore(str(data_dir)), "train")
         cfg = bench_config(CONFIG, data_dir, Path("unused"), batch, steps, steps, MEASURED)
         layout = BatchLayout.make(batch, batch, 1)
         scale, device = InputScale.for_data(manifest), torch.device("cpu")
@@ -110,11 +110,11 @@ def waste(data_dir: Path, batch: int, epochs: int = 5) -> dict:
     from pipeline.data import canonical
     from pipeline.data.manifest import load_manifest
     from pipeline.data.order import BatchLayout, epoch_padding_waste
-    from pipeline.data.stream import ShardSource, load_split_arrays
+    from pipeline.data.store import ShardStore, load_split_arrays
 
     manifest = load_manifest(data_dir)
     sizes = [s.num_samples for s in manifest.split("train").shards]
-    _, lengths, _, _ = load_split_arrays(manifest, ShardSource(str(data_dir)), "train")
+    _, lengths, _, _ = load_split_arrays(manifest, ShardStore(str(data_dir)), "train")
     cfg = load_config(CONFIG)
     layout = BatchLayout.make(batch, batch, 1)
     out = {}

@@ -111,9 +111,11 @@ def _trainer_pieces(data_dir: Path, work: Path, steps: int) -> dict:
 def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     from pipeline.config import load_config
     from pipeline.data.augment import Augment
+    from pipeline.data.epoch_plan import EpochPlan
     from pipeline.data.manifest import load_manifest
     from pipeline.data.order import BatchLayout
-    from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
+    from pipeline.data.store import ShardStore
+    from pipeline.data.stream import TrainStream
     from pipeline.distributed.launch_env import LaunchEnv
     from pipeline.inputs import IMAGES
     from pipeline.model import build_model
@@ -126,7 +128,7 @@ def _step_regions(data_dir: Path, steps: int, warm: int = 5) -> dict:
     manifest = load_manifest(data_dir)
     layout = BatchLayout.make(cfg.train.batch_size, cfg.train.batch_size, 1)
     plan = EpochPlan.make(manifest, "train", layout, 0, cfg.data.shuffle_buffer)
-    stream = TrainStream(manifest, ShardSource(str(data_dir)), "train", plan, 0, Augment(0))
+    stream = TrainStream(manifest, ShardStore(str(data_dir)), "train", plan, 0, Augment(0))
     source = StreamBatches(stream, seed=0, data_dir=str(data_dir), pin_memory=False, record_sample_ids=False)
     batches = [micro[0] for micro in source.epoch(0, 0, min(plan.steps, warm + steps))]
     torch.manual_seed(0)

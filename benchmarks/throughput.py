@@ -68,10 +68,10 @@ class Floor:
     def __init__(self, data_dir: Path, config: Path = CONFIG, device: str = "cpu", precision: str = "no",
                  extra: list[str] = ()):
         from pipeline.data.manifest import load_manifest
-        from pipeline.data.stream import ShardSource, load_split_tensors
+        from pipeline.data.store import ShardStore, load_split_tensors
 
         manifest = load_manifest(data_dir)
-        x, _, y = load_split_tensors(manifest, ShardSource(str(data_dir)), "train")
+        x, _, y = load_split_tensors(manifest, ShardStore(str(data_dir)), "train")
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
         self.device = torch.device(device)
         self.x = x[perm].to(self.device).float().div_(255.0).contiguous()

@@ -134,13 +134,13 @@ def test_the_readme_stays_a_front_page():
     assert {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")} <= set(re.findall(r"\((docs/[\w-]+\.md)\)", readme))
 
 
-TEST_REF = re.compile(r"`(?:tests/)?(test_\w+\.py)((?:::\w+)?)`|`::(\w+)")
+TEST_REF = re.compile(r"`(?:tests/)?((?:\w+/)?test_\w+\.py)((?:::\w+)?)`|`::(\w+)")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_named_test_exists(page):
-    """A row that says which test holds it names a test that is there: `test_x.py::name`, or `::name` after
-    one in the same cell, which names a test of that file."""
+    """A row that says which test holds it names a test that is there: `tests/room/test_x.py::name`, or
+    `::name` after one in the same cell, which names a test of that file."""
     missing, current = [], None
     for match in TEST_REF.finditer(_text(page)):
         file, name, same_file = match.groups()

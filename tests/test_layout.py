@@ -154,3 +154,21 @@ def test_no_module_imports_a_higher_layer():
 
 def test_errors_is_a_leaf():
     assert _import_graph(type_checking=True)["pipeline.errors"] == set()
+
+
+# Rooms of the tests that are not rooms of pipeline/, and what they test.
+TEST_ROOMS_ELSEWHERE = {"recipes": "benchmarks/select_recipe.py"}
+HOUSE_TESTS = {"test_layout.py", "test_docs.py", "test_benchmarks.py", "test_launch_errors.py"}
+
+
+def test_the_tests_of_a_room_live_in_a_folder_named_for_it():
+    """tests/data/ holds the tests of pipeline/data/, tests/config/ those of pipeline/config.py; only the checks
+    of the whole house (this file, the docs, the benchmarks, the entry points' errors) stand at the top."""
+    rooms = {p.name for p in (ROOT / "pipeline").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    rooms |= {p.stem for p in (ROOT / "pipeline").glob("*.py") if p.name != "__init__.py"}
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders - rooms <= set(TEST_ROOMS_ELSEWHERE), f"test folders named for no room of pipeline/: {folders - rooms}"
+    loose = {p.name for p in (ROOT / "tests").glob("test_*.py")} - HOUSE_TESTS
+    assert not loose, f"put these in the folder of the room they test: {sorted(loose)}"
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), "two test files of one name: pytest imports them by basename"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import numpy as np
 import torch
 
 from pipeline.data.ragged import PaddingCount
@@ -31,3 +32,9 @@ class BatchProvider(Protocol):
     def save_sample_ids(self, output_dir: Path, rank: int) -> None:
         """The ids of the samples this rank trained on, where data.record_sample_ids asked for them."""
         ...
+
+
+def save_sample_ids(output_dir: Path, rank: int, batches: list[np.ndarray]) -> None:
+    """Audit: the sample ids this rank trained on, one row per step, as output_dir/sample_ids/rank-N.npy."""
+    (output_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+    np.save(output_dir / "sample_ids" / f"rank-{rank:05d}.npy", np.stack(batches))

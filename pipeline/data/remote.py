@@ -1,7 +1,7 @@
 """Shards read from data.base_url: http(s) here, with urllib; any other scheme (pipe:, ...) through
 webdataset's gopen.
 
-A transfer that fails ends in a `ShardSourceError`: one paragraph naming the URL (its credentials
+A transfer that fails ends in a `ShardStoreError`: one paragraph naming the URL (its credentials
 masked), the transfer's own reason (the HTTP status, the socket's error, the command's exit status)
 and what to check. It is raised where the bytes are read, so a shard that never arrived is never
 called corrupt: only bytes that did arrive are decoded (shards.py). A transient failure (connection
@@ -54,7 +54,7 @@ _CHUNK = 1 << 16
 MAX_BREAKS = 3  # a transfer that breaks off more often than this is reported (transient)
 
 
-class ShardSourceError(DataError):
+class ShardStoreError(DataError):
     """A shard could not be transferred from data.base_url (not: its bytes were bad)."""
 
     exit_code = EX_PERMANENT
@@ -152,7 +152,7 @@ def _with_retries(url: str, attempt, what: str = "", delays: tuple[float, ...] |
             reason, advice, transient = _classify(err)
         if not transient or delay is None:
             tries = f" (tried {len(delays) + 1} times over {sum(delays):.0f} s)" if transient and delays else ""
-            raise ShardSourceError(url, f"{what}{reason}{tries}", advice, transient) from None
+            raise ShardStoreError(url, f"{what}{reason}{tries}", advice, transient) from None
         time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -192,7 +192,7 @@ class HttpShard(io.RawIOBase):
         self.breaks += 1
         what = f"the transfer broke off after {self.got} bytes ({_detail(broke)})"
         if self.breaks > MAX_BREAKS:
-            raise ShardSourceError(self.url, f"{what}, {self.breaks} times", _UP, True)
+            raise ShardStoreError(self.url, f"{what}, {self.breaks} times", _UP, True)
         self.response = _with_retries(self.url, self._reopen, f"{what}, and taking it up failed: ", self.delays)
 
     def _reopen(self):
@@ -260,7 +260,7 @@ class PipeShard(io.RawIOBase):
         try:
             self.stream = gopen(url, "rb")
         except Exception as err:  # noqa: BLE001 - gopen raises many types for an unusable URL
-            raise ShardSourceError(url, f"it cannot be opened ({_detail(err)})", "check data.base_url", False) from None
+            raise ShardStoreError(url, f"it cannot be opened ({_detail(err)})", "check data.base_url", False) from None
         self.proc = self.stream.proc if isinstance(self.stream, Pipe) else None
         if self.proc is not None:
             self.stream.ignore_errors = True  # its exit status is judged here, in words
@@ -285,7 +285,7 @@ class PipeShard(io.RawIOBase):
         self.stream.stream.close()  # a command still writing (the reader stopped at the archive's end) gets SIGPIPE
         status = self.proc.wait()
         if status not in (0, 141, -signal.SIGPIPE):
-            raise ShardSourceError(self.url, f"its command exited with status {status}", "run the command of "
+            raise ShardStoreError(self.url, f"its command exited with status {status}", "run the command of "
                                    "data.base_url by hand to see why", False)
 
     def close(self) -> None:

@@ -18,8 +18,10 @@ import torch
 
 from pipeline.data import order, ragged
 from pipeline.data.augment import Augment
+from pipeline.data.epoch_plan import EpochPlan
 from pipeline.data.manifest import Manifest
-from pipeline.data.stream import EpochPlan, ShardSource, load_split_arrays, save_sample_ids
+from pipeline.data.provider import save_sample_ids
+from pipeline.data.store import ShardStore, load_split_arrays
 
 # The train split goes to the device only if it takes at most this share of the free memory
 # there: the model, its activations at large batches and the evaluation need the rest.
@@ -60,9 +62,9 @@ def free_memory(device: torch.device) -> int:
 class ResidentBatches:
     """The train split from device memory (a BatchProvider: provider.py, as StreamBatches is)."""
 
-    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: EpochPlan, rank: int,
+    def __init__(self, manifest: Manifest, store: ShardStore, split: str, plan: EpochPlan, rank: int,
                  device: torch.device, augment: Augment, record_sample_ids: bool = False):
-        x, lengths, y, ids = load_split_arrays(manifest, source, split)
+        x, lengths, y, ids = load_split_arrays(manifest, store, split)
         self.x, self.y, self.ids = (torch.from_numpy(a).to(device) for a in (x, y, ids))
         self.host_lengths = lengths  # the order and each micro-batch's longest case come from here: no device sync
         self.lengths = torch.from_numpy(lengths).to(device)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import multiprocessing
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -28,141 +27,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import canonical, ragged
 from pipeline.data.augment import Augment
+from pipeline.data.epoch_plan import EpochPlan
 from pipeline.data.manifest import Manifest, ShardEntry
-from pipeline.data.order import BatchLayout
-from pipeline.data.remote import PipeShard, ShardSourceError, backoff, is_http, open_remote, probe_sizes
-from pipeline.data.shards import Block, iter_tar_blocks
+from pipeline.data.remote import ShardStoreError
+from pipeline.data.shards import Block
+from pipeline.data.store import ShardStore, read_blocks
 from pipeline.errors import DataError
-from pipeline.files import mask_url, sha256_file, sha256_stream
-
-
-@dataclass(frozen=True)
-class ShardSource:
-    """Where shards are read from: a local directory or a base URL (http(s)://, pipe:)."""
-
-    directory: str
-    base_url: str | None = None
-    retry_s: float | None = None  # data.retry_s: how long a transient transfer failure is tried again (remote.py)
-
-    def retry_delays(self) -> tuple[float, ...] | None:
-        return None if self.retry_s is None else backoff(self.retry_s)
-
-    def location(self, shard: ShardEntry) -> str:
-        """Where the shard is read from: with data.base_url, the real URL (credentials and all)."""
-        if self.base_url:
-            return self.base_url.rstrip("/") + "/" + shard.url
-        return str(Path(self.directory) / shard.url)
-
-    def shown(self, shard: ShardEntry) -> str:
-        """The location as messages name it: a URL's credentials masked."""
-        return mask_url(self.location(shard))
-
-    def open(self, shard: ShardEntry):
-        """The shard's bytes; a transfer that fails raises ShardSourceError where it is read (remote.py)."""
-        loc = self.location(shard)
-        if self.base_url:
-            return open_remote(loc, self.retry_delays())
-        try:
-            return open(loc, "rb")
-        except OSError as err:
-            raise DataError(f"shard {loc} cannot be opened ({err.strerror}); check data.dir or re-run the preparation") from None
-
-
-class CountedReader:
-    """A shard's byte stream that counts what is read from it (data_bytes_read in summary.json)."""
-
-    def __init__(self, raw, tally: list[int]):
-        self.raw, self.tally = raw, tally
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.tally[0] += len(data)
-        return data
-
-
-def read_blocks(source: ShardSource, shard: ShardEntry, tally: list[int] | None = None) -> Iterator[Block]:
-    """The shard's blocks in order; `tally[0]` grows by the bytes read. A caller may stop early: the
-    rest of the shard is then neither read nor checked."""
-    read = 0
-    with source.open(shard) as stream:
-        reader = stream if tally is None else CountedReader(stream, tally)
-        for _, block in iter_tar_blocks(reader, source.shown(shard)):
-            read += len(block)
-            yield block
-        if isinstance(stream, PipeShard):  # the reader stops at the archive's end: did the command end well too?
-            stream.check()
-    # tarfile takes a damaged header after the first one for the end of the archive, silently.
-    if read != shard.num_samples:
-        raise DataError(f"shard {source.shown(shard)} ended after {read} of its {shard.num_samples} samples: "
-                        "it is truncated or corrupt; run prepare_data.py --verify on the dataset")
-
-
-def verify_shards(manifest: Manifest, source: ShardSource, split: str, mode: str) -> None:
-    """Fail before training on missing or resized shards ('size'), or on changed bytes ('sha256')."""
-    if mode == "none":
-        return
-    if source.base_url:
-        _verify_remote(manifest.split(split).shards, source, mode)
-        return
-    for shard in manifest.split(split).shards:
-        path = Path(source.location(shard))
-        if not path.is_file():
-            raise DataError(f"shard {path} listed in the manifest is missing; re-run the preparation with --force")
-        if path.stat().st_size != shard.bytes:
-            raise DataError(f"shard {path} is {path.stat().st_size} bytes, the manifest says {shard.bytes}; it is damaged")
-        if mode == "sha256" and sha256_file(path) != shard.sha256:
-            raise DataError(f"shard {path} does not match its sha256 in the manifest; it is damaged")
-
-
-def _verify_remote(shards: list[ShardEntry], source: ShardSource, mode: str) -> None:
-    """The server has every shard, at its size ('size': a HEAD request each, over http(s) only: a pipe's
-    size is known only by reading it) or with its bytes ('sha256': each read whole)."""
-    if mode == "sha256":
-        for shard in shards:
-            with source.open(shard) as stream:
-                digest = sha256_stream(stream)
-            if digest != shard.sha256:
-                raise DataError(f"shard {source.shown(shard)} does not match its sha256 in the manifest: the server's "
-                                "copy differs from the prepared one; upload the prepared dataset again")
-        return
-    if not is_http(source.base_url or ""):
-        return
-    for shard, size in zip(shards, probe_sizes([source.location(s) for s in shards], source.retry_delays()), strict=True):
-        if size is not None and size != shard.bytes:
-            raise DataError(f"shard {source.shown(shard)} is {size} bytes on the server, the manifest says {shard.bytes}: "
-                            "the server's copy differs from the prepared one; upload the prepared dataset again")
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """What every rank agrees on about an epoch: the layout, the order's seed and window, its steps."""
-
-    layout: BatchLayout
-    seed: int
-    window: int  # data.shuffle_buffer: samples per window, at least
-    steps: int  # global batches per epoch (the same in every epoch)
-    length_buckets: bool = False  # micro-batches of similar lengths (order.bucketed_window_permutation)
-    ragged: bool = False  # the samples' lengths vary: micro-batches are padded and carry their lengths
-    streams: int = 1  # data.canonical_streams (canonical.py): a rank reads the streams of its micro-batches
-
-    @classmethod
-    def make(cls, manifest: Manifest, split: str, layout: BatchLayout, seed: int, window: int,
-             length_buckets: bool = True, streams: int = 1) -> EpochPlan:
-        canonical.check_streams(layout, streams)
-        ragged = varying_lengths(manifest)
-        steps = canonical.steps_in_epoch(manifest.split(split).num_samples, layout.global_batch, streams)
-        return cls(layout, seed, window, steps, length_buckets and ragged, ragged, streams)
-
-    def sequence(self, shard_sizes: list[int], lengths: np.ndarray, epoch: int) -> np.ndarray:
-        """The epoch's sequence of split positions (canonical.epoch_sequence); `lengths` by split position."""
-        return canonical.epoch_sequence(shard_sizes, lengths if self.length_buckets else None, self.seed, epoch,
-                                        self.window, self.layout, self.streams)
-
-
-def varying_lengths(manifest: Manifest) -> bool:
-    """Whether the data set's cases differ in length (in any split): then batches are padded and masked."""
-    spans = [(s.lengths.min, s.lengths.max) for s in manifest.splits.values()]
-    return len({v for span in spans for v in span}) > 1
 
 
 @dataclass(frozen=True)
@@ -192,13 +62,13 @@ class TrainStream(IterableDataset):
     DataLoader worker reaches the trainer wrapped in the worker's traceback text, which is no
     message for a user). Without workers the error is raised as it is."""
 
-    def __init__(self, manifest: Manifest, source: ShardSource, split: str, plan: EpochPlan, rank: int,
+    def __init__(self, manifest: Manifest, store: ShardStore, split: str, plan: EpochPlan, rank: int,
                  augment: Augment, workers: int = 0, on_error: str = "raise"):
         self.shards = manifest.split(split).shards
         self.sizes = [s.num_samples for s in self.shards]
         self.features, self.dtype = manifest.features, np.dtype(manifest.dtype)
         self.workers = workers
-        self.source = source
+        self.store = store
         self.plan = plan
         self.rank = rank
         self.augment = augment
@@ -217,7 +87,7 @@ class TrainStream(IterableDataset):
         try:
             yield from self._windows(self._epoch.value, self._start.value, worker, workers)
         except DataError as err:
-            if info is None:  # in the trainer's process: its exit code (75 for a source that may come back) stays
+            if info is None:  # in the trainer's process: its exit code (75 for a store that may come back) stays
                 raise
             message = FailureMessage(str(err))
             message.exit_code = err.exit_code
@@ -258,7 +128,7 @@ class TrainStream(IterableDataset):
             lost = ~readable[window_order]
             good = np.flatnonzero(readable)
             if len(good) == 0:
-                names = ", ".join(self.source.shown(self.shards[s]) for s, _, _ in unit.pieces)
+                names = ", ".join(self.store.shown(self.shards[s]) for s, _, _ in unit.pieces)
                 raise DataError(f"none of the shards {names} could be read, and data.on_error=skip has no sample of "
                                 f"their window (epoch {epoch}) to stand in for theirs")
             window_order = window_order.copy()
@@ -308,15 +178,15 @@ class TrainStream(IterableDataset):
         """Its blocks; with on_error=skip, those read before it failed (the rest are stand-ins' places)."""
         read = 0
         try:
-            for block in read_blocks(self.source, shard, tally):
+            for block in read_blocks(self.store, shard, tally):
                 read += len(block)
                 yield block
         except DataError as err:
-            # data.on_error=skip is for bad bytes; a source that failed to deliver them ends the run
-            if self.on_error == "raise" or isinstance(err, ShardSourceError):
+            # data.on_error=skip is for bad bytes; a store that failed to deliver them ends the run
+            if self.on_error == "raise" or isinstance(err, ShardStoreError):
                 raise
             if self.rank == 0 or self.plan.streams > 1:  # with one stream every rank reads every shard: one says so
-                print(f"warning: data.on_error=skip: {shard.num_samples - read} samples of {self.source.shown(shard)} "
+                print(f"warning: data.on_error=skip: {shard.num_samples - read} samples of {self.store.shown(shard)} "
                       f"skipped ({err})", file=sys.stderr, flush=True)
 
 
@@ -331,31 +201,3 @@ def make_train_loader(stream: TrainStream, pin_memory: bool) -> DataLoader:
         persistent_workers=stream.workers > 0,
         prefetch_factor=2 if stream.workers else None,
     )
-
-
-def save_sample_ids(output_dir: Path, rank: int, batches: list[np.ndarray]) -> None:
-    """Audit: the sample ids this rank trained on, one row per step, as output_dir/sample_ids/rank-N.npy."""
-    (output_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
-    np.save(output_dir / "sample_ids" / f"rank-{rank:05d}.npy", np.stack(batches))
-
-
-def load_split_arrays(manifest: Manifest, source: ShardSource, split: str) -> tuple[np.ndarray, ...]:
-    """The whole split in memory, in manifest order, padded: (x [n, longest, F] in the data set's dtype,
-    lengths int64 [n], labels int64 [n], sample ids int64 [n])."""
-    parts: list[np.ndarray] = []
-    lengths, ys, ids = [], [], []
-    for shard in manifest.split(split).shards:
-        for block in read_blocks(source, shard):
-            parts.append(block.values)
-            lengths.append(block.lengths)
-            ys.append(block.labels.astype(np.int64))
-            ids.append(block.ids.astype(np.int64))
-    lengths_all = np.concatenate(lengths)
-    x = ragged.pad(torch.from_numpy(np.concatenate(parts)), torch.from_numpy(lengths_all)).numpy()
-    return x, lengths_all, np.concatenate(ys), np.concatenate(ids)
-
-
-def load_split_tensors(manifest: Manifest, source: ShardSource, split: str) -> tuple[torch.Tensor, ...]:
-    """Cases padded [n, longest, F], lengths and labels of the whole split (evaluation)."""
-    x, lengths, y, _ = load_split_arrays(manifest, source, split)
-    return torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(y)

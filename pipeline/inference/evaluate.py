@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.epoch_plan import varying_lengths
 from pipeline.data.manifest import load_manifest
-from pipeline.data.stream import ShardSource, load_split_tensors, varying_lengths
+from pipeline.data.store import ShardStore, load_split_tensors
 from pipeline.errors import UserError
 from pipeline.inference.models import TrainedModel, UnusableModel, load_trained_model
 from pipeline.inputs import InputScale
@@ -86,7 +87,7 @@ def run(model_path: str, data_dir: str, split: str = "test", out: str | None = N
     out_dir = Path(out) if out else default_out(Path(model_path), split)
     prepare_out(out_dir, force)
     device = device or torch.device("cpu")
-    images, lengths, labels = load_split_tensors(manifest, ShardSource(data_dir), split)
+    images, lengths, labels = load_split_tensors(manifest, ShardStore(data_dir), split)
     model = trained.model.to(device)
     result = evaluate(model, images, labels, batch_size, device, trained.autocast(device, precision),
                       trained.num_classes, max_examples=25, inputs=trained.inputs,

@@ -1,7 +1,7 @@
 """Write a rendering as a kustomize base: one file per object plus kustomization.yaml.
 
 The generating command is recorded in kustomization.yaml, so the committed base can be
-re-rendered and compared (tests/test_kube.py does) instead of drifting from the renderer.
+re-rendered and compared (tests/kube/test_kube.py does) instead of drifting from the renderer.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from pipeline.data import canonical, ragged
-from pipeline.data.provider import MicroBatch
-from pipeline.data.stream import TrainStream, WindowItem, make_train_loader, save_sample_ids
+from pipeline.data.provider import MicroBatch, save_sample_ids
+from pipeline.data.stream import TrainStream, WindowItem, make_train_loader
 from pipeline.errors import DataError
 
 

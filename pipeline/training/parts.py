@@ -19,10 +19,11 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, ModelConfig
+from pipeline.data.epoch_plan import EpochPlan
 from pipeline.data.manifest import Manifest
 from pipeline.data.order import BatchLayout
 from pipeline.data.provider import BatchProvider
-from pipeline.data.stream import EpochPlan, ShardSource, load_split_tensors
+from pipeline.data.store import ShardStore, load_split_tensors
 from pipeline.inputs import InputScale
 from pipeline.model_card import ModelCard
 from pipeline.tracking import Tracker
@@ -37,7 +38,7 @@ from pipeline.training.step import StepParts
 class DataPlan:
     """What the train split and the launch decide before any model exists: every rank alike."""
 
-    source: ShardSource
+    store: ShardStore
     manifest: Manifest
     placement: str  # "device" (resident) or "stream"
     layout: BatchLayout  # fitted to the split: a split smaller than the global batch shrinks it
@@ -111,6 +112,6 @@ def say(accelerator: Accelerator, message: str) -> None:
 
 
 def make_evaluator(cfg: Config, accelerator: Accelerator, data: DataPlan, split: str) -> Evaluator:
-    x, lengths, y = load_split_tensors(data.manifest, data.source, split)
+    x, lengths, y = load_split_tensors(data.manifest, data.store, split)
     return Evaluator(x, lengths if data.plan.ragged else None, y, cfg.eval.batch_size, data.manifest.num_classes,
                      accelerator.device, accelerator.autocast, data.inputs)

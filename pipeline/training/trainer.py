@@ -21,12 +21,15 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, save_config
 from pipeline.data.augment import Augment
+from pipeline.data.epoch_plan import EpochPlan
 from pipeline.data.manifest import Manifest, check_dataset, load_manifest
 from pipeline.data.order import BatchLayout, fit_to_split
 from pipeline.data.provider import BatchProvider
 from pipeline.data.resident import ResidentBatches, choose_placement
 from pipeline.data.sequence_augment import SequenceAugment
-from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, verify_shards
+from pipeline.data.store import ShardStore
+from pipeline.data.stream import TrainStream
+from pipeline.data.verify import verify_shards
 from pipeline.distributed.agreement import any_rank, fail_together, on_main
 from pipeline.distributed.launch_env import LaunchEnv
 from pipeline.distributed.preemption import StopSignal
@@ -125,8 +128,8 @@ def build_run(cfg: Config, env: LaunchEnv, accelerator: Accelerator, resume: str
 def plan_data(cfg: Config, accelerator: Accelerator) -> DataPlan:
     """The manifest read and checked, the placement, the batch layout and epoch plan, the resolved model and
     the run's length: every rank alike, before any model exists."""
-    source = ShardSource(cfg.data.dir, cfg.data.base_url, cfg.data.retry_s)
-    manifest = _read_manifest(cfg, source, accelerator)
+    store = ShardStore(cfg.data.dir, cfg.data.base_url, cfg.data.retry_s)
+    manifest = _read_manifest(cfg, store, accelerator)
     placement = _choose_placement(cfg, manifest, accelerator)
     layout = _fit_layout(BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, accelerator.num_processes),
                          manifest, accelerator)
@@ -136,7 +139,7 @@ def plan_data(cfg: Config, accelerator: Accelerator) -> DataPlan:
     # model.frame auto is fixed here from the data, so the model's description holds a number; the user's
     # config keeps "auto" (config.yaml), the number is in resolved.yaml and the model card.
     frame = auto_frame(manifest.split("train").lengths.median) if cfg.model.frame == "auto" else cfg.model.frame
-    data = DataPlan(source, manifest, placement, layout, plan, InputScale.for_data(manifest),
+    data = DataPlan(store, manifest, placement, layout, plan, InputScale.for_data(manifest),
                     cfg.model.model_copy(update={"frame": frame}), total_steps(cfg, plan))
     check_eval_every(cfg, data.total_steps)
     _log_plan(cfg, accelerator, data)
@@ -161,7 +164,7 @@ def _fit_layout(layout: BatchLayout, manifest: Manifest, accelerator: Accelerato
     return fitted
 
 
-def _read_manifest(cfg: Config, source: ShardSource, accelerator: Accelerator) -> Manifest:
+def _read_manifest(cfg: Config, store: ShardStore, accelerator: Accelerator) -> Manifest:
     """Every rank reads the manifest and checks the shards it reads from disk (each node may hold its own
     copy): one message, however many failed. Shards on a server are the same for every rank: the main
     process alone asks the server, and every rank learns the answer."""
@@ -169,13 +172,13 @@ def _read_manifest(cfg: Config, source: ShardSource, accelerator: Accelerator) -
     try:
         manifest = load_manifest(cfg.data.dir, cfg.data.dataset)
         check_dataset(manifest, cfg.data.dir, cfg.data.dataset)
-        if not source.base_url:
-            verify_shards(manifest, source, "train", cfg.data.verify)
+        if not store.base_url:
+            verify_shards(manifest, store, "train", cfg.data.verify)
     except UserError as err:
         failure = err
     fail_together(accelerator, failure)
-    if source.base_url:
-        on_main(accelerator, lambda: verify_shards(manifest, source, "train", cfg.data.verify),
+    if store.base_url:
+        on_main(accelerator, lambda: verify_shards(manifest, store, "train", cfg.data.verify),
                 lambda err: DataError(f"checking the shards at data.base_url failed ({mask_url(str(err))})"))
     return manifest
 
@@ -277,9 +280,9 @@ def _build_batches(cfg: Config, data: DataPlan, accelerator: Accelerator) -> Bat
     augment = Augment(cfg.train.seed, hflip=cfg.data.hflip, shift=cfg.data.shift, erase=cfg.data.erase,
                       erase_area=cfg.data.erase_area)
     if data.placement == "device":
-        return ResidentBatches(data.manifest, data.source, "train", data.plan, rank, device, augment,
+        return ResidentBatches(data.manifest, data.store, "train", data.plan, rank, device, augment,
                                record_sample_ids=cfg.data.record_sample_ids)
-    stream = TrainStream(data.manifest, data.source, "train", data.plan, rank, augment, workers=cfg.data.num_workers,
+    stream = TrainStream(data.manifest, data.store, "train", data.plan, rank, augment, workers=cfg.data.num_workers,
                          on_error=cfg.data.on_error)
     return StreamBatches(stream, seed=cfg.train.seed, data_dir=cfg.data.dir, pin_memory=device.type == "cuda",
                          record_sample_ids=cfg.data.record_sample_ids)

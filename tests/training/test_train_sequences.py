@@ -44,7 +44,7 @@ def test_fsdd_trains_and_reports_padding(fsdd_shards, tmp_path):
     assert summary["eval_split"] == "val"
     # eval.every_epochs=1: 2,160 training cases in global batches of 32 are 67 steps an epoch; and the last step
     assert [e["step"] for e in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in e] == [67, 134, 150]
-    # Bucketed micro-batches of 16: a few percent of padding (random ones: about 0.7, tests/test_order_buckets.py)
+    # Bucketed micro-batches of 16: a few percent of padding (random ones: about 0.7, tests/data/test_order_buckets.py)
     assert 0 < summary["padding_waste"] < 0.15, summary["padding_waste"]
     windows = [e["train/padding_waste"] for e in read_jsonl(out / "metrics.jsonl") if "train/loss" in e]
     assert len(windows) == 15 and all(0 <= w < 0.3 for w in windows)
@@ -79,7 +79,7 @@ def _predict_agrees_with_the_run(out: Path, fsdd_shards: Path, summary: dict, tm
     """predict.py on the raw .npz (labels optional): one line per recording; on the test split's recordings
     its answers score what the run's test evaluation scored."""
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import ShardSource, read_blocks
+    from pipeline.data.store import ShardStore, read_blocks
 
     raw = ROOT / "data" / "examples" / "fsdd" / "digits.npz"
     lines = [json.loads(line) for line in
@@ -88,7 +88,7 @@ def _predict_agrees_with_the_run(out: Path, fsdd_shards: Path, summary: dict, tm
     assert set(lines[0]) == {"sequence", "steps", "class", "class_index", "probability", "probabilities", "label"}
     manifest = load_manifest(fsdd_shards)
     test_ids = [int(i) for shard in manifest.split("test").shards
-                for block in read_blocks(ShardSource(str(fsdd_shards)), shard) for i in block.ids]
+                for block in read_blocks(ShardStore(str(fsdd_shards)), shard) for i in block.ids]
     right = [lines[i]["class"] == lines[i]["label"] for i in test_ids]
     assert abs(sum(right) / len(right) - summary["test_accuracy"]) <= 1 / len(right)
     data = np.load(raw)

@@ -144,8 +144,8 @@ def test_cli_exit_codes_no_traceback(tmp_path, args, code, needle):
 
 def test_sequence_config_levers_for_data_sets_of_any_size():
     """configs/sequences.yaml: frames fixed from the data, at least min_steps steps, evaluation once an epoch."""
+    from pipeline.data.epoch_plan import EpochPlan
     from pipeline.data.order import BatchLayout
-    from pipeline.data.stream import EpochPlan
     from pipeline.training.trainer import auto_frame, total_steps
 
     cfg = load_config("configs/sequences.yaml")

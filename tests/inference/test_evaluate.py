@@ -14,7 +14,7 @@ from conftest import ROOT, accelerate_cmd, run_py, train_args
 from wandb_records import find_logs, parse_finished
 
 from pipeline.data import manifest as mf
-from pipeline.data.stream import ShardSource, load_split_tensors
+from pipeline.data.store import ShardStore, load_split_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_predict_on_png_files_agrees_with_evaluate(trained, fashion_shards, tmp_
     assert _evaluate("--model", str(trained / "model"), "--data", str(fashion_shards), "--out", str(out)).returncode == 0
     with open(out / "predictions.csv") as f:
         evaluated = {int(r["index"]): r["predicted_class"] for r in csv.DictReader(f)}
-    images, _, _ = load_split_tensors(mf.load_manifest(fashion_shards), ShardSource(str(fashion_shards)), "test")
+    images, _, _ = load_split_tensors(mf.load_manifest(fashion_shards), ShardStore(str(fashion_shards)), "test")
     paths = []
     for i in range(24):
         path = tmp_path / f"test-{i:02d}.png"

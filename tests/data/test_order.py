@@ -13,10 +13,12 @@ import torch
 
 from pipeline.data import canonical, order
 from pipeline.data.augment import Augment, sample_random
+from pipeline.data.epoch_plan import EpochPlan
 from pipeline.data.manifest import load_manifest
 from pipeline.data.order import BatchLayout
 from pipeline.data.resident import ResidentBatches
-from pipeline.data.stream import EpochPlan, ShardSource, TrainStream, read_blocks
+from pipeline.data.store import ShardStore, read_blocks
+from pipeline.data.stream import TrainStream
 from pipeline.errors import ConfigError
 from pipeline.training.batches import StreamBatches
 
@@ -26,8 +28,8 @@ AUGMENT = Augment(SEED, hflip=True, shift=2)
 
 def _source(manifest, shards, plan, rank, placement, workers, augment=AUGMENT):
     if placement == "device":
-        return ResidentBatches(manifest, ShardSource(str(shards)), "train", plan, rank, torch.device("cpu"), augment)
-    stream = TrainStream(manifest, ShardSource(str(shards)), "train", plan, rank, augment, workers=workers)
+        return ResidentBatches(manifest, ShardStore(str(shards)), "train", plan, rank, torch.device("cpu"), augment)
+    stream = TrainStream(manifest, ShardStore(str(shards)), "train", plan, rank, augment, workers=workers)
     return StreamBatches(stream, seed=0, data_dir=str(shards), pin_memory=False, record_sample_ids=False)
 
 
@@ -82,7 +84,7 @@ def test_an_epoch_uses_every_sample_once_but_its_last_partial_global_batch(refer
     sequence = canonical.epoch_sequence(sizes, None, SEED, 1, WINDOW, BatchLayout(GLOBAL, MICRO, 1))
     assert sorted(sequence.tolist()) == list(range(n))  # the whole split, each position once
     every_id = np.concatenate([b.ids for s in manifest.split("train").shards
-                               for b in read_blocks(ShardSource(str(fashion_shards)), s)])
+                               for b in read_blocks(ShardStore(str(fashion_shards)), s)])
     np.testing.assert_array_equal(ids.ravel(), every_id[sequence[:ids.size]])  # the stream trains this order
 
 
@@ -146,7 +148,7 @@ def test_sample_random_numbers_are_the_same_bits_in_numpy_and_torch():
 
 def test_augmentation_mirrors_and_shifts_each_sample_by_its_own_draw(fashion_shards):
     manifest = load_manifest(fashion_shards)
-    source = ShardSource(str(fashion_shards))
+    source = ShardStore(str(fashion_shards))
     block = next(read_blocks(source, manifest.split("train").shards[0]))
     assert (block.lengths == 28).all()
     x, ids = block.values.reshape(len(block), 28, 28), block.ids
@@ -208,7 +210,7 @@ def test_canonical_streams_draw_the_same_global_batches_at_any_world_size(fashio
     sizes = [s.num_samples for s in manifest.split("train").shards]
     expected = canonical.epoch_sequence(sizes, None, SEED, 1, WINDOW, BatchLayout(GLOBAL, MICRO, 1), 4)
     every_id = np.concatenate([b.ids for s in manifest.split("train").shards
-                               for b in read_blocks(ShardSource(str(fashion_shards)), s)])
+                               for b in read_blocks(ShardStore(str(fashion_shards)), s)])
     np.testing.assert_array_equal(ids.ravel(), every_id[expected])
     assert images.shape[:2] == ids.shape
 

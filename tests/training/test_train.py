@@ -58,9 +58,9 @@ def test_cpu_test_mode_end_to_end(tmp_path, fashion_shards):
     # the documented one-liner gives a working classifier
     model = load_trained_model(out / "model").model
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import ShardSource, load_split_tensors
+    from pipeline.data.store import ShardStore, load_split_tensors
 
-    x, _, y = load_split_tensors(load_manifest(fashion_shards), ShardSource(str(fashion_shards)), "test")
+    x, _, y = load_split_tensors(load_manifest(fashion_shards), ShardStore(str(fashion_shards)), "test")
     with torch.no_grad():
         acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
     assert abs(acc - summary["test_accuracy"]) < 1e-3

@@ -13,7 +13,7 @@ from conftest import run_py
 
 from pipeline.data import splits
 from pipeline.data.manifest import Manifest, load_manifest, manifest_json_schema
-from pipeline.data.stream import ShardSource, read_blocks
+from pipeline.data.store import ShardStore, read_blocks
 from pipeline.errors import DataError
 from pipeline.sources import idx as sources
 
@@ -28,7 +28,7 @@ def test_shards_reproduce_idx_exactly(fashion_shards, fashion_idx):
     are positions in the source: the train file's images, then the test file's."""
     manifest = load_manifest(fashion_shards)
     _, paths = sources.locate("fashion_mnist", fashion_idx)
-    src = ShardSource(str(fashion_shards))
+    src = ShardStore(str(fashion_shards))
     for source_split, names, first, n in (("train", ("train", "val"), 0, 60000), ("test", ("test",), 60000, 10000)):
         truth = sources.load_split(paths, source_split, 10)
         seen = np.zeros(n, dtype=np.int64)
@@ -49,7 +49,7 @@ def test_the_validation_split_is_held_out_of_train_stratified_and_recorded(fashi
     assert manifest.validation.model_dump() == {"origin": "held_out", "from_split": "train", "size": 5000, "seed": 0,
                                                  "stratified_by": "label", "grouped_by": None}
     assert manifest.splitting["test"].origin == "source"
-    src = ShardSource(str(fashion_shards))
+    src = ShardStore(str(fashion_shards))
     ids = {split: np.concatenate([b.ids for s in manifest.split(split).shards for b in read_blocks(src, s)])
            for split in ("train", "val")}
     labels = np.concatenate([b.labels for s in manifest.split("val").shards for b in read_blocks(src, s)])
@@ -146,7 +146,7 @@ def test_truncated_shard_read_error_names_shard(tmp_path, fashion_shards):
     victim.write_bytes(victim.read_bytes()[:9000])
     manifest = load_manifest(data)
     with pytest.raises(DataError, match="train-00002.tar"):
-        for _ in read_blocks(ShardSource(str(data)), manifest.split("train").shards[2]):
+        for _ in read_blocks(ShardStore(str(data)), manifest.split("train").shards[2]):
             pass
 
 

@@ -12,7 +12,7 @@ from conftest import run_py
 from refusals import prepare_refused
 
 from pipeline.data.manifest import load_manifest
-from pipeline.data.stream import ShardSource, read_blocks
+from pipeline.data.store import ShardStore, read_blocks
 
 
 def prepare(*args: str, check: bool = True):
@@ -21,7 +21,7 @@ def prepare(*args: str, check: bool = True):
 
 def read_split(out: Path, split: str) -> dict[int, tuple[np.ndarray, int]]:
     """Sample id -> (values [T, F], label) of every case of a split, read back from the shards."""
-    manifest, source, cases = load_manifest(out), ShardSource(str(out)), {}
+    manifest, source, cases = load_manifest(out), ShardStore(str(out)), {}
     for shard in manifest.split(split).shards:
         for block in read_blocks(source, shard):
             ends = np.cumsum(block.lengths)

@@ -17,7 +17,8 @@ from conftest import train_run
 from pipeline.config import load_config
 from pipeline.data import remote
 from pipeline.data.manifest import load_manifest
-from pipeline.data.stream import ShardSource, read_blocks, verify_shards
+from pipeline.data.store import ShardStore, read_blocks
+from pipeline.data.verify import verify_shards
 from pipeline.errors import ConfigError, DataError
 from pipeline.files import mask_url
 
@@ -155,8 +156,8 @@ def test_http_statuses(fashion_shards, serve, monkeypatch, status, code):
     monkeypatch.setattr(remote, "RETRY_DELAYS_S", (0.0, 0.0))
     host, seen = serve(fashion_shards, status=status)
     shard = load_manifest(fashion_shards).split("train").shards[0]
-    with pytest.raises(remote.ShardSourceError) as err:
-        list(read_blocks(ShardSource(str(fashion_shards), f"http://{USER}:{TOKEN}@{host}"), shard))
+    with pytest.raises(remote.ShardStoreError) as err:
+        list(read_blocks(ShardStore(str(fashion_shards), f"http://{USER}:{TOKEN}@{host}"), shard))
     assert err.value.exit_code == code and f"HTTP {status}" in str(err.value) and TOKEN not in str(err.value)
     assert len(seen) == (3 if code == 75 else 1), "only a transient failure is tried again"
 
@@ -169,9 +170,9 @@ def test_backoff_doubles_up_to_fifteen_seconds_within_the_budget():
 def test_a_source_error_crosses_processes_whole():
     import pickle
 
-    err = remote.ShardSourceError(f"http://{USER}:{TOKEN}@h/x", "the connection was refused", "check it", True)
+    err = remote.ShardStoreError(f"http://{USER}:{TOKEN}@h/x", "the connection was refused", "check it", True)
     back = pickle.loads(pickle.dumps(err))
-    assert type(back) is remote.ShardSourceError and str(back) == str(err) and back.exit_code == 75
+    assert type(back) is remote.ShardStoreError and str(back) == str(err) and back.exit_code == 75
 
 
 def test_a_silent_server_times_out(fashion_shards, monkeypatch):
@@ -181,15 +182,15 @@ def test_a_silent_server_times_out(fashion_shards, monkeypatch):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         shard = load_manifest(fashion_shards).split("train").shards[0]
-        with pytest.raises(remote.ShardSourceError) as err:
-            list(read_blocks(ShardSource(str(fashion_shards), f"http://127.0.0.1:{silent.getsockname()[1]}"), shard))
+        with pytest.raises(remote.ShardStoreError) as err:
+            list(read_blocks(ShardStore(str(fashion_shards), f"http://127.0.0.1:{silent.getsockname()[1]}"), shard))
     assert err.value.exit_code == 75 and "no answer within" in str(err.value)
 
 
 def test_a_bad_url_is_permanent(fashion_shards):
     shard = load_manifest(fashion_shards).split("train").shards[0]
-    with pytest.raises(remote.ShardSourceError) as err:
-        list(read_blocks(ShardSource(str(fashion_shards), f"http://{USER}:{TOKEN}@127.0.0.1:port/x"), shard))
+    with pytest.raises(remote.ShardStoreError) as err:
+        list(read_blocks(ShardStore(str(fashion_shards), f"http://{USER}:{TOKEN}@127.0.0.1:port/x"), shard))
     assert err.value.exit_code == 2 and "not a valid URL" in str(err.value) and TOKEN not in str(err.value)
 
 
@@ -197,7 +198,7 @@ def test_a_broken_transfer_is_taken_up(fashion_shards, serve, monkeypatch):
     monkeypatch.setattr(remote, "RETRY_DELAYS_S", (0.0, 0.0))
     host, _ = serve(fashion_shards, cut=1)  # no Range support: the shard again, the part read skipped
     shard = load_manifest(fashion_shards).split("train").shards[0]
-    blocks = list(read_blocks(ShardSource(str(fashion_shards), f"http://{host}"), shard))
+    blocks = list(read_blocks(ShardStore(str(fashion_shards), f"http://{host}"), shard))
     assert sum(len(b) for b in blocks) == shard.num_samples
 
 
@@ -205,8 +206,8 @@ def test_a_transfer_that_keeps_breaking_is_no_corrupt_shard(fashion_shards, serv
     monkeypatch.setattr(remote, "RETRY_DELAYS_S", (0.0, 0.0))
     host, _ = serve(fashion_shards, cut=99)
     shard = load_manifest(fashion_shards).split("train").shards[0]
-    with pytest.raises(remote.ShardSourceError) as err:
-        list(read_blocks(ShardSource(str(fashion_shards), f"http://{USER}:{TOKEN}@{host}"), shard))
+    with pytest.raises(remote.ShardStoreError) as err:
+        list(read_blocks(ShardStore(str(fashion_shards), f"http://{USER}:{TOKEN}@{host}"), shard))
     assert err.value.exit_code == 75 and "broke off" in str(err.value) and "corrupt" not in str(err.value)
     assert TOKEN not in str(err.value)
 
@@ -217,33 +218,33 @@ def test_bytes_that_arrived_bad_are_corrupt(tmp_path, fashion_shards, serve):
     (tmp_path / shard.url).write_bytes(b"<html>a login page</html>" * 50)
     host, _ = serve(tmp_path)
     with pytest.raises(DataError) as err:
-        list(read_blocks(ShardSource(str(fashion_shards), f"http://{host}"), shard))
-    assert not isinstance(err.value, remote.ShardSourceError) and "corrupt" in str(err.value)
+        list(read_blocks(ShardStore(str(fashion_shards), f"http://{host}"), shard))
+    assert not isinstance(err.value, remote.ShardStoreError) and "corrupt" in str(err.value)
 
 
 def test_a_failing_pipe_command_is_named(fashion_shards):
     shard = load_manifest(fashion_shards).split("train").shards[0]
-    with pytest.raises(remote.ShardSourceError) as err:
-        list(read_blocks(ShardSource(str(fashion_shards), "pipe:exit 3;"), shard))
+    with pytest.raises(remote.ShardStoreError) as err:
+        list(read_blocks(ShardStore(str(fashion_shards), "pipe:exit 3;"), shard))
     assert "exited with status 3" in str(err.value) and "corrupt" not in str(err.value)
 
 
 def test_verify_size_over_http(tmp_path, fashion_shards, serve):
     manifest = load_manifest(fashion_shards)
     host, _ = serve(fashion_shards)
-    verify_shards(manifest, ShardSource(str(fashion_shards), f"http://{host}"), "train", "size")
+    verify_shards(manifest, ShardStore(str(fashion_shards), f"http://{host}"), "train", "size")
     manifest.split("train").shards[3].bytes += 512
     with pytest.raises(DataError, match="train-00003.tar is .* bytes on the server"):
-        verify_shards(manifest, ShardSource(str(fashion_shards), f"http://{host}"), "train", "size")
+        verify_shards(manifest, ShardStore(str(fashion_shards), f"http://{host}"), "train", "size")
 
 
 def test_verify_sha256_over_http(fashion_shards, serve):
     manifest = load_manifest(fashion_shards)
     host, _ = serve(fashion_shards)
-    verify_shards(manifest, ShardSource(str(fashion_shards), f"http://{host}"), "train", "sha256")
+    verify_shards(manifest, ShardStore(str(fashion_shards), f"http://{host}"), "train", "sha256")
     manifest.split("train").shards[2].sha256 = "0" * 64
     with pytest.raises(DataError, match="train-00002.tar does not match its sha256 in the manifest: the server's copy"):
-        verify_shards(manifest, ShardSource(str(fashion_shards), f"http://{host}"), "train", "sha256")
+        verify_shards(manifest, ShardStore(str(fashion_shards), f"http://{host}"), "train", "sha256")
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The stream's own mechanics: persistent workers that follow the epoch and its start, and a
 resumed epoch that reads nothing before where it starts. What it yields is order.py's order
-(tests/test_order.py holds it to the resident batches and to every world size)."""
+(tests/data/test_order.py holds it to the resident batches and to every world size)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ import numpy as np
 import torch
 
 from pipeline.data.augment import Augment
+from pipeline.data.epoch_plan import EpochPlan
 from pipeline.data.manifest import load_manifest
 from pipeline.data.order import BatchLayout
-from pipeline.data.stream import EpochPlan, ShardSource, TrainStream
+from pipeline.data.store import ShardStore
+from pipeline.data.stream import TrainStream
 from pipeline.training.batches import StreamBatches
 
 
-def _stream(shards, workers: int, source: ShardSource | None = None) -> StreamBatches:
+def _stream(shards, workers: int, source: ShardStore | None = None) -> StreamBatches:
     manifest = load_manifest(shards)
     plan = EpochPlan.make(manifest, "train", BatchLayout.make(500, 250, 1), 0, 2048)
-    stream = TrainStream(manifest, source or ShardSource(str(shards)), "train", plan, 0, Augment(0), workers=workers)
+    stream = TrainStream(manifest, source or ShardStore(str(shards)), "train", plan, 0, Augment(0), workers=workers)
     return StreamBatches(stream, seed=0, data_dir=str(shards), pin_memory=False, record_sample_ids=False)
 
 
@@ -36,7 +38,7 @@ def test_persistent_workers_follow_the_epoch_and_its_starting_step(fashion_shard
     assert not np.array_equal(first, second)
 
 
-class CountingSource(ShardSource):
+class CountingSource(ShardStore):
     opened: list[str] = []
 
     def open(self, shard):

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, accelerate_cmd, run_py
 
 from pipeline.data.manifest import load_manifest
-from pipeline.data.stream import ShardSource, load_split_tensors
+from pipeline.data.store import ShardStore, load_split_tensors
 from pipeline.training.evaluation import evaluate
 
 # Runs in a fresh process (Accelerate's precision is fixed per process): the trainer as built
@@ -97,7 +97,7 @@ class AlwaysThree(torch.nn.Module):
 
 def test_confusion_rows_are_true_classes_and_columns_predictions(fashion_shards, tmp_path):
     manifest = load_manifest(fashion_shards)
-    images, _, labels = load_split_tensors(manifest, ShardSource(str(fashion_shards)), "test")
+    images, _, labels = load_split_tensors(manifest, ShardStore(str(fashion_shards)), "test")
     images, labels = images[:1500], labels[:1500]
     result = evaluate(AlwaysThree(), images, labels, 500, torch.device("cpu"), contextlib.nullcontext, 10)
     per_true = np.bincount(labels.numpy(), minlength=10)
@@ -157,7 +157,7 @@ def test_the_step_reads_nothing_back_from_the_device(fused):
 def test_a_class_without_cases_has_no_accuracy(fashion_shards):
     """Per-class accuracy of a class the split lacks is undefined: left out of the metrics, not logged as 0.0."""
     manifest = load_manifest(fashion_shards)
-    images, _, labels = load_split_tensors(manifest, ShardSource(str(fashion_shards)), "test")
+    images, _, labels = load_split_tensors(manifest, ShardStore(str(fashion_shards)), "test")
     keep = (labels[:1500] != 5).nonzero().squeeze(1)
     result = evaluate(AlwaysThree(), images[keep], labels[keep], 500, torch.device("cpu"), contextlib.nullcontext, 10)
     assert result.per_class_accuracy[5] is None

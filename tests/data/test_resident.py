@@ -1,5 +1,5 @@
 """Training data held in device memory (data.placement device/auto): placement, exact resume with
-augmentation and dropout, two ranks. That its batches are the stream's: tests/test_order.py."""
+augmentation and dropout, two ranks. That its batches are the stream's: tests/data/test_order.py."""
 
 from __future__ import annotations
 
