@@ -21,7 +21,7 @@ LENGTH_MODES = ("masked", "packed")
 
 
 class SequenceClassifier(nn.Module):
-    def __init__(self, cfg: ModelConfig, input_size: int = 28, num_classes: int = 10, length_mode: str = "masked"):
+    def __init__(self, cfg: ModelConfig, input_size: int, num_classes: int, length_mode: str = "masked"):
         super().__init__()
         if length_mode not in LENGTH_MODES:
             raise ValueError(f"length_mode must be one of {LENGTH_MODES}, not {length_mode!r}")

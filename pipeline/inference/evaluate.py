@@ -22,7 +22,7 @@ from pipeline.data.store import ShardStore, load_split_tensors
 from pipeline.errors import UserError
 from pipeline.inference.models import TrainedModel, UnusableModel, load_trained_model
 from pipeline.inputs import InputScale
-from pipeline.training.evaluation import EvalResult, evaluate
+from pipeline.scoring import EvalResult, evaluate
 from pipeline.training.outputs import plot_confusion, write_json_atomic
 
 OUTPUTS = ("eval.json", "predictions.csv", "confusion.png", "most_confident_mistakes.png")

@@ -11,13 +11,13 @@ import torch
 
 from pipeline.inference.images import load_items
 from pipeline.inference.models import TrainedModel, load_trained_model
-from pipeline.training.evaluation import logits_in_batches
+from pipeline.scoring import logits_in_batches
 
 
 def predict(trained: TrainedModel, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Probabilities [n, classes] for uint8 images [n, H, W], computed as the trainer's evaluation does."""
     cpu = torch.device("cpu")
-    logits = logits_in_batches(trained.model, torch.from_numpy(images), batch_size, cpu, trained.autocast(cpu))
+    logits = logits_in_batches(trained.model, torch.from_numpy(images), batch_size, cpu, trained.autocast(cpu), trained.inputs)
     return torch.softmax(logits, dim=1).numpy()
 
 

@@ -13,9 +13,9 @@ import torch
 
 from pipeline.data import ragged
 from pipeline.inference.models import TrainedModel, UnusableModel
+from pipeline.scoring import logits_in_batches
 from pipeline.sources.base import Cases, InputError, check_cases
 from pipeline.sources.detect import ColumnOptions, open_source
-from pipeline.training.evaluation import logits_in_batches
 
 
 def predict_file(trained: TrainedModel, path: str | Path, columns: ColumnOptions | None = None,

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.distributed.preemption import Preempted
 from pipeline.model import save_trained
-from pipeline.training.evaluation import EvalResult
+from pipeline.scoring import EvalResult
 from pipeline.training.outputs import write_json_atomic, write_plots
 from pipeline.training.parts import Run
 

@@ -64,7 +64,7 @@ def _padded(seqs: list[torch.Tensor], seed: int = 0) -> tuple[torch.Tensor, torc
 
 def _model(cfg: dict, mode: str = "masked", seed: int = 0) -> SequenceClassifier:
     torch.manual_seed(seed)
-    return SequenceClassifier(ModelConfig(hidden_size=12, **cfg), input_size=FEATURES, length_mode=mode).eval()
+    return SequenceClassifier(ModelConfig(hidden_size=12, **cfg), input_size=FEATURES, num_classes=10, length_mode=mode).eval()
 
 
 def _batch_vs_alone_error(model: SequenceClassifier, seqs: list[torch.Tensor]) -> float:
@@ -184,7 +184,7 @@ def test_int32_lengths_and_unknown_mode():
     x = torch.randn(2, 5, FEATURES)
     torch.testing.assert_close(model(x, torch.tensor([5, 3], dtype=torch.int32)), model(x, torch.tensor([5, 3])))
     with pytest.raises(ValueError, match="length_mode"):
-        SequenceClassifier(ModelConfig(), length_mode="sorted")
+        SequenceClassifier(ModelConfig(), input_size=28, num_classes=10, length_mode="sorted")
 
 
 @pytest.mark.parametrize("frame,series_norm", [(3, False), (1, True), (4, True)])

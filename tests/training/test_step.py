@@ -17,7 +17,8 @@ from conftest import ROOT, accelerate_cmd, run_py
 
 from pipeline.data.manifest import load_manifest
 from pipeline.data.store import ShardStore, load_split_tensors
-from pipeline.training.evaluation import evaluate
+from pipeline.inputs import IMAGES
+from pipeline.scoring import evaluate
 
 # Runs in a fresh process (Accelerate's precision is fixed per process): the trainer as built
 # from the config, forward hooks on its layers, one real train_step on a real batch.
@@ -99,7 +100,7 @@ def test_confusion_rows_are_true_classes_and_columns_predictions(fashion_shards,
     manifest = load_manifest(fashion_shards)
     images, _, labels = load_split_tensors(manifest, ShardStore(str(fashion_shards)), "test")
     images, labels = images[:1500], labels[:1500]
-    result = evaluate(AlwaysThree(), images, labels, 500, torch.device("cpu"), contextlib.nullcontext, 10)
+    result = evaluate(AlwaysThree(), images, labels, 500, torch.device("cpu"), contextlib.nullcontext, 10, inputs=IMAGES)
     per_true = np.bincount(labels.numpy(), minlength=10)
     assert (result.confusion[:, 3] == per_true).all(), "column 3 (predicted) holds every sample of each true class"
     assert result.confusion.sum() == len(labels) and (np.delete(result.confusion, 3, axis=1) == 0).all()
@@ -159,7 +160,7 @@ def test_a_class_without_cases_has_no_accuracy(fashion_shards):
     manifest = load_manifest(fashion_shards)
     images, _, labels = load_split_tensors(manifest, ShardStore(str(fashion_shards)), "test")
     keep = (labels[:1500] != 5).nonzero().squeeze(1)
-    result = evaluate(AlwaysThree(), images[keep], labels[keep], 500, torch.device("cpu"), contextlib.nullcontext, 10)
+    result = evaluate(AlwaysThree(), images[keep], labels[keep], 500, torch.device("cpu"), contextlib.nullcontext, 10, inputs=IMAGES)
     assert result.per_class_accuracy[5] is None
     assert result.per_class_accuracy[3] == 1.0 and result.per_class_accuracy[0] == 0.0
     metrics = result.metrics()
@@ -266,9 +267,9 @@ def test_forget_bias_sets_the_forget_gates_and_nothing_else():
     from pipeline.model import SequenceClassifier
 
     torch.manual_seed(0)
-    plain = SequenceClassifier(ModelConfig(hidden_size=8, num_layers=2, bidirectional=True)).rnn
+    plain = SequenceClassifier(ModelConfig(hidden_size=8, num_layers=2, bidirectional=True), input_size=28, num_classes=10).rnn
     torch.manual_seed(0)
-    biased = SequenceClassifier(ModelConfig(hidden_size=8, num_layers=2, bidirectional=True, forget_bias=1.0)).rnn
+    biased = SequenceClassifier(ModelConfig(hidden_size=8, num_layers=2, bidirectional=True, forget_bias=1.0), input_size=28, num_classes=10).rnn
     forget = slice(8, 16)  # gates (input, forget, cell, output)
     for suffix in ("l0", "l1", "l0_reverse", "l1_reverse"):
         b_ih, b_hh = getattr(biased, f"bias_ih_{suffix}"), getattr(biased, f"bias_hh_{suffix}")
@@ -285,7 +286,7 @@ def test_the_row_embedding_and_max_readout_feed_the_head(bidirectional):
     from pipeline.model import SequenceClassifier
 
     torch.manual_seed(0)
-    model = SequenceClassifier(ModelConfig(hidden_size=8, bidirectional=bidirectional, embed_size=5, readout="last_max"))
+    model = SequenceClassifier(ModelConfig(hidden_size=8, bidirectional=bidirectional, embed_size=5, readout="last_max"), input_size=28, num_classes=10)
     x = torch.rand(3, 28, 28)
     linear = model.embed[0]
     rows = torch.relu(x @ linear.weight.T + linear.bias)  # each row on its own, the same layer for all 28
