@@ -114,6 +114,23 @@ class ModelConfig(_Section):
         False, description="Standardise each sequence by its own mean and std per channel over its valid steps, "
         "before the frames (after the data set's per-channel statistics): for series whose level or scale says "
         "nothing of their class")
+    frontend: Literal["none", "conv"] = Field(
+        "none", description="conv: temporal convolution blocks (model.conv_*) read the steps (after the frames) and the "
+        "recurrent layers read their output, each sequence only as far as it goes (DeepConvLSTM / CNN-LSTM)")
+    conv_branch: bool = Field(
+        False, description="An FCN branch beside the recurrent layers (the same blocks, then the mean over each "
+        "sequence's valid steps), concatenated with their readout before the head (LSTM-FCN / MLSTM-FCN). It reads "
+        "the steps before the frames")
+    conv_channels: tuple[int, ...] = Field(
+        (128, 256, 128), description="Output channels of each convolution block (FCN's 128-256-128)")
+    conv_kernels: tuple[int, ...] = Field(
+        (8, 5, 3), description="Kernel width of each block, in steps, one per model.conv_channels entry (FCN's 8-5-3)")
+    conv_stride: int = Field(
+        1, ge=1, le=64, description="The front-end's first block keeps one step in this many, each sequence's "
+        "length with it: the learned counterpart of model.frame for long series")
+    conv_excite: bool = Field(
+        False, description="Squeeze-and-excitation after every block but the last, gated by the means over valid "
+        "steps (MLSTM-FCN)")
 
     @field_validator("frame")
     @classmethod
@@ -121,6 +138,20 @@ class ModelConfig(_Section):
         if value != "auto" and not 1 <= value <= 1024:
             raise ValueError(f"model.frame must be auto or a number of steps from 1 to 1024, not {value}")
         return value
+
+    @model_validator(mode="after")
+    def _conv_shape(self) -> "ModelConfig":
+        channels, kernels = self.conv_channels, self.conv_kernels
+        if not 1 <= len(channels) <= 8 or len(kernels) != len(channels):
+            raise ValueError(f"model.conv_channels and model.conv_kernels must list the same number of blocks (1 to 8), "
+                             f"not {len(channels)} channels and {len(kernels)} kernels: give one kernel per block")
+        if not all(1 <= c <= 8192 for c in channels) or not all(1 <= k <= 1024 for k in kernels):
+            raise ValueError(f"model.conv_channels must lie in 1..8192 and model.conv_kernels in 1..1024, "
+                             f"not {list(channels)} and {list(kernels)}")
+        if self.conv_stride > 1 and self.frontend != "conv":
+            raise ValueError(f"model.conv_stride {self.conv_stride} strides the convolutional front-end, and "
+                             "model.frontend is none: set model.frontend: conv, or remove model.conv_stride")
+        return self
 
     @model_validator(mode="after")
     def _forget_bias_is_lstm(self) -> "ModelConfig":

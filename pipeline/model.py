@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.config import ModelConfig
 from pipeline.model_card import ModelCard
+from pipeline.model_conv import ConvBranch, ConvFrontend
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 # How forward(x, lengths) keeps padding out: "masked" runs the cell over the padded batch and reads each row
@@ -28,8 +29,18 @@ class SequenceClassifier(nn.Module):
         self.cfg = cfg
         # Not in ModelConfig: it changes how padding is skipped, never the weights or what they compute.
         self.length_mode = length_mode
-        self.embed = None
+        # The FCN branch reads the standardised steps, before the frames; the recurrent layers the frames,
+        # through the convolutional front-end where there is one.
+        self.branch = None
+        if cfg.conv_branch:
+            self.branch = ConvBranch(input_size, cfg.conv_channels, cfg.conv_kernels, cfg.conv_excite)
         input_size *= cfg.frame
+        self.frontend = None
+        if cfg.frontend == "conv":
+            self.frontend = ConvFrontend(input_size, cfg.conv_channels, cfg.conv_kernels, cfg.conv_stride,
+                                         cfg.conv_excite)
+            input_size = self.frontend.out_features
+        self.embed = None
         if cfg.embed_size is not None:
             self.embed = nn.Sequential(nn.Linear(input_size, cfg.embed_size), nn.ReLU())
             input_size = cfg.embed_size
@@ -44,15 +55,30 @@ class SequenceClassifier(nn.Module):
         if cfg.forget_bias is not None:
             _set_forget_bias(self.rnn, cfg.forget_bias)
         width = cfg.hidden_size * (2 if cfg.bidirectional else 1)
-        self.head = nn.Linear(width * (2 if cfg.readout == "last_max" else 1), num_classes)
+        width *= 2 if cfg.readout == "last_max" else 1
+        self.head = nn.Linear(width + (self.branch.out_features if self.branch is not None else 0), num_classes)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x: float [batch, time, features]; returns logits [batch, classes]. lengths: int64 [batch] (CPU or x's
         device), the valid steps of each row, padding at the end; None reads every step of every row."""
+        if self.frontend is not None or self.branch is not None:
+            # Convolutions and their statistics always read lengths: every row's, when all are full.
+            lengths = (torch.full((x.shape[0],), x.shape[1], device=x.device) if lengths is None
+                       else _checked_lengths(lengths, x).to(x.device, non_blocking=True))
         if self.cfg.frame > 1 or self.cfg.series_norm:
-            x, lengths = self._framed(x, lengths)
-        if lengths is not None:
-            return self._forward_lengths(x, lengths)
+            x = self._standardised(x, lengths)
+        branch = self.branch(x, lengths) if self.branch is not None else None
+        if self.cfg.frame > 1:
+            x, lengths = self._frames(x, lengths)
+        if self.frontend is not None:
+            x, lengths = self.frontend(x, lengths)
+        features = self._recurrent(x) if lengths is None else self._recurrent_lengths(x, lengths)
+        if branch is not None:
+            features = torch.cat([features, branch.to(features.dtype)], dim=1)
+        return self.head(features)
+
+    def _recurrent(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input from every step of every row."""
         # Fixed-length input keeps exactly this arithmetic: published accuracies depend on it bit for bit.
         if self.embed is not None:
             x = self.embed(x)
@@ -66,12 +92,12 @@ class SequenceClassifier(nn.Module):
             last = torch.cat([h_n[-2], h_n[-1]], dim=1)
         if self.cfg.readout == "last_max":
             last = torch.cat([last, out.amax(dim=1)], dim=1)
-        return self.head(last)
+        return last
 
-    def _framed(self, x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """model.series_norm and model.frame: each sequence standardised over its own valid steps, its padding
-        zeroed (a frame that straddles a sequence's end must not read padding), then k steps per frame."""
-        batch, steps, features = x.shape
+    def _standardised(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Padding zeroed (a frame that straddles a sequence's end must not read it) and, with model.series_norm,
+        each sequence standardised over its own valid steps."""
+        steps = x.shape[1]
         valid = None
         if lengths is not None:
             valid = _valid_steps(lengths.to(x.device), steps)[..., None].to(x.dtype)
@@ -82,13 +108,17 @@ class SequenceClassifier(nn.Module):
             centred = x - mean if valid is None else (x - mean) * valid
             std = (centred.pow(2).sum(1, keepdim=True) / count).sqrt()
             x = centred / (std + 1e-5)  # a constant channel stays 0 rather than dividing by nothing
-        k = self.cfg.frame
-        if k > 1:
-            x = F.pad(x, (0, 0, 0, (-steps) % k)).reshape(batch, -(-steps // k), k * features)
-            lengths = None if lengths is None else (lengths + k - 1) // k
-        return x, lengths
+        return x
 
-    def _forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _frames(self, x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """model.frame: k consecutive steps read as one step of k x features."""
+        batch, steps, features = x.shape
+        k = self.cfg.frame
+        x = F.pad(x, (0, 0, 0, (-steps) % k)).reshape(batch, -(-steps // k), k * features)
+        return x, None if lengths is None else (lengths + k - 1) // k
+
+    def _recurrent_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The head's input from each row's valid steps only."""
         lengths = _checked_lengths(lengths, x)
         if self.embed is not None:
             x = self.embed(x)  # step by step, so padded steps never reach valid ones
@@ -98,7 +128,7 @@ class SequenceClassifier(nn.Module):
             last, out = self._run_masked(x, lengths)
         if self.cfg.readout == "last_max":
             last = torch.cat([last, out.amax(dim=1)], dim=1)
-        return self.head(last)
+        return last
 
     def _run_packed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(last states [B, width], outputs [B, max(lengths), width] with -inf at padded steps, for last_max only)."""

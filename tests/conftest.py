@@ -164,3 +164,19 @@ def train_in_process(out: Path, shards: Path, *overrides: str, resume: str | Non
     train(cfg, LaunchEnv(), resume=resume)  # one process: the launch a plain `python` start reads
     assert cfg.model_dump() == as_given, "training wrote into the user's config"
     return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def sequences(examples: Path) -> list:
+    """Seven real FSDD digits spread over the length range (shortest to longest), roughly standardised, as
+    float tensors [steps, 13]: the model tests pad them with garbage to see what reaches a logit."""
+    import numpy as np
+    import torch
+
+    data = np.load(examples / "fsdd" / "digits.npz")
+    frames, lengths = data["X"], data["lengths"]
+    frames = (frames - frames.mean(axis=0)) / frames.std(axis=0)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    order = np.argsort(lengths, kind="stable")
+    picks = order[np.linspace(0, len(order) - 1, 7).round().astype(int)]
+    return [torch.from_numpy(frames[starts[i]:starts[i] + lengths[i]].copy()) for i in picks]

@@ -113,3 +113,13 @@ def test_sequence_benchmarks_smoke(tmp_path, fashion_shards, fsdd_shards):
     rows = {(b["streams"], b["world"]): b for b in r["bytes"]}
     assert rows[(1, 8)]["max_rank_share"] == 1.0 and rows[(8, 8)]["max_rank_share"] < 0.15
     assert {m["streams"] for m in r["mixing"]} == {1, 8} and set(r["accuracy"]) == {"1", "8"}
+
+
+def test_conv_speed_smoke(tmp_path):
+    """benchmarks/conv_speed.py, one timed step per model on FSDD's lengths: a ratio for every model."""
+    out = tmp_path / "conv.json"
+    run_py("benchmarks/conv_speed.py", "--workloads", "fsdd", "--repeats", "1", "--out", str(out), check=True, timeout=300)
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["ratio_to_plain"]["plain"] == 1.0 and len(r["ratio_to_plain"]) == 4
+    assert all(v > 0 for v in r["samples_per_s"].values())
+    assert r["parameters"]["front-end + branch"] > r["parameters"]["conv branch"] > r["parameters"]["plain"]

@@ -38,7 +38,7 @@ def test_no_function_in_pipeline_is_longer_than_sixty_lines():
 LAYERS = (
     ("errors", "files", "inputs"),  # leaves: import nothing of pipeline/
     ("config", "faults", "sources"),
-    ("data", "model", "model_card", "scoring", "checkpoints", "distributed", "tracking"),
+    ("data", "model", "model_conv", "model_card", "scoring", "checkpoints", "distributed", "tracking"),
     ("training",),
     ("inference", "kube", "cli"),  # what launch/ runs
 )

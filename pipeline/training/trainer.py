@@ -107,7 +107,7 @@ def build_run(cfg: Config, env: LaunchEnv, accelerator: Accelerator, resume: str
     card = model_card(data, accelerator)
     checkpointer = Checkpointer(
         accelerator, cfg.output_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
-        fingerprint=data.manifest.fingerprint, model_desc=data.model.model_dump(), config=cfg.to_dict(),
+        fingerprint=data.manifest.fingerprint, model_desc=data.model.model_dump(mode="json"), config=cfg.to_dict(),
         model_card=card.to_dict(), order={"global_batch_size": data.layout.global_batch, "seed": cfg.train.seed,
                                 "shuffle_buffer": cfg.data.shuffle_buffer, "canonical_streams": cfg.data.canonical_streams},
         fault=env.fault)

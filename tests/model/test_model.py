@@ -7,9 +7,7 @@ garbage rather than zeros, so that any step of padding that reaches a logit show
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -38,18 +36,6 @@ def _one_thread():
 def _cfg_id(cfg: dict) -> str:
     bi = "bi" if cfg["bidirectional"] else "uni"
     return f"{cfg['cell']}-L{cfg['num_layers']}-{bi}-{cfg['readout']}-embed{cfg['embed_size']}"
-
-
-@pytest.fixture(scope="module")
-def sequences(examples: Path) -> list[torch.Tensor]:
-    """Seven real digits spread over the length range (shortest to longest), roughly standardised."""
-    data = np.load(examples / "fsdd" / "digits.npz")
-    frames, lengths = data["X"], data["lengths"]
-    frames = (frames - frames.mean(axis=0)) / frames.std(axis=0)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    order = np.argsort(lengths, kind="stable")
-    picks = order[np.linspace(0, len(order) - 1, 7).round().astype(int)]
-    return [torch.from_numpy(frames[starts[i]:starts[i] + lengths[i]].copy()) for i in picks]
 
 
 def _padded(seqs: list[torch.Tensor], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,10 @@ SHORT = ("model.hidden_size=32", "train.max_steps=60", "eval.every_epochs=null",
          "train.log_every_steps=10", "train.batch_size=16", "train.global_batch_size=32", "wandb.mode=disabled")
 # Drawn from (seed, epoch, sample id): a run augments each sample the same way at any world size or placement.
 AUGMENT = ("data.jitter=0.05", "data.scale=0.1", "data.time_mask=0.1")
+# Every convolutional module at once (a striding front-end with squeeze-and-excitation, and the FCN branch),
+# small: their masks, strides and per-sample statistics must keep the guarantees the recurrent layers give.
+CONV = ("model.frontend=conv", "model.conv_branch=true", "model.conv_excite=true", "model.conv_stride=2",
+        "model.conv_channels=[8,16,8]", "model.conv_kernels=[5,3,3]")
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -125,7 +129,7 @@ def test_two_processes_equal_one_with_accumulation(fsdd_shards, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # One thread per process (threads change float sums); losses logged every step (a log window's sums
     # over steps and over ranks associate differently)
-    every_step = (*SHORT, *AUGMENT, "train.log_every_steps=1")
+    every_step = (*SHORT, *AUGMENT, *CONV, "train.log_every_steps=1")
     train_run(one, fsdd_shards, *every_step, config=CONFIG, env={"OMP_NUM_THREADS": "1"})
     train_run(two, fsdd_shards, *every_step, nproc=2, config=CONFIG, env={"OMP_NUM_THREADS": "1"})
     assert _same(one, two), "1 x 2 x 16 and 2 x 1 x 16 must compute the same micro-batches and sums"
@@ -135,16 +139,17 @@ def test_two_processes_equal_one_with_accumulation(fsdd_shards, tmp_path):
 
 def test_resumed_run_equals_uninterrupted(fsdd_shards, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train_in_process(straight, fsdd_shards, *SHORT, config=CONFIG)
-    train_in_process(split, fsdd_shards, *SHORT, "train.stop_at_step=30", config=CONFIG)
-    resumed = train_in_process(split, fsdd_shards, *SHORT, resume="auto", config=CONFIG)
+    train_in_process(straight, fsdd_shards, *SHORT, *CONV, config=CONFIG)
+    train_in_process(split, fsdd_shards, *SHORT, *CONV, "train.stop_at_step=30", config=CONFIG)
+    resumed = train_in_process(split, fsdd_shards, *SHORT, *CONV, resume="auto", config=CONFIG)
     assert resumed["resumed"] and _same(straight, split)
 
 
 def test_stream_and_device_memory_give_the_same_run(fsdd_shards, tmp_path):
     device, stream = tmp_path / "device", tmp_path / "stream"
-    train_in_process(device, fsdd_shards, *SHORT, *AUGMENT, "data.placement=device", config=CONFIG)
-    train_in_process(stream, fsdd_shards, *SHORT, *AUGMENT, "data.placement=stream", "data.num_workers=2", config=CONFIG)
+    train_in_process(device, fsdd_shards, *SHORT, *AUGMENT, *CONV, "data.placement=device", config=CONFIG)
+    train_in_process(stream, fsdd_shards, *SHORT, *AUGMENT, *CONV, "data.placement=stream", "data.num_workers=2",
+                     config=CONFIG)
     assert _same(device, stream)
 
 

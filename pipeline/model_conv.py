@@ -1,0 +1,133 @@
+"""Temporal convolutions that read each sequence only as far as it goes: the blocks of a convolutional
+front-end (DeepConvLSTM / CNN-LSTM: convolutions, then the recurrent layers over their output) and of
+an FCN branch beside the recurrent layers (LSTM-FCN / MLSTM-FCN: pooled, concatenated before the head).
+
+Tensors here are [batch, channels, steps] with right padding; `lengths` holds each row's valid steps.
+A row's outputs must not depend on its neighbours or on its padding, so that a sequence's logits are
+the same alone and in any batch, at any world size:
+- the padding is zeroed before every convolution, so a window that reaches past a sequence's end reads
+  the zeros it would read alone ('same' padding);
+- a stride shortens each row to ceil(length / stride) steps, and its lengths go with it;
+- normalisation is per sample, over the channels and the valid steps only (BatchNorm, FCN's choice,
+  would mix rows, and ranks would see other statistics than one process with accumulation);
+- pooled values (the squeeze-and-excitation gate, the branch's readout) average valid steps only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5
+EXCITE_REDUCTION = 16  # MLSTM-FCN's squeeze ratio
+
+
+def valid_steps(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """float [B, 1, T]: 1 where a step holds data, 0 in the padding."""
+    return (torch.arange(steps, device=lengths.device) < lengths[:, None])[:, None, :].float()
+
+
+def strided_lengths(lengths: torch.Tensor, stride: int) -> torch.Tensor:
+    """Valid outputs of a 'same'-padded convolution with this stride: one per started stride."""
+    return (lengths + stride - 1) // stride
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, C, T] averaged over each row's valid steps -> [B, C]."""
+    return (x * valid).sum(2) / valid.sum(2)
+
+
+def masked_norm(x: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GroupNorm with one group, its statistics over each row's channels and valid steps only; padding -> 0.
+
+    Statistics in float32 whatever the autocast dtype: a mean over thousands of steps loses digits in half.
+    """
+    dtype = x.dtype
+    x, valid = x.float(), valid.float()
+    count = valid.sum((1, 2), keepdim=True) * x.shape[1]
+    mean = (x * valid).sum((1, 2), keepdim=True) / count
+    centred = (x - mean) * valid
+    var = centred.pow(2).sum((1, 2), keepdim=True) / count
+    out = centred * torch.rsqrt(var + EPS) * weight[:, None].float() + bias[:, None].float()
+    return (out * valid).to(dtype)
+
+
+class ConvBlock(nn.Module):
+    """Convolution ('same' padding, optional stride), masked normalisation, ReLU: FCN's block."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1):
+        super().__init__()
+        # No bias: the normalisation's shift takes its place.
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, bias=False)
+        self.weight = nn.Parameter(torch.ones(out_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.left = (kernel - 1) // 2  # PyTorch's padding='same' split, which it refuses with a stride
+        self.right = kernel - 1 - self.left
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x * valid_steps(lengths, x.shape[2]).to(x.dtype)
+        x = self.conv(F.pad(x, (self.left, self.right)))
+        lengths = strided_lengths(lengths, self.conv.stride[0])
+        valid = valid_steps(lengths, x.shape[2])
+        return F.relu(masked_norm(x, valid, self.weight, self.bias)), lengths
+
+
+class SqueezeExcite(nn.Module):
+    """Each channel scaled by a gate computed from the channels' means over the valid steps (Hu et al. 2018)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = max(1, channels // EXCITE_REDUCTION)
+        self.gate = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        valid = valid_steps(lengths, x.shape[2]).to(x.dtype)
+        return x * self.gate(masked_mean(x, valid))[:, :, None]
+
+
+class ConvStack(nn.Module):
+    """FCN's blocks in a row; the first may stride; squeeze-and-excitation after every block but the last
+    (MLSTM-FCN's placement) when `excite`. forward: x [B, C_in, T] -> ([B, C_out, T'], lengths')."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], kernels: tuple[int, ...],
+                 stride: int = 1, excite: bool = False):
+        super().__init__()
+        ins = (in_channels, *channels[:-1])
+        self.blocks = nn.ModuleList(
+            ConvBlock(i, o, k, stride if n == 0 else 1) for n, (i, o, k) in enumerate(zip(ins, channels, kernels, strict=True)))
+        self.excite = nn.ModuleList(
+            SqueezeExcite(c) if excite and n < len(channels) - 1 else nn.Identity() for n, c in enumerate(channels))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for block, excite in zip(self.blocks, self.excite, strict=True):
+            x, lengths = block(x, lengths)
+            if isinstance(excite, SqueezeExcite):
+                x = excite(x, lengths)
+        return x, lengths
+
+
+class ConvFrontend(nn.Module):
+    """Learned local features for the recurrent layers: [B, T, F] -> ([B, T', C], lengths')."""
+
+    def __init__(self, features: int, channels: tuple[int, ...], kernels: tuple[int, ...], stride: int, excite: bool):
+        super().__init__()
+        self.stack = ConvStack(features, channels, kernels, stride, excite)
+        self.out_features = channels[-1]
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lengths = self.stack(x.transpose(1, 2), lengths)
+        return out.transpose(1, 2), lengths
+
+
+class ConvBranch(nn.Module):
+    """FCN beside the recurrent layers: [B, T, F] -> [B, C], the last block averaged over valid steps."""
+
+    def __init__(self, features: int, channels: tuple[int, ...], kernels: tuple[int, ...], excite: bool):
+        super().__init__()
+        self.stack = ConvStack(features, channels, kernels, 1, excite)
+        self.out_features = channels[-1]
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out, lengths = self.stack(x.transpose(1, 2), lengths)
+        return masked_mean(out, valid_steps(lengths, out.shape[2]).to(out.dtype))

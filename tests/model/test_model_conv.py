@@ -1,0 +1,169 @@
+"""The convolutional front-end and FCN branch read each sequence only as far as it goes.
+
+Real FSDD digits (6-92 frames of 13 MFCCs) padded with loud garbage: a sequence's logits alone must equal
+its logits beside longer ones, for every module and combination; and each way of letting the padding
+in (a convolution reading it, a statistic or a pooled mean over it, a stride that forgets the lengths)
+must break that equality.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import pipeline.model_conv as conv_module
+from pipeline.config import ModelConfig
+from pipeline.model_conv import ConvBlock, masked_mean, masked_norm, valid_steps
+from tests.model.test_model import ATOL, FEATURES, _batch_vs_alone_error, _model, _padded
+
+SMALL = dict(conv_channels=(8, 12, 8), conv_kernels=(8, 5, 3))
+# (front-end, branch, stride, excite, frame, bidirectional)
+COMBINATIONS = [
+    dict(frontend=frontend, conv_branch=branch, conv_stride=stride, conv_excite=excite, frame=frame,
+         bidirectional=bidirectional)
+    for frontend, branch, stride, excite, frame, bidirectional in itertools.product(
+        ("none", "conv"), (False, True), (1, 3), (False, True), (1, 2), (False, True))
+    if (frontend == "conv" or branch) and (stride == 1 or frontend == "conv")
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _conv_id(cfg: dict) -> str:
+    parts = [f"front-{cfg['frontend']}", "branch" if cfg["conv_branch"] else "no-branch", f"stride{cfg['conv_stride']}",
+             "excite" if cfg["conv_excite"] else "plain", f"frame{cfg['frame']}", "bi" if cfg["bidirectional"] else "uni"]
+    return "-".join(parts)
+
+
+def _conv_model(cfg: dict, seed: int = 0):
+    return _model(dict(readout="last_max", **SMALL, **cfg), seed=seed)
+
+
+@pytest.mark.parametrize("cfg", COMBINATIONS, ids=_conv_id)
+def test_a_sequence_reads_the_same_alone_and_in_a_padded_batch(sequences, cfg):
+    model = _conv_model(cfg)
+    assert _batch_vs_alone_error(model, sequences) < ATOL
+    # No lengths: every step is read, and a batch of one needs no padding.
+    x, lengths = _padded(sequences[-1:])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x, lengths), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", [COMBINATIONS[0], COMBINATIONS[-1]], ids=_conv_id)
+def test_no_gradient_reaches_the_padding(sequences, cfg):
+    model = _conv_model(cfg).train()
+    x, lengths = _padded(sequences)
+    x.requires_grad_(True)
+    torch.nn.functional.cross_entropy(model(x, lengths), torch.arange(len(sequences)) % 10).backward()
+    padding = torch.arange(x.shape[1]) >= lengths[:, None]
+    assert x.grad[padding].abs().max() == 0
+    assert x.grad[~padding].abs().max() > 0
+
+
+def test_the_lengths_follow_each_stride(sequences):
+    model = _conv_model(dict(frontend="conv", conv_branch=False, conv_stride=4, conv_excite=False, frame=1,
+                             bidirectional=False))
+    x, lengths = _padded(sequences)
+    out, out_lengths = model.frontend(x, lengths)
+    assert out.shape[1] == -(-x.shape[1] // 4)
+    assert out_lengths.tolist() == [-(-n // 4) for n in lengths.tolist()]
+
+
+def test_the_head_reads_the_branch_beside_the_recurrent_readout():
+    model = _conv_model(dict(frontend="none", conv_branch=True, conv_stride=1, conv_excite=True, frame=1,
+                             bidirectional=True))
+    assert model.head.in_features == 12 * 2 * 2 + 8  # bidirectional x last_max, plus the branch's last block
+    assert model.rnn.input_size == FEATURES  # the branch sits beside, not before, the recurrent layers
+
+
+def _pooled_over_everything(x, valid):
+    return x.mean(2)
+
+
+def _norm_over_everything(x, valid, weight, bias):
+    return masked_norm(x, torch.ones_like(valid), weight, bias) * valid
+
+
+def _stride_forgets_lengths(lengths, stride):
+    return lengths
+
+
+class _UnmaskedConv(ConvBlock):
+    """A convolution that reads the padding: the row's zeros after its end replaced by its neighbours' garbage."""
+
+    def forward(self, x, lengths):
+        x = self.conv(torch.nn.functional.pad(x, (self.left, self.right)))
+        lengths = conv_module.strided_lengths(lengths, self.conv.stride[0])
+        return torch.relu(masked_norm(x, valid_steps(lengths, x.shape[2]), self.weight, self.bias)), lengths
+
+
+# name: (attribute of pipeline.model_conv, its broken stand-in, a configuration that reads it)
+BREAKAGES = {
+    "branch-mean-over-padding": ("masked_mean", _pooled_over_everything,
+                                 dict(frontend="none", conv_branch=True, conv_excite=False)),
+    "excite-mean-over-padding": ("masked_mean", _pooled_over_everything,
+                                 dict(frontend="conv", conv_branch=False, conv_excite=True)),
+    "norm-statistics-over-padding": ("masked_norm", _norm_over_everything,
+                                     dict(frontend="conv", conv_branch=False, conv_excite=False)),
+    "stride-without-length-update": ("strided_lengths", _stride_forgets_lengths,
+                                     dict(frontend="conv", conv_branch=False, conv_excite=False, conv_stride=3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BREAKAGES))
+def test_a_broken_mask_fails_the_invariant(sequences, monkeypatch, name):
+    attribute, broken, cfg = BREAKAGES[name]
+    model = _conv_model(dict(dict(frame=1, bidirectional=False, conv_stride=1), **cfg))
+    assert _batch_vs_alone_error(model, sequences) < ATOL
+    monkeypatch.setattr(conv_module, attribute, broken)
+    assert _invariant_broken(model, sequences)
+
+
+def _invariant_broken(model, sequences) -> bool:
+    """Other logits in the batch than alone, or lengths the recurrent layers refuse (a stride that kept them)."""
+    try:
+        return _batch_vs_alone_error(model, sequences) > 1e-3
+    except ValueError as error:
+        return "lengths must lie in" in str(error)
+
+
+def test_an_unmasked_convolution_fails_the_invariant(sequences):
+    model = _conv_model(dict(frontend="conv", conv_branch=False, conv_stride=1, conv_excite=False, frame=1,
+                             bidirectional=False))
+    assert _batch_vs_alone_error(model, sequences) < ATOL
+    for block in model.frontend.stack.blocks:
+        block.__class__ = _UnmaskedConv
+    assert _invariant_broken(model, sequences)
+
+
+def test_the_normalisation_uses_valid_steps_only():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 10, generator=gen)
+    lengths = torch.tensor([6])
+    valid = valid_steps(lengths, 10)
+    out = masked_norm(x, valid, torch.ones(4), torch.zeros(4))
+    alone = masked_norm(x[..., :6], torch.ones(1, 1, 6), torch.ones(4), torch.zeros(4))
+    torch.testing.assert_close(out[..., :6], alone)
+    assert out[..., 6:].abs().max() == 0
+    assert float(alone.mean()) == pytest.approx(0, abs=1e-6) and float(alone.std(unbiased=False)) == pytest.approx(1, abs=1e-4)
+    torch.testing.assert_close(masked_mean(x, valid), x[..., :6].mean(2))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(conv_channels=(8, 8), conv_kernels=(3,)), "same number of blocks"),
+    (dict(conv_channels=(), conv_kernels=()), "same number of blocks"),
+    (dict(conv_channels=(0,), conv_kernels=(3,)), "must lie in"),
+    (dict(conv_stride=2), "model.frontend is none"),
+])
+def test_bad_convolution_settings_are_refused(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelConfig(**overrides)
