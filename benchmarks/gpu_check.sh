@@ -7,8 +7,9 @@
 #    every candidate x seeds 0-2 at once, sharing the GPU), with tests/training/test_devices.py beside it;
 # 3. the precision sweep (benchmarks/run.py --device $device --quick: trainer vs in-memory floor at
 #    batch 256/1024/4096 in fp32, bf16, fp16), alone on the GPU since it is timed;
-# 4. everything small that the runs wrote, and the chosen weights, packed into OUT_DIR/runs.tgz.
-# BUDGET_S (default 500) bounds steps 1-3: the selection gets what the others leave.
+# 4. benchmarks/conv_speed.py: the convolutional models' samples/s against the plain LSTM;
+# 5. everything small that the runs wrote, and the chosen weights, packed into OUT_DIR/runs.tgz.
+# BUDGET_S (default 500) bounds steps 1-4: the selection gets what the others leave.
 # DEVICE=cpu and SELECT_EXTRA='--extra train.max_steps=20 --extra eval.every_steps=10' rehearse it on a CPU machine.
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR DATA_DIR [BUDGET_S]}
@@ -36,7 +37,7 @@ if [ $smoke -ne 0 ]; then
   exit 1
 fi
 
-bench_s=120
+bench_s=210  # the precision sweep, then benchmarks/conv_speed.py
 step "recipe selection, with tests/training/test_devices.py beside it"
 timeout 300 "$py" -m pytest -q tests/training/test_devices.py > "$out/test_devices.log" 2>&1 &
 tests=$!
@@ -45,8 +46,11 @@ tests=$!
 wait $tests; echo "tests/training/test_devices.py exit $?"; tail -3 "$out/test_devices.log"
 
 step "precision sweep (quick), alone on the GPU"
-timeout $(( $(left) > 30 ? $(left) : 30 )) "$py" benchmarks/run.py --device $device --quick --sections precision \
+timeout $(( $(left) - 90 > 30 ? $(left) - 90 : 30 )) "$py" benchmarks/run.py --device $device --quick --sections precision \
   --data "$data" --out "$out/$device-quick.json" 2>&1 | tail -25
+
+step "convolutional models against the plain LSTM, samples/s"
+timeout 90 "$py" benchmarks/conv_speed.py --device $device --out "$out/conv-speed-$device.json" 2>&1 | tail -12
 
 step "packing"
 # The chosen candidate's weights come back too: scoring them again on the CPU (launch/evaluate.py)

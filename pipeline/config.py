@@ -120,7 +120,7 @@ class ModelConfig(_Section):
     conv_branch: bool = Field(
         False, description="An FCN branch beside the recurrent layers (the same blocks, then the mean over each "
         "sequence's valid steps), concatenated with their readout before the head (LSTM-FCN / MLSTM-FCN). It reads "
-        "the steps before the frames")
+        "the frames the recurrent layers read")
     conv_channels: tuple[int, ...] = Field(
         (128, 256, 128), description="Output channels of each convolution block (FCN's 128-256-128)")
     conv_kernels: tuple[int, ...] = Field(
