@@ -248,6 +248,17 @@ class EvalConfig(_Section):
     split: str = Field("val", description="The split evaluated every every_steps, for choosing recipes; the final "
                        "model is scored once on test at the end")
     batch_size: int = Field(1000, ge=1)
+    keep_best: bool = Field(
+        False, description="The model kept (model/, scored on test) is the evaluation with the best accuracy, ties to "
+        "the lower loss, not the last; its weights travel in every checkpoint, so a resumed run keeps the same")
+
+    @model_validator(mode="after")
+    def _keep_best_not_on_test(self) -> "EvalConfig":
+        if self.keep_best and self.split == "test":
+            raise ValueError("eval.keep_best chooses the weights on eval.split, and eval.split is test: the test score "
+                             "would be of weights chosen on test. Evaluate on a validation split (eval.split: val; "
+                             "prepare_data.py --val-size) or remove eval.keep_best")
+        return self
 
     def never_within(self, steps: int, named: str) -> str | None:
         """The one rule for eval.every_steps against a run's length (`named`: how the user gave it), or None.

@@ -39,6 +39,7 @@ class ModelCard(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # Known once the run ends (model/config.json); a checkpoint's card leaves them unset.
     steps: Optional[int] = None
+    kept_step: Optional[int] = None  # the step of the weights: the last, or the best evaluation's (eval.keep_best)
     weights: Literal["raw", "ema"] = "raw"
     ema: Optional[dict[str, Any]] = None
     wandb_run_id: Optional[str] = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ def check_compatible(meta: CheckpointMeta, path: Path, fingerprint: str, model_c
             f"checkpoint {path} was trained on dataset {meta.fingerprint[:12]}, but data.dir holds {fingerprint[:12]}; "
             f"resume with the same prepared dataset, {fresh}")
     # A model key that came after the checkpoint was written built its model with the key's default.
-    saved = {**ModelConfig().model_dump(mode="json"), **meta.model}  # as JSON holds it: tuples are lists
+    # Both as JSON holds them (a tuple of channels is a list there).
+    saved = json.loads(json.dumps({**ModelConfig().model_dump(mode="json"), **meta.model}))
+    model_cfg = json.loads(json.dumps(model_cfg))
     changed = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
     if changed:
         raise IncompatibleCheckpoint(

@@ -31,6 +31,7 @@ from pipeline.files import sha256_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 EMA_FILE = "ema.safetensors"
+BEST_FILE = "best.safetensors"  # eval.keep_best: the weights of the best evaluation so far
 STATE_FILE = "state.json"
 
 
@@ -44,6 +45,7 @@ class TrainState:
     wandb_run_id: Optional[str] = None
     skipped_steps: int = 0
     best_step: Optional[int] = None  # the step whose evaluation gave best_accuracy
+    best_loss: Optional[float] = None  # its loss: an evaluation as accurate but of lower loss is better
 
 
 @dataclass

@@ -36,9 +36,17 @@ from pipeline.checkpoints.format import (
 from pipeline.distributed.agreement import on_main
 from pipeline.errors import UserError
 from pipeline.faults import FaultPoint
-from pipeline.training.checkpoint_io import load_checkpoint, save_checkpoint
+from pipeline.training.checkpoint_io import load_best, load_checkpoint, save_checkpoint
 
-__all__ = ["Checkpointer", "TrainState"]
+__all__ = ["Checkpointer", "TrainState", "better"]
+
+
+def better(accuracy: float, loss: float, best_accuracy: float | None, best_loss: float | None) -> bool:
+    """Whether an evaluation beats the best so far: higher accuracy, or the same and a lower loss (a state saved
+    before losses were kept has none: accuracy alone decides)."""
+    if best_accuracy is None or accuracy > best_accuracy:
+        return True
+    return accuracy == best_accuracy and best_loss is not None and loss < best_loss
 
 
 class Checkpointer:
@@ -46,7 +54,7 @@ class Checkpointer:
 
     def __init__(self, accelerator, output_dir: str | Path, every_steps: int, keep_last: int, *,
                  fingerprint: str, model_desc: dict[str, Any], config: dict[str, Any], model_card: dict[str, Any],
-                 order: dict[str, int], fault: FaultPoint | None = None):
+                 order: dict[str, int], fault: FaultPoint | None = None, keep_best: bool = False):
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.root = checkpoint_root(output_dir)
@@ -58,6 +66,10 @@ class Checkpointer:
         self.model_card = model_card
         self.order = order
         self.fault = fault
+        self.keep_best = keep_best
+        # eval.keep_best: the shipped weights of the best evaluation so far, on the host (main process:
+        # it alone evaluates). In every checkpoint, so a resumed run ships what an uninterrupted one would.
+        self.best: dict[str, Any] | None = None
 
     def clean_partial(self) -> list[Path]:
         """Collective: the main process removes what a crash mid-write left; the others wait for it."""
@@ -119,6 +131,13 @@ class Checkpointer:
             raise
         check_compatible(meta, path, self.fingerprint, self.model_desc, self.order)
         load_checkpoint(self.accelerator, path, model, optimizer, scheduler, ema)
+        if self.keep_best and self.accelerator.is_main_process:
+            self.best = load_best(path)
+            if self.best is None and meta.state.best_step is not None:
+                # eval.keep_best turned on for the resumed run: the best is chosen among evaluations from here on.
+                print(f"warning: {path} holds no best weights (eval.keep_best was off); the best is chosen among "
+                      "the evaluations from here on", file=sys.stderr, flush=True)
+                meta.state.best_accuracy = meta.state.best_loss = meta.state.best_step = None
         return meta.state, meta.world_size
 
     def latest(self) -> Path | None:
@@ -128,12 +147,14 @@ class Checkpointer:
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.every_steps == 0 or step == total_steps
 
-    @staticmethod
-    def record_eval(state: TrainState, accuracy: float) -> bool:
-        """Track the best evaluation in the state that checkpoints carry; True when this one is the new best."""
-        if state.best_accuracy is not None and accuracy <= state.best_accuracy:
+    def record_eval(self, state: TrainState, accuracy: float, loss: float, shipped) -> bool:
+        """Track the best evaluation in the state that checkpoints carry (ties on accuracy go to the lower loss) and,
+        with eval.keep_best, the weights that gave it (`shipped`, the model that model/ would hold). True when new."""
+        if not better(accuracy, loss, state.best_accuracy, state.best_loss):
             return False
-        state.best_accuracy, state.best_step = accuracy, state.step
+        state.best_accuracy, state.best_loss, state.best_step = accuracy, loss, state.step
+        if self.keep_best:
+            self.best = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in shipped.state_dict().items()}
         return True
 
     @staticmethod
@@ -148,6 +169,6 @@ class Checkpointer:
                               world_size=self.accelerator.num_processes, config=self.config, model_card=self.model_card,
                               order=self.order)
         return save_checkpoint(self.accelerator, self.output_dir, model, optimizer, scheduler, meta, self.keep_last, ema,
-                               self.fault)
+                               self.fault, best=self.best)
 
 

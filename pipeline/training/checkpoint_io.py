@@ -16,15 +16,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoints.format import EMA_FILE, CheckpointMeta, checkpoint_root, list_checkpoints, write_meta
+from pipeline.checkpoints.format import BEST_FILE, EMA_FILE, CheckpointMeta, checkpoint_root, list_checkpoints, write_meta
 from pipeline.distributed.agreement import fail_together
 from pipeline.errors import UserError
 from pipeline.faults import FaultPoint
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, scheduler, meta: CheckpointMeta, keep_last: int,
-                    ema=None, fault: FaultPoint | None = None) -> Path:
-    """Collective: every rank must call this at the same step. `fault`: a test's injection point."""
+                    ema=None, fault: FaultPoint | None = None, best: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: every rank must call this at the same step. `fault`: a test's injection point; `best`: the main
+    process's weights of the best evaluation (eval.keep_best)."""
     root = checkpoint_root(output_dir)
     name = f"step-{meta.state.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
@@ -44,6 +45,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, sched
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if ema is not None:
                 save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
+            if best is not None:
+                save_file(best, tmp / BEST_FILE)
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     # A full disk: torch.save says RuntimeError, safetensors its own SafetensorError.
@@ -86,6 +89,11 @@ def _agree_or_fail(accelerator, failure: BaseException | None, tmp: Path, step: 
         )
 
     fail_together(accelerator, failure, error)
+
+
+def load_best(path: Path) -> dict[str, torch.Tensor] | None:
+    """The weights of the best evaluation that the checkpoint at `path` carries (eval.keep_best), if any."""
+    return load_file(path / BEST_FILE, device="cpu") if (path / BEST_FILE).is_file() else None
 
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema=None) -> None:

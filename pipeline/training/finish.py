@@ -52,7 +52,8 @@ def _bytes_read(t: Run) -> list[int]:
 
 def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[str, Any]) -> dict[str, Any]:
     """Main process: the one score on test, final model, summary.json, plots, the last line of the log."""
-    state, last, manifest = t.state, t.evaluator.last, t.data.manifest
+    state, manifest = t.state, t.data.manifest
+    last, kept_step = _kept(t)
     if skipped_samples:
         t.log(f"data.on_error=skip: the places of {skipped_samples} unreadable samples were taken by other samples "
               "of their windows; every step and every other sample kept its place")
@@ -61,14 +62,16 @@ def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[st
         test = last if t.eval_split == "test" else t.evaluator_for("test")(t.shipped)
         t.sink.record(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
     card = t.card.model_copy(update={"wandb_run_id": t.tracker.run_id, "steps": state.step, "weights": t.info["weights"],
-                                     "ema": t.cfg.train.ema.model_dump() if t.ema else None})
+                                     "ema": t.cfg.train.ema.model_dump() if t.ema else None, "kept_step": kept_step})
     save_trained(t.shipped, t.out / "model", card)
-    summary = _summary(t, skipped_samples, test, ended)
+    summary = {**_summary(t, skipped_samples, last, test, ended), "kept_step": kept_step}
     write_json_atomic(t.out / "summary.json", summary)
     write_plots(t.out / "plots", t.sink.log.read(), test.confusion if test else None, manifest.class_names,
                 t.eval_split)
     scores = (f"final {t.eval_split} accuracy {last.accuracy:.4f} (best {state.best_accuracy:.4f})"
               if last else "no evaluation yet")
+    if kept_step != state.step:
+        scores += f", the model kept from step {kept_step} (eval.keep_best)"
     scores += (f", test accuracy {test.accuracy:.4f}" if test else ", no test split to score"
                if "test" not in manifest.splits else ", test not scored until the run completes")
     if summary["completed"]:
@@ -78,8 +81,20 @@ def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[st
     return summary
 
 
-def _summary(t: Run, skipped_samples: int, test: EvalResult | None, ended: dict[str, Any]) -> dict[str, Any]:
-    state, last, layout = t.state, t.evaluator.last, t.data.layout
+def _kept(t: Run) -> tuple[EvalResult | None, int]:
+    """The evaluation of the weights that model/ will hold, and their step. eval.keep_best, once every step has run:
+    the best evaluation's weights go into the shipped model (training is over) and are scored on eval.split again
+    (a resumed run carries those weights, not their scores); otherwise the last evaluation's."""
+    best = t.checkpointer.best
+    if best is None or t.state.step != t.total_steps or t.state.best_step == t.state.step:
+        return t.evaluator.last, t.state.step
+    t.shipped.load_state_dict(best)
+    return t.evaluator_for(t.eval_split)(t.shipped), t.state.best_step
+
+
+def _summary(t: Run, skipped_samples: int, last: EvalResult | None, test: EvalResult | None,
+             ended: dict[str, Any]) -> dict[str, Any]:
+    state, layout = t.state, t.data.layout
     return {
         **t.info,
         **ended,

@@ -123,7 +123,7 @@ class TrainingLoop:
         if averaged is not None:
             metrics.update({"eval_ema/accuracy": averaged.accuracy, "eval_ema/loss": averaged.loss})
         result = averaged or raw
-        t.checkpointer.record_eval(state, result.accuracy)
+        t.checkpointer.record_eval(state, result.accuracy, result.loss, t.shipped)
         t.sink.eval(state.step, {**metrics, "eval/best_accuracy": state.best_accuracy}, result, final=final)
 
     def _checkpoint(self) -> None:

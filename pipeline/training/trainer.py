@@ -110,7 +110,7 @@ def build_run(cfg: Config, env: LaunchEnv, accelerator: Accelerator, resume: str
         fingerprint=data.manifest.fingerprint, model_desc=data.model.model_dump(mode="json"), config=cfg.to_dict(),
         model_card=card.to_dict(), order={"global_batch_size": data.layout.global_batch, "seed": cfg.train.seed,
                                 "shuffle_buffer": cfg.data.shuffle_buffer, "canonical_streams": cfg.data.canonical_streams},
-        fault=env.fault)
+        fault=env.fault, keep_best=cfg.eval.keep_best)
     unwrapped = accelerator.unwrap_model(parts.model)
     # The average of the weights, on the main process (it alone evaluates and saves it).
     ema = WeightAverage(unwrapped, cfg.train.ema.decay, cfg.train.ema.start_step) \

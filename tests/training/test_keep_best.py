@@ -1,0 +1,77 @@
+"""eval.keep_best: the model kept is the best evaluation's, not the last; its weights travel in every
+checkpoint, so a run resumed after its best step ships what an uninterrupted one ships.
+
+A constant learning rate of 0.1 on FSDD makes validation accuracy climb, then fall back: the best
+evaluation comes before the last step, which the tests check rather than assume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_jsonl, run_py, train_in_process
+from safetensors.torch import load_file
+
+from pipeline.training.checkpoint import better
+
+CONFIG = "configs/sequences.yaml"
+UNSTABLE = ("model.hidden_size=32", "train.max_steps=60", "eval.every_epochs=null", "eval.every_steps=10",
+            "checkpoint.every_steps=10", "checkpoint.keep_last=10", "train.batch_size=16", "train.global_batch_size=32",
+            "schedule.name=constant", "optim.lr=0.1", "eval.keep_best=true")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def _same(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_the_best_evaluation_is_kept_and_survives_a_resume(fsdd_shards, tmp_path):
+    straight = tmp_path / "straight"
+    summary = train_in_process(straight, fsdd_shards, *UNSTABLE, config=CONFIG)
+    kept = summary["kept_step"]
+    evals = {e["step"]: e["eval/accuracy"] for e in read_jsonl(straight / "metrics.jsonl") if "eval/accuracy" in e}
+    assert kept < 60 and evals[60] < evals[kept], f"this recipe's last evaluation is no longer worse: {evals}"
+    assert kept == summary["train_state"]["best_step"] and evals[kept] == max(evals.values())
+    # model/ holds the weights of that step, and says so; their validation figure is the best one
+    assert _same(straight / "model" / "model.safetensors", straight / "checkpoints" / f"step-{kept:08d}" / "model.safetensors")
+    assert json.loads((straight / "model" / "config.json").read_text())["kept_step"] == kept
+    assert summary["final_eval_accuracy"] == summary["best_eval_accuracy"] == evals[kept]
+    run_py("launch/evaluate.py", "--model", str(straight / "model"), "--data", str(fsdd_shards), "--split", "test",
+           "--out", str(tmp_path / "test"), check=True)
+    assert json.loads((tmp_path / "test" / "eval.json").read_text())["accuracy"] == summary["test_accuracy"]
+    # Stopped after the best step and resumed: the best's weights exist only in the checkpoint it resumes from
+    split = tmp_path / "split"
+    train_in_process(split, fsdd_shards, *UNSTABLE, f"train.stop_at_step={kept + 5}", config=CONFIG)
+    resumed = train_in_process(split, fsdd_shards, *UNSTABLE, resume="auto", config=CONFIG)
+    assert resumed["resumed"] and resumed["kept_step"] == kept
+    assert _same(straight / "model" / "model.safetensors", split / "model" / "model.safetensors")
+    assert resumed["test_accuracy"] == summary["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_without_keep_best_the_last_weights_are_kept(fsdd_shards, tmp_path):
+    out = tmp_path / "last"
+    summary = train_in_process(out, fsdd_shards, *UNSTABLE[:-1], config=CONFIG)
+    assert summary["kept_step"] == 60 and summary["final_eval_accuracy"] < summary["best_eval_accuracy"]
+    assert _same(out / "model" / "model.safetensors", out / "checkpoints" / f"step-{60:08d}" / "model.safetensors")
+    assert not (out / "checkpoints" / f"step-{60:08d}" / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("accuracy, loss, best_accuracy, best_loss, expected", [
+    (0.5, 1.0, None, None, True),  # the first evaluation
+    (0.6, 9.0, 0.5, 1.0, True),  # more accurate, whatever the loss
+    (0.5, 0.9, 0.5, 1.0, True),  # as accurate, lower loss
+    (0.5, 1.0, 0.5, 1.0, False),  # a tie on both keeps the earlier
+    (0.4, 0.1, 0.5, 1.0, False),
+    (0.5, 0.1, 0.5, None, False),  # a state saved before losses were kept: accuracy alone decides
+])
+def test_better(accuracy, loss, best_accuracy, best_loss, expected):
+    assert better(accuracy, loss, best_accuracy, best_loss) is expected
