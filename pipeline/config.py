@@ -252,6 +252,18 @@ class EvalConfig(_Section):
         False, description="The model kept (model/, scored on test) is the evaluation with the best accuracy, ties to "
         "the lower loss, not the last; its weights travel in every checkpoint, so a resumed run keeps the same")
 
+    patience: Optional[int] = Field(
+        None, ge=1, description="Early stopping: the run ends, finished and scored on test, once this many evaluations "
+        "in a row bring no better one (eval.keep_best's rule, which it needs: the model kept is the best's)")
+
+    @model_validator(mode="after")
+    def _patience_keeps_best(self) -> "EvalConfig":
+        if self.patience is not None and not self.keep_best:
+            raise ValueError(f"eval.patience {self.patience} stops a run that has stopped improving, and eval.keep_best "
+                             "is off: the model kept would be the last, trained past its best. Set eval.keep_best: "
+                             "true, or remove eval.patience")
+        return self
+
     @model_validator(mode="after")
     def _keep_best_not_on_test(self) -> "EvalConfig":
         if self.keep_best and self.split == "test":

@@ -46,6 +46,8 @@ class TrainState:
     skipped_steps: int = 0
     best_step: Optional[int] = None  # the step whose evaluation gave best_accuracy
     best_loss: Optional[float] = None  # its loss: an evaluation as accurate but of lower loss is better
+    evals_since_best: int = 0  # evaluations since the best one (eval.patience counts them)
+    stopped_early: bool = False  # eval.patience ended the run: it is finished short of its last step
 
 
 @dataclass

@@ -58,7 +58,7 @@ def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[st
         t.log(f"data.on_error=skip: the places of {skipped_samples} unreadable samples were taken by other samples "
               "of their windows; every step and every other sample kept its place")
     test = None
-    if state.step == t.total_steps and "test" in manifest.splits:
+    if t.finished and "test" in manifest.splits:
         test = last if t.eval_split == "test" else t.evaluator_for("test")(t.shipped)
         t.sink.record(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
     card = t.card.model_copy(update={"wandb_run_id": t.tracker.run_id, "steps": state.step, "weights": t.info["weights"],
@@ -74,7 +74,10 @@ def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[st
         scores += f", the model kept from step {kept_step} (eval.keep_best)"
     scores += (f", test accuracy {test.accuracy:.4f}" if test else ", no test split to score"
                if "test" not in manifest.splits else ", test not scored until the run completes")
-    if summary["completed"]:
+    if state.stopped_early:
+        t.log(f"done early: {state.step} of {t.total_steps} steps (eval.patience: {t.cfg.eval.patience} evaluations "
+              f"without a better one), {scores}, {summary['wall_s']:.1f} s; outputs in {t.out}")
+    elif summary["completed"]:
         t.log(f"done: {state.step} steps, {scores}, {summary['wall_s']:.1f} s; outputs in {t.out}")
     else:
         t.log(f"stopped at step {state.step} of {t.total_steps} ({stopped_by}), {scores}; continue with --resume auto")
@@ -86,7 +89,7 @@ def _kept(t: Run) -> tuple[EvalResult | None, int]:
     the best evaluation's weights go into the shipped model (training is over) and are scored on eval.split again
     (a resumed run carries those weights, not their scores); otherwise the last evaluation's."""
     best = t.checkpointer.best
-    if best is None or t.state.step != t.total_steps or t.state.best_step == t.state.step:
+    if best is None or not t.finished or t.state.best_step == t.state.step:
         return t.evaluator.last, t.state.step
     t.shipped.load_state_dict(best)
     return t.evaluator_for(t.eval_split)(t.shipped), t.state.best_step
@@ -121,6 +124,7 @@ def _summary(t: Run, skipped_samples: int, last: EvalResult | None, test: EvalRe
         "skipped_steps": state.skipped_steps,
         "skipped_samples": skipped_samples,
         "resumed": t.resumed_from is not None,
-        "completed": state.step == t.total_steps,
+        "completed": t.finished,
+        "stopped_early": state.stopped_early,
         "train_state": asdict(state),
     }

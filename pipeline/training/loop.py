@@ -8,6 +8,9 @@ by finish.py.
 
 from __future__ import annotations
 
+import torch
+from accelerate.utils import broadcast
+
 from pipeline.data import order
 from pipeline.distributed.preemption import StopSignal
 from pipeline.errors import UserError
@@ -87,12 +90,13 @@ class TrainingLoop:
                                       "train/epoch": state.epoch + state.step_in_epoch / epoch_steps,
                                       "train/skipped_steps": state.skipped_steps})
         with t.window.paused():
-            if t.main and (self._eval_due() or final):
+            evaluated = self._eval_due() or final
+            if t.main and evaluated:
                 self._evaluate(final)
             if state.step_in_epoch == epoch_steps:  # a checkpoint below then resumes at the next epoch
                 state.epoch += 1
                 state.step_in_epoch = 0
-            self.stopped_by = self._stop_reason(stop, boundary)
+            self.stopped_by = self._stop_reason(stop, boundary, evaluated and not final)
             if t.checkpointer.due(state.step, t.total_steps) or self.stopped_by:
                 self._check_finite()
                 self._checkpoint()
@@ -104,7 +108,9 @@ class TrainingLoop:
             return state.step % cfg.eval.every_steps == 0
         return state.step_in_epoch == self.t.data.plan.steps and (state.epoch + 1) % cfg.eval.every_epochs == 0
 
-    def _stop_reason(self, stop: StopSignal, boundary: bool) -> str | None:
+    def _stop_reason(self, stop: StopSignal, boundary: bool, evaluated: bool) -> str | None:
+        if evaluated and self._patience_ran_out():
+            return "eval.patience"
         if self.t.state.step == self.t.cfg.train.stop_at_step:
             return "train.stop_at_step"
         # Collective: every rank votes at the same log boundaries, not after every step, so the
@@ -112,6 +118,18 @@ class TrainingLoop:
         if boundary and stop.agreed(self.t.accelerator):
             return "SIGTERM"
         return None
+
+    def _patience_ran_out(self) -> bool:
+        """Collective, after an evaluation: the main process (it alone evaluates) tells every rank whether
+        eval.patience evaluations in a row have brought no better one."""
+        t, state, patience = self.t, self.t.state, self.t.cfg.eval.patience
+        if patience is None:
+            return False
+        ran_out = torch.tensor([int(t.main and state.evals_since_best >= patience)], device=t.device)
+        if t.accelerator.num_processes > 1:
+            ran_out = broadcast(ran_out, from_process=0)
+        state.stopped_early = bool(ran_out.item())
+        return state.stopped_early
 
     def _evaluate(self, final: bool) -> None:
         """Rank 0 only, on the unwrapped model: no collective, the other ranks wait at the next all-reduce.
@@ -123,7 +141,8 @@ class TrainingLoop:
         if averaged is not None:
             metrics.update({"eval_ema/accuracy": averaged.accuracy, "eval_ema/loss": averaged.loss})
         result = averaged or raw
-        t.checkpointer.record_eval(state, result.accuracy, result.loss, t.shipped)
+        new_best = t.checkpointer.record_eval(state, result.accuracy, result.loss, t.shipped)
+        state.evals_since_best = 0 if new_best else state.evals_since_best + 1
         t.sink.eval(state.step, {**metrics, "eval/best_accuracy": state.best_accuracy}, result, final=final)
 
     def _checkpoint(self) -> None:

@@ -94,6 +94,11 @@ class Run:
         return self.data.total_steps
 
     @property
+    def finished(self) -> bool:
+        """Every step has run, or eval.patience ended the run early: test is scored, the model is final."""
+        return self.state.step == self.data.total_steps or self.state.stopped_early
+
+    @property
     def shipped(self) -> torch.nn.Module:
         """The weights model/ will hold: their average when train.ema is set."""
         return self.ema.model if self.ema else self.unwrapped

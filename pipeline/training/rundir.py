@@ -145,8 +145,13 @@ def decide(found: Found, resume: str | None, overwrite: bool, total_steps: int, 
             f"was changed. Choose another output_dir, or {_REPLACE} in place of --resume auto")
 
 
-def complete_message(out: Path, summary: dict[str, Any]) -> str:
-    """--resume on a finished run that has every step the config asks for."""
+def complete_message(out: Path, summary: dict[str, Any], early: bool = False) -> str:
+    """--resume on a finished run that has every step the config asks for, or that eval.patience ended."""
+    if early:
+        return (f"output_dir {out} holds a run that eval.patience ended at step {summary.get('steps')}"
+                f"{_scores(summary)}, and this config's patience has run out there too: nothing to train, nothing "
+                "changed. To train it further, raise eval.patience (or remove it); to start it over, use --overwrite "
+                "in place of --resume")
     return (f"output_dir {out} holds a finished run of {summary.get('steps')} steps{_scores(summary)}, as many as "
             "this config asks for: nothing to train, nothing changed. To train it further, raise train.max_steps; "
             "to start it over, use --overwrite in place of --resume")

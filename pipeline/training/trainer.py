@@ -117,7 +117,7 @@ def build_run(cfg: Config, env: LaunchEnv, accelerator: Accelerator, resume: str
         if cfg.train.ema and accelerator.is_main_process else None
     resumed = _restore(checkpointer, resume, parts, ema, data.layout, accelerator)
     state = resumed[1] if resumed else TrainState()
-    _stop_if_complete(cfg, finished_run, state.step if resumed else None, data.total_steps)
+    _stop_if_complete(cfg, finished_run, state if resumed else None, data.total_steps)
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         save_resolved(data.resolved(), Path(cfg.output_dir) / RESOLVED)
@@ -183,12 +183,19 @@ def _read_manifest(cfg: Config, store: ShardStore, accelerator: Accelerator) -> 
     return manifest
 
 
-def _stop_if_complete(cfg: Config, finished_run: dict[str, Any] | None, resumed_step: int | None, steps: int) -> None:
+def _stop_if_complete(cfg: Config, finished_run: dict[str, Any] | None, resumed: TrainState | None, steps: int) -> None:
     """A finished run resumed at its end (the checkpoint has been checked against this config): nothing
-    to train. Stop before config.yaml, metrics.jsonl or the W&B run are touched, every rank alike."""
-    reached = resumed_step if resumed_step is not None else (finished_run or {}).get("steps")
-    if finished_run is not None and reached == steps:
-        raise AlreadyComplete(complete_message(Path(cfg.output_dir), finished_run), finished_run)
+    to train. Stop before config.yaml, metrics.jsonl or the W&B run are touched, every rank alike. A run that
+    eval.patience ended is at its end while this config's patience has run out too; with more patience (or
+    none) it trains on, as a run given that patience from the start would have."""
+    reached = resumed.step if resumed is not None else (finished_run or {}).get("steps")
+    patience = cfg.eval.patience
+    ended_early = resumed is not None and resumed.stopped_early and patience is not None \
+        and resumed.evals_since_best >= patience
+    if finished_run is not None and (reached == steps or ended_early):
+        raise AlreadyComplete(complete_message(Path(cfg.output_dir), finished_run, early=ended_early), finished_run)
+    if resumed is not None:
+        resumed.stopped_early = False
 
 
 def _with_outputs(cfg: Config, accelerator: Accelerator, data: DataPlan, parts: StepParts, unwrapped: torch.nn.Module,

@@ -77,6 +77,7 @@ BAD_OVERRIDES = [
     (["model.embed_size=0"], "model.embed_size: Input should be greater than or equal to 1"),
     (["model.conv_kernels=[8,5]"], "model.conv_channels and model.conv_kernels must list the same number of blocks"),
     (["model.conv_stride=4"], "model.conv_stride 4 strides the convolutional front-end, and model.frontend is none"),
+    (["eval.patience=3"], "eval.patience 3 stops a run that has stopped improving, and eval.keep_best is off"),
     (["eval.keep_best=true", "eval.split=test"], "eval.keep_best chooses the weights on eval.split, and eval.split is test"),
 ]
 

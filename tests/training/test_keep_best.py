@@ -75,3 +75,45 @@ def test_without_keep_best_the_last_weights_are_kept(fsdd_shards, tmp_path):
 ])
 def test_better(accuracy, loss, best_accuracy, best_loss, expected):
     assert better(accuracy, loss, best_accuracy, best_loss) is expected
+
+
+def _stop_step(evals: list[dict], patience: int) -> tuple[int, int] | None:
+    """(the step eval.patience should end the run at, the best step before it), from a run without patience
+    that trained the same way; None if the patience never runs out before the last step."""
+    best, since, best_step = (None, None), 0, None
+    for e in evals[:-1]:  # the last evaluation ends the run anyway
+        if better(e["eval/accuracy"], e["eval/loss"], *best):
+            best, since, best_step = (e["eval/accuracy"], e["eval/loss"]), 0, e["step"]
+        else:
+            since += 1
+            if since >= patience:
+                return e["step"], best_step
+    return None
+
+
+@pytest.mark.slow
+def test_patience_ends_the_run_where_the_evaluations_stop_improving(fsdd_shards, tmp_path):
+    every_5 = (*UNSTABLE, "eval.every_steps=5", "checkpoint.every_steps=5", "checkpoint.keep_last=20")
+    oracle = tmp_path / "oracle"
+    train_in_process(oracle, fsdd_shards, *every_5, config=CONFIG)
+    found = _stop_step([e for e in read_jsonl(oracle / "metrics.jsonl") if "eval/accuracy" in e], patience=2)
+    assert found is not None, "this recipe's evaluations no longer stall for two in a row before its last step"
+    stop, kept = found
+    early = tmp_path / "early"
+    summary = train_in_process(early, fsdd_shards, *every_5, "eval.patience=2", config=CONFIG)
+    assert (summary["steps"], summary["kept_step"]) == (stop, kept)
+    assert summary["stopped_early"] and summary["completed"] and summary["test_accuracy"] is not None
+    assert _same(early / "model" / "model.safetensors", oracle / "checkpoints" / f"step-{kept:08d}" / "model.safetensors")
+    # Interrupted before the stop and resumed: it stops at the same step with the same model
+    split = tmp_path / "split"
+    train_in_process(split, fsdd_shards, *every_5, "eval.patience=2", f"train.stop_at_step={stop - 5}", config=CONFIG)
+    resumed = train_in_process(split, fsdd_shards, *every_5, "eval.patience=2", resume="auto", config=CONFIG)
+    assert (resumed["steps"], resumed["kept_step"], resumed["stopped_early"]) == (stop, kept, True)
+    assert _same(early / "model" / "model.safetensors", split / "model" / "model.safetensors")
+    # An ended run: nothing more with the same patience; with more, it trains on as the run without patience did
+    again = run_py("launch/train.py", "--config", CONFIG, f"data.dir={fsdd_shards}", f"output_dir={early}",
+                   "train.device=cpu", *every_5, "eval.patience=2", "wandb.mode=disabled", "--resume", "auto")
+    assert again.returncode == 0 and "eval.patience ended at step" in again.stdout, again.stdout + again.stderr
+    more = train_in_process(early, fsdd_shards, *every_5, "eval.patience=100", resume="auto", config=CONFIG)
+    assert more["steps"] == 60 and not more["stopped_early"]
+    assert _same(early / "model" / "model.safetensors", oracle / "model" / "model.safetensors")

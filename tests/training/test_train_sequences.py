@@ -129,8 +129,9 @@ def test_two_processes_equal_one_with_accumulation(fsdd_shards, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # One thread per process (threads change float sums); losses logged every step (a log window's sums
     # over steps and over ranks associate differently)
-    # eval.keep_best: the main process alone keeps the best weights and writes them into the checkpoints
-    every_step = (*SHORT, *AUGMENT, *CONV, "train.log_every_steps=1", "eval.keep_best=true")
+    # eval.keep_best: the main process alone keeps the best weights and writes them into the checkpoints;
+    # eval.patience: it alone knows whether to stop, and tells the other ranks after each evaluation
+    every_step = (*SHORT, *AUGMENT, *CONV, "train.log_every_steps=1", "eval.keep_best=true", "eval.patience=1")
     train_run(one, fsdd_shards, *every_step, config=CONFIG, env={"OMP_NUM_THREADS": "1"})
     train_run(two, fsdd_shards, *every_step, nproc=2, config=CONFIG, env={"OMP_NUM_THREADS": "1"})
     assert _same(one, two), "1 x 2 x 16 and 2 x 1 x 16 must compute the same micro-batches and sums"
