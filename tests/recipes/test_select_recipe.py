@@ -48,6 +48,12 @@ def test_chosen_on_validation_and_only_the_winner_is_scored_on_test(tmp_path, fa
     # The validation figure is the run's final one, on the weights it ships.
     val = json.loads((tmp_path / "work" / "learns-seed0" / "summary.json").read_text())["final_eval_accuracy"]
     assert report["winner_runs"][0]["val_accuracy"] == val
+    # benchmarks/model_table.py reports every candidate's test beside its validation, and chooses on validation
+    out = tmp_path / "table.json"
+    proc = run_py("benchmarks/model_table.py", "--work", str(tmp_path / "work"), "--out", str(out), check=True)
+    table = json.loads(out.read_text())
+    assert table["chosen"] == "learns" and "frozen" in proc.stdout
+    assert table["sets"]["work"]["learns"]["test"] == tests
 
 
 @pytest.mark.slow
