@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import median, say, table
-from benchmarks.packed_vs_masked import fsdd_lengths, step_ms
+from benchmarks.packed_vs_masked import fsdd_lengths, open_device, step_ms
 from pipeline.config import ModelConfig
 from pipeline.model import SequenceClassifier
 from pipeline.training.trainer import auto_frame
@@ -107,11 +107,9 @@ def report(results: list[dict], device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        say("--device cuda: no CUDA GPU is visible to torch; run on a GPU machine or use --device cpu")
+    device = open_device(args.device, args.threads)
+    if device is None:
         return 2
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     results = []
     for workload in args.workloads:
         start = time.perf_counter()

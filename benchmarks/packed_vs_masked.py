@@ -192,15 +192,22 @@ def _ratio(result: dict) -> str | float:
     return "-"
 
 
+def open_device(name: str, threads: int) -> torch.device | None:
+    """The device a timing benchmark runs on, torch's CPU threads set; None (said why) without a CUDA GPU for cuda."""
+    if name == "cuda" and not torch.cuda.is_available():
+        say("--device cuda: no CUDA GPU is visible to torch; run on a GPU machine or use --device cpu")
+        return None
+    torch.set_num_threads(threads)
+    return torch.device(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        say("--device cuda: no CUDA GPU is visible to torch; run on a GPU machine or use --device cpu")
+    device = open_device(args.device, args.threads)
+    if device is None:
         return 2
-    torch.set_num_threads(args.threads)
     if not FSDD.is_file():
         say(f"{FSDD.relative_to(ROOT)} is missing (make examples): FSDD lengths drawn uniformly from 6-92 instead")
-    device = torch.device(args.device)
     results = []
     # Kept and reported: on a GPU, a per-direction call that made cuDNN copy its weights would warn here.
     with warnings.catch_warnings(record=True) as caught:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 import pipeline.model_conv as conv_module
 from pipeline.config import ModelConfig
 from pipeline.model_conv import ConvBlock, masked_mean, masked_norm, valid_steps
-from tests.model.test_model import ATOL, FEATURES, _batch_vs_alone_error, _model, _padded
+from tests.model.test_model import ATOL, FEATURES, _batch_vs_alone_error, _model, _one_thread, _padded  # noqa: F401
 
 SMALL = dict(conv_channels=(8, 12, 8), conv_kernels=(8, 5, 3))
 # (front-end, branch, stride, excite, frame, bidirectional)
@@ -28,14 +28,6 @@ COMBINATIONS = [
         ("none", "conv"), (False, True), (1, 3), (False, True), (1, 2), (False, True))
     if (frontend == "conv" or branch) and (stride == 1 or frontend == "conv")
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _conv_id(cfg: dict) -> str:
