@@ -20,7 +20,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--split", default="test", help="split of the manifest to evaluate (default: test)")
     p.add_argument("--out", help="output directory (default: RUN/eval-SPLIT, or RUN/eval-SPLIT-step-N for a checkpoint)")
     p.add_argument("--force", action="store_true", help="replace an evaluation already in --out")
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the batch size training evaluated with (its model card), else 1000")
     p.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
                    help="autocast dtype; auto: the one the model was trained with, as its evaluations were")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -40,6 +40,9 @@ class ModelCard(BaseModel):
     # Known once the run ends (model/config.json); a checkpoint's card leaves them unset.
     steps: Optional[int] = None
     kept_step: Optional[int] = None  # the step of the weights: the last, or the best evaluation's (eval.keep_best)
+    # The batch training scored with (eval.batch_size), evaluate.py's default: a convolution's sums depend in their
+    # last digits on the padded length of the batch a sequence is in, so the same batches give the same scores.
+    eval_batch_size: Optional[int] = None
     weights: Literal["raw", "ema"] = "raw"
     ema: Optional[dict[str, Any]] = None
     wandb_run_id: Optional[str] = None

@@ -79,9 +79,11 @@ def prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run(model_path: str, data_dir: str, split: str = "test", out: str | None = None, batch_size: int = 1000,
+def run(model_path: str, data_dir: str, split: str = "test", out: str | None = None, batch_size: int | None = None,
         precision: str = "auto", force: bool = False, device: torch.device | None = None) -> dict[str, Any]:
+    """`batch_size` None: the one training scored with (the model card's), else 1000."""
     trained = load_trained_model(model_path)
+    batch_size = batch_size or trained.card.eval_batch_size or 1000
     manifest = load_manifest(data_dir, trained.dataset or "fashion_mnist")
     check_fits(trained, manifest, data_dir)
     out_dir = Path(out) if out else default_out(Path(model_path), split)

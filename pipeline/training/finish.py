@@ -62,7 +62,8 @@ def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[st
         test = last if t.eval_split == "test" else t.evaluator_for("test")(t.shipped)
         t.sink.record(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
     card = t.card.model_copy(update={"wandb_run_id": t.tracker.run_id, "steps": state.step, "weights": t.info["weights"],
-                                     "ema": t.cfg.train.ema.model_dump() if t.ema else None, "kept_step": kept_step})
+                                     "ema": t.cfg.train.ema.model_dump() if t.ema else None, "kept_step": kept_step,
+                                     "eval_batch_size": t.cfg.eval.batch_size})
     save_trained(t.shipped, t.out / "model", card)
     summary = {**_summary(t, skipped_samples, last, test, ended), "kept_step": kept_step}
     write_json_atomic(t.out / "summary.json", summary)
