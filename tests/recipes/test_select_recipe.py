@@ -132,7 +132,7 @@ def test_each_seed_trains_on_its_own_hold_out_copy(tmp_path, examples):
         copies.append(copy)
     spec = tmp_path / "spec.yaml"
     spec.write_text("candidates:\n  - name: short\n    config: configs/sequences.yaml\n"
-                    "    overrides: [train.min_steps=null, train.epochs=2, model.hidden_size=16]\n")
+                    "    overrides: [train.min_steps=null, train.epochs=2, model.hidden_size=16, 'model.conv_channels=[8,8,8]']\n")
     work = tmp_path / "work"
     run_py("benchmarks/select_recipe.py", "--spec", str(spec), "--data", ",".join(map(str, copies)), "--work", str(work),
            "--seeds", "0,1", check=True, timeout=600)

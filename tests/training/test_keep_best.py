@@ -1,8 +1,8 @@
 """eval.keep_best: the model kept is the best evaluation's, not the last; its weights travel in every
 checkpoint, so a run resumed after its best step ships what an uninterrupted one ships.
 
-A constant learning rate of 0.1 on FSDD makes validation accuracy climb, then fall back: the best
-evaluation comes before the last step, which the tests check rather than assume.
+A constant learning rate of 0.1 on FSDD makes validation accuracy climb, then wander: the best
+evaluation (ties to the lower loss) comes before the last step, which the tests check rather than assume.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pipeline.training.checkpoint import better
 
 CONFIG = "configs/sequences.yaml"
-UNSTABLE = ("model.hidden_size=32", "train.max_steps=60", "eval.every_epochs=null", "eval.every_steps=10",
+UNSTABLE = ("model.hidden_size=32", "model.conv_channels=[16,32,16]", "train.max_steps=60", "eval.every_epochs=null", "eval.every_steps=10",
             "checkpoint.every_steps=10", "checkpoint.keep_last=10", "train.batch_size=16", "train.global_batch_size=32",
             "schedule.name=constant", "optim.lr=0.1", "eval.keep_best=true")
 
@@ -38,7 +38,7 @@ def test_the_best_evaluation_is_kept_and_survives_a_resume(fsdd_shards, tmp_path
     summary = train_in_process(straight, fsdd_shards, *UNSTABLE, config=CONFIG)
     kept = summary["kept_step"]
     evals = {e["step"]: e["eval/accuracy"] for e in read_jsonl(straight / "metrics.jsonl") if "eval/accuracy" in e}
-    assert kept < 60 and evals[60] < evals[kept], f"this recipe's last evaluation is no longer worse: {evals}"
+    assert kept < 60, f"this recipe's best evaluation is now its last: {evals}"
     assert kept == summary["train_state"]["best_step"] and evals[kept] == max(evals.values())
     # model/ holds the weights of that step, and says so; their validation figure is the best one
     assert _same(straight / "model" / "model.safetensors", straight / "checkpoints" / f"step-{kept:08d}" / "model.safetensors")
@@ -60,7 +60,7 @@ def test_the_best_evaluation_is_kept_and_survives_a_resume(fsdd_shards, tmp_path
 def test_without_keep_best_the_last_weights_are_kept(fsdd_shards, tmp_path):
     out = tmp_path / "last"
     summary = train_in_process(out, fsdd_shards, *UNSTABLE[:-1], config=CONFIG)
-    assert summary["kept_step"] == 60 and summary["final_eval_accuracy"] < summary["best_eval_accuracy"]
+    assert summary["kept_step"] == 60 and summary["train_state"]["best_step"] < 60
     assert _same(out / "model" / "model.safetensors", out / "checkpoints" / f"step-{60:08d}" / "model.safetensors")
     assert not (out / "checkpoints" / f"step-{60:08d}" / "best.safetensors").exists()
 
