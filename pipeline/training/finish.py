@@ -93,7 +93,7 @@ def _kept(t: Run) -> tuple[EvalResult | None, int]:
     if best is None or not t.finished or t.state.best_step == t.state.step:
         return t.evaluator.last, t.state.step
     t.shipped.load_state_dict(best)
-    return t.evaluator_for(t.eval_split)(t.shipped), t.state.best_step
+    return t.evaluator(t.shipped), t.state.best_step  # the split it evaluated on, already in memory
 
 
 def _summary(t: Run, skipped_samples: int, last: EvalResult | None, test: EvalResult | None,
