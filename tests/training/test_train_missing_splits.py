@@ -44,3 +44,12 @@ def test_nothing_to_evaluate_on_is_refused_with_the_manifests_reason(tmp_path):
     proc = train_run(tmp_path / "run", data, "wandb.mode=disabled", config=CONFIG, check=False)
     assert proc.returncode == 2 and "no validation or test split to evaluate on" in proc.stderr, proc.stderr
     assert "no case could be held out" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_keep_best_without_a_validation_split_is_refused_before_anything_is_written(tmp_path):
+    """Without val, training evaluates on test: keep-best would choose the weights on the split it reports."""
+    data = _prepared(tmp_path, 20, "--val-size", "0")
+    assert "val" not in json.loads((data / "manifest.json").read_text())["splits"]
+    proc = train_run(tmp_path / "run", data, "eval.keep_best=true", "wandb.mode=disabled", config=CONFIG, check=False)
+    assert proc.returncode == 2 and "has no val split, so training would evaluate on test" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
