@@ -138,6 +138,7 @@ class Checkpointer:
                 print(f"warning: {path} holds no best weights (eval.keep_best was off); the best is chosen among "
                       "the evaluations from here on", file=sys.stderr, flush=True)
                 meta.state.best_accuracy = meta.state.best_loss = meta.state.best_step = None
+                meta.state.evals_since_best = 0  # eval.patience counts from the new best on
         return meta.state, meta.world_size
 
     def latest(self) -> Path | None:
