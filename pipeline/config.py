@@ -252,6 +252,9 @@ class EvalConfig(_Section):
         False, description="The model kept (model/, scored on test) is the evaluation with the best accuracy, ties to "
         "the lower loss, not the last; its weights travel in every checkpoint, so a resumed run keeps the same")
 
+    score_test: bool = Field(
+        True, description="Score the finished run once on the test split. false: the test split is never read (a tuning "
+        "trial: choices are made on validation, and the test is read once, of the winner)")
     patience: Optional[int] = Field(
         None, ge=1, description="Early stopping: the run ends, finished and scored on test, once this many evaluations "
         "in a row bring no better one (eval.keep_best's rule, which it needs: the model kept is the best's)")

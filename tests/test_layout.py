@@ -40,7 +40,7 @@ LAYERS = (
     ("config", "faults", "sources"),
     ("data", "model", "model_conv", "model_card", "scoring", "checkpoints", "distributed", "tracking"),
     ("training",),
-    ("inference", "kube", "cli"),  # what launch/ runs
+    ("inference", "kube", "cli", "tuning"),  # what launch/ runs
 )
 KNOWN_CYCLES: tuple[set[str], ...] = ()  # none: a cycle anywhere fails
 

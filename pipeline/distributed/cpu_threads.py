@@ -183,8 +183,21 @@ def measure_free(threads: int, seconds: float = PROBE_S) -> float:
     return sum(got) / max(time.monotonic() - start, 1e-9)
 
 
+def _cpus(affinity: int, quota: CgroupQuota | None) -> int:
+    return affinity if quota is None else max(1, min(affinity, math.floor(quota.cpus)))
+
+
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def usable_cpus(root: Path = Path("/")) -> int:
+    """The CPUs this process may use: its affinity mask, bounded by its cgroup's CPU quota (a container's)."""
+    return _cpus(_affinity(), cgroup_quota(root))
+
+
 def _computed_threads(local_world_size: int, affinity: int, quota: CgroupQuota | None) -> tuple[int, str]:
-    cpus = affinity if quota is None else max(1, min(affinity, math.floor(quota.cpus)))
+    cpus = _cpus(affinity, quota)
     limit = f"cgroup quota {quota.cpus:g} CPUs ({quota.where})" if quota else "no cgroup CPU quota"
     return (max(1, cpus // max(1, local_world_size)),
             f"{cpus} usable CPU(s) (affinity mask {affinity}, {limit}) / {local_world_size} process(es) on this node")
@@ -225,8 +238,7 @@ def configure(env: LaunchEnv, configured: int | None = None, environ: MutableMap
     """Decide and export the OpenMP settings of this process (its loader workers inherit them), before
     torch loads; said once per node (local rank 0)."""
     environ = os.environ if environ is None else environ
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    choice = decide(environ, env.local_world_size, affinity, cgroup_quota(root), configured, free)
+    choice = decide(environ, env.local_world_size, _affinity(), cgroup_quota(root), configured, free)
     environ[THREADS_VAR] = str(choice.threads)
     environ.update(choice.waiting_env)
     torch = sys.modules.get("torch")

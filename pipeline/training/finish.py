@@ -58,7 +58,7 @@ def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[st
         t.log(f"data.on_error=skip: the places of {skipped_samples} unreadable samples were taken by other samples "
               "of their windows; every step and every other sample kept its place")
     test = None
-    if t.finished and "test" in manifest.splits:
+    if t.finished and "test" in manifest.splits and t.cfg.eval.score_test:
         test = last if t.eval_split == "test" else t.evaluator_for("test")(t.shipped)
         t.sink.record(state.step, {"test/accuracy": test.accuracy, "test/loss": test.loss})
     card = t.card.model_copy(update={"wandb_run_id": t.tracker.run_id, "steps": state.step, "weights": t.info["weights"],
@@ -73,8 +73,7 @@ def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[st
               if last else "no evaluation yet")
     if kept_step != state.step:
         scores += f", the model kept from step {kept_step} (eval.keep_best)"
-    scores += (f", test accuracy {test.accuracy:.4f}" if test else ", no test split to score"
-               if "test" not in manifest.splits else ", test not scored until the run completes")
+    scores += f", test accuracy {test.accuracy:.4f}" if test else _why_no_test(t)
     if state.stopped_early:
         t.log(f"done early: {state.step} of {t.total_steps} steps (eval.patience: {t.cfg.eval.patience} evaluations "
               f"without a better one), {scores}, {summary['wall_s']:.1f} s; outputs in {t.out}")
@@ -94,6 +93,12 @@ def _kept(t: Run) -> tuple[EvalResult | None, int]:
         return t.evaluator.last, t.state.step
     t.shipped.load_state_dict(best)
     return t.evaluator(t.shipped), t.state.best_step  # the split it evaluated on, already in memory
+
+
+def _why_no_test(t: Run) -> str:
+    if "test" not in t.data.manifest.splits:
+        return ", no test split to score"
+    return ", test not read (eval.score_test: false)" if not t.cfg.eval.score_test else ", test not scored until the run completes"
 
 
 def _summary(t: Run, skipped_samples: int, last: EvalResult | None, test: EvalResult | None,

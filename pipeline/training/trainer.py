@@ -136,7 +136,7 @@ def plan_data(cfg: Config, accelerator: Accelerator) -> DataPlan:
     plan = EpochPlan.make(manifest, "train", layout, cfg.train.seed, cfg.data.shuffle_buffer,
                           cfg.data.length_buckets, cfg.data.canonical_streams)
     _check_augmentation(cfg, manifest)
-    _check_keep_best(cfg, manifest)
+    _check_eval_split(cfg, manifest)
     # model.frame auto is fixed here from the data, so the model's description holds a number; the user's
     # config keeps "auto" (config.yaml), the number is in resolved.yaml and the model card.
     frame = auto_frame(manifest.split("train").lengths.median) if cfg.model.frame == "auto" else cfg.model.frame
@@ -156,13 +156,20 @@ def _check_augmentation(cfg: Config, manifest: Manifest) -> None:
                           f"holds images ({manifest.dataset}, scaled by / 255); use data.hflip, shift or erase")
 
 
-def _check_keep_best(cfg: Config, manifest: Manifest) -> None:
-    """eval.keep_best on the split training will really evaluate on: without val it falls back to test."""
-    if cfg.eval.keep_best and eval_split(cfg.eval.split, list(manifest.splits), manifest.splitting)[0] == "test":
+def _check_eval_split(cfg: Config, manifest: Manifest) -> None:
+    """What needs a validation split, on the split training will really evaluate on: without val it falls back
+    to test."""
+    if eval_split(cfg.eval.split, list(manifest.splits), manifest.splitting)[0] != "test":
+        return
+    if cfg.eval.keep_best:
         raise ConfigError(f"eval.keep_best chooses the weights on the evaluation split, and {cfg.data.dir} has no "
                           f"{cfg.eval.split} split, so training would evaluate on test: the test score would be of "
                           "weights chosen on test. Prepare the data set again with a validation split "
                           "(prepare_data.py --force --val-size), or remove eval.keep_best")
+    if not cfg.eval.score_test:
+        raise ConfigError(f"eval.score_test is false, so the test split is not to be read, and {cfg.data.dir} has no "
+                          f"{cfg.eval.split} split: training would evaluate on test. Prepare the data set again with a "
+                          "validation split (prepare_data.py --force --val-size)")
 
 
 def _fit_layout(layout: BatchLayout, manifest: Manifest, accelerator: Accelerator) -> BatchLayout:

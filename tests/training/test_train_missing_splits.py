@@ -46,10 +46,15 @@ def test_nothing_to_evaluate_on_is_refused_with_the_manifests_reason(tmp_path):
     assert "no case could be held out" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_keep_best_without_a_validation_split_is_refused_before_anything_is_written(tmp_path):
-    """Without val, training evaluates on test: keep-best would choose the weights on the split it reports."""
+@pytest.mark.parametrize("setting, needle", [
+    ("eval.keep_best=true", "has no val split, so training would evaluate on test"),
+    ("eval.score_test=false", "the test split is not to be read, and"),
+])
+def test_what_needs_a_validation_split_is_refused_without_one_before_anything_is_written(tmp_path, setting, needle):
+    """Without val, training evaluates on test: keep-best would choose the weights on the split it reports, and
+    a run that must not read test (a tuning trial) would read it at every evaluation."""
     data = _prepared(tmp_path, 20, "--val-size", "0")
     assert "val" not in json.loads((data / "manifest.json").read_text())["splits"]
-    proc = train_run(tmp_path / "run", data, "eval.keep_best=true", "wandb.mode=disabled", config=CONFIG, check=False)
-    assert proc.returncode == 2 and "has no val split, so training would evaluate on test" in proc.stderr, proc.stderr
+    proc = train_run(tmp_path / "run", data, setting, "wandb.mode=disabled", config=CONFIG, check=False)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,51 @@
+"""Tune a config on the validation split: an Optuna study whose trials are ordinary training runs.
+
+    python launch/tune.py --config configs/sequences.yaml data.dir=data/examples/ArrowHead \\
+        --space configs/search/sequences.yaml --trials 40 --workers 2 --timeout 1800
+
+The study lives in --dir (default runs/tune/STUDY): its journal, one run directory per trial, the logs,
+trials.csv, the plots, best.yaml (a config train.py runs as is) and final.json (the winner trained with
+--final-seeds, test read once per seed). Started again with the same --study and storage, a study
+interrupted (Ctrl-C, SIGTERM, a lost worker) goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cli import run_cli
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the config every trial starts from, e.g. configs/sequences.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every trial, e.g. data.dir=DIR")
+    p.add_argument("--space", required=True, help="the search space, e.g. configs/search/sequences.yaml")
+    p.add_argument("--trials", type=int, required=True, help="trials in the study, all workers together (interrupted "
+                   "ones not counted: they continue)")
+    p.add_argument("--workers", type=int, default=1, help="trials at once on this machine, sharing its cores (threads "
+                   "per trial = usable CPUs / workers) or taking one GPU each")
+    p.add_argument("--study", help="the study's name (default: the config's and data set's names)")
+    p.add_argument("--dir", help="the study directory (default runs/tune/STUDY)")
+    p.add_argument("--storage", help="a database URL shared by workers on several machines (postgresql://user:pw@host/db); "
+                   "default: a journal file in the study directory")
+    p.add_argument("--timeout", type=float, help="seconds after which this tuner starts no new trial")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="how hopeless trials are stopped at the rank-zero evaluations")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    p.add_argument("--folds", type=int, help="k-fold cross-validation over the train and val cases, each trial one "
+                   "run per fold; 1: the data set's own val split. Default: 3 where val holds fewer than 400 cases, else 1")
+    p.add_argument("--final-seeds", default="0,1,2", help="train the winner with these seeds and read test once each; "
+                   "'' for none (a worker of a study that another finishes)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    from pipeline.tuning.tune import TuneRequest, tune
+
+    return tune(TuneRequest.from_args(args))
+
+
+if __name__ == "__main__":
+    run_cli(main)

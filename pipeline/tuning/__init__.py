@@ -1,0 +1,1 @@
+"""Tuning on the validation split: an Optuna study whose trials are ordinary training runs (launch/tune.py)."""

@@ -1,0 +1,168 @@
+"""A search space: a YAML file of config keys and the distribution each is drawn from.
+
+    optim.lr: {type: float, low: 3.0e-4, high: 1.0e-2, log: true}
+    model.hidden_size: {type: int, low: 64, high: 256, step: 64}
+    model.frontend: {type: categorical, choices: [none, conv]}
+
+Validated like a config, before any trial runs: a key the config does not have, a range that is empty or
+holds a value the config refuses (a dropout of 1.5, a log scale from 0) exits 2 naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from pipeline.config import Config, load_config, load_yaml
+from pipeline.errors import ConfigError
+
+
+class _Dist(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FloatDist(_Dist):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "FloatDist":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log scale needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined")
+        return self
+
+    def bounds(self) -> list[Any]:
+        return [self.low, self.high]
+
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+
+
+class IntDist(_Dist):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "IntDist":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and (self.low <= 0 or self.step != 1):
+            raise ValueError("a log scale needs low > 0 and no step")
+        return self
+
+    def bounds(self) -> list[Any]:
+        return [self.low, self.high]
+
+    def suggest(self, trial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step)
+
+
+class CategoricalDist(_Dist):
+    type: Literal["categorical"]
+    choices: list[Union[None, bool, int, float, str]] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "CategoricalDist":
+        if len({repr(c) for c in self.choices}) != len(self.choices):
+            raise ValueError(f"choices must be distinct (got {self.choices})")
+        return self
+
+    def bounds(self) -> list[Any]:
+        return list(self.choices)
+
+    def suggest(self, trial, name: str) -> Any:
+        return trial.suggest_categorical(name, self.choices)
+
+
+Dist = Annotated[Union[FloatDist, IntDist, CategoricalDist], Field(discriminator="type")]
+_DIST = TypeAdapter(Dist)
+
+
+def _config_keys(model: type[BaseModel] = Config, prefix: str = "") -> set[str]:
+    """Every dotted key a config has, sections and leaves."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        keys.add(key)
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            keys |= _config_keys(kind, key + ".")
+    return keys
+
+
+def _is_leaf(key: str, keys: set[str]) -> bool:
+    return key in keys and not any(k.startswith(key + ".") for k in keys)
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` as train.py reads it: YAML, so that None, booleans and strings come back as they were."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    path: str
+    params: dict[str, Dist]
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """One point of the space, drawn by the trial's sampler: {config key: value}."""
+        return {key: dist.suggest(trial, key) for key, dist in self.params.items()}
+
+    def overrides(self, values: dict[str, Any]) -> list[str]:
+        return [override(key, value) for key, value in values.items()]
+
+
+def _read(path: Path) -> dict:
+    try:
+        raw = load_yaml(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"search space {path} does not exist; pass one like configs/search/sequences.yaml with "
+                          "--space") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"search space {path} cannot be read as YAML: {err}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"search space {path} must map config keys to distributions, e.g. `optim.lr: {{type: "
+                          "float, low: 0.0003, high: 0.01, log: true}`")
+    return raw
+
+
+def _dist(path: Path, key: str, spec: Any) -> Dist:
+    try:
+        return _DIST.validate_python(spec)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'type'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
+        raise ConfigError(f"search space {path}, key {key}: {problems}. A distribution is {{type: float|int, low, "
+                          "high, log, step}} or {type: categorical, choices: [...]}") from None
+
+
+def load_space(path: str | Path, config: str | Path, overrides: list[str]) -> SearchSpace:
+    """The space in `path`, each key checked against the config and each bound loaded as a config."""
+    path = Path(path)
+    keys = _config_keys()
+    params = {}
+    for key, spec in _read(path).items():
+        if not _is_leaf(str(key), keys):
+            raise ConfigError(f"search space {path}: {key!r} is not a config key (a setting such as optim.lr; "
+                              "check the spelling against configs/*.yaml)")
+        params[str(key)] = dist = _dist(path, key, spec)
+        for value in dist.bounds():  # each end alone: a value the config refuses is a range to narrow now
+            try:
+                load_config(config, [*overrides, override(key, value)])
+            except ConfigError as err:
+                raise ConfigError(f"search space {path}, key {key}: the value {value!r} is refused by the config: "
+                                  f"{err}. Narrow the range") from None
+    return SearchSpace(path=str(path), params=params)

@@ -1,0 +1,140 @@
+"""One trial: an ordinary training run (launch/train.py in a process of its own), watched as it goes.
+
+Each evaluation the run writes to its metrics.jsonl is reported to the trial at its step, and the
+pruner asked; a trial it gives up on is stopped with SIGTERM, which the trainer answers with a
+checkpoint. The worker beats a heartbeat into the study's storage while it watches, so that another
+worker, on this machine or another, can tell a trial whose worker was lost (SIGKILL, a lost machine)
+from one that is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+TRAIN = Path(__file__).resolve().parents[2] / "launch" / "train.py"
+GRACE_S = 60.0  # SIGTERM to SIGKILL: the trainer finishes its step and writes a checkpoint first
+LOG_TAIL = 1500
+BEAT_S = 10.0
+
+
+@dataclass(frozen=True)
+class TrialCommand:
+    """How every run of a study starts: the user's config and overrides, and this worker's share of the machine."""
+
+    config: str
+    overrides: tuple[str, ...]
+    study: str
+    threads: int
+    gpu: str | None = None
+
+    def argv(self, out: Path, params: list[str], resume: bool, name: str, final: bool = False) -> list[str]:
+        """A trial never reads the test split (eval.score_test: false); a final run of the winner does, once."""
+        role = ["wandb.job_type=tune-final"] if final else ["wandb.job_type=tune-trial", "eval.score_test=false"]
+        args = [sys.executable, str(TRAIN), "--config", self.config, *self.overrides, *params, *role,
+                f"output_dir={out}", f"train.cpu_threads={self.threads}", "train.progress_bar=false",
+                "checkpoint.keep_last=1", f"wandb.group={self.study}", f"wandb.name={self.study}-{name}"]
+        return args + (["--resume", "auto"] if resume else ["--overwrite"])
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu
+        return env
+
+
+@dataclass
+class Outcome:
+    state: str  # complete | pruned | failed | interrupted
+    value: float | None = None
+    loss: float | None = None
+    error: str | None = None
+    summary: dict = field(default_factory=dict)
+
+
+def evaluations(out: Path) -> list[tuple[int, float, float]]:
+    """(step, accuracy, loss) of every evaluation in a run's metrics.jsonl so far, of the weights it ships
+    (their average where train.ema is on); a line still being written ends the list."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        key = "eval_ema" if "eval_ema/accuracy" in event else "eval"
+        if f"{key}/accuracy" in event:
+            found.append((int(event["step"]), float(event[f"{key}/accuracy"]), float(event[f"{key}/loss"])))
+    return found
+
+
+def _tail(log: Path) -> str:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return text[-LOG_TAIL:].strip() or "(no output)"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def finished_run(out: Path, log: Path | None = None) -> Outcome:
+    """A run that ended well, from its summary.json: the validation figures of the weights it kept."""
+    summary = json.loads((out / "summary.json").read_text())
+    if summary.get("final_eval_accuracy") is None:
+        return Outcome("failed", error=f"the run in {out} ended without an evaluation"
+                       + (f"; its log {log} ends:\n{_tail(log)}" if log else ""))
+    return Outcome("complete", summary["final_eval_accuracy"], summary["final_eval_loss"], summary=summary)
+
+
+def _finished(proc: subprocess.Popen, out: Path, log: Path) -> Outcome:
+    if proc.returncode == 0 and (out / "summary.json").is_file():
+        return finished_run(out, log)
+    return Outcome("failed", error=f"the run exited {proc.returncode}; its log {log} ends:\n{_tail(log)}")
+
+
+def watch(argv: list[str], env: dict[str, str], out: Path, log: Path, beat: Callable[[], None],
+          report: Callable[[int, float], bool], stop: threading.Event, poll_s: float = 0.5) -> Outcome:
+    """Run one training process to its end, reporting each new evaluation; `report(step, accuracy)`
+    answers whether to prune. `stop` set: the run is stopped (it checkpoints) and the trial interrupted."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+    last_beat = 0.0
+    with open(log, "ab") as sink:
+        # A session of its own: a Ctrl-C at the terminal reaches the tuner, which stops its runs in order.
+        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                if time.monotonic() - last_beat >= BEAT_S:
+                    beat()
+                    last_beat = time.monotonic()
+                ended = proc.poll() is not None
+                for step, accuracy, _ in evaluations(out):
+                    if step not in seen:
+                        seen.add(step)
+                        if report(step, accuracy) and not ended:
+                            _stop(proc)
+                            return Outcome("pruned", accuracy, error=f"pruned at step {step}")
+                if ended:
+                    return _finished(proc, out, log)
+                if stop.is_set():
+                    _stop(proc)
+                    return Outcome("interrupted", error=f"interrupted; its checkpoint is in {out}")
+                time.sleep(poll_s)
+        finally:
+            _stop(proc)

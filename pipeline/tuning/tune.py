@@ -1,0 +1,132 @@
+"""launch/tune.py's work: check the request, run the study's workers, write the report, train the winner."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.data.manifest import load_manifest
+from pipeline.errors import ConfigError
+from pipeline.tuning.final import train_final
+from pipeline.tuning.folds import fold_count, prepare_folds
+from pipeline.tuning.report import write_report
+from pipeline.tuning.space import SearchSpace, load_space
+from pipeline.tuning.study import Budget, Tuner, open_study, run_workers, storage_for, threads_per_trial
+from pipeline.tuning.trial_run import TrialCommand
+
+
+def say(message: str) -> None:
+    print(f"[tune] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    config: str
+    overrides: tuple[str, ...]
+    space: str
+    trials: int
+    workers: int
+    study: str
+    dir: Path
+    storage: str | None
+    timeout_s: float | None
+    pruner: str
+    seed: int
+    final_seeds: tuple[int, ...]
+    folds: int | None
+
+    @classmethod
+    def from_args(cls, args) -> "TuneRequest":
+        if args.trials < 1 or args.workers < 1:
+            raise ConfigError(f"--trials ({args.trials}) and --workers ({args.workers}) must be at least 1")
+        if args.timeout is not None and not args.timeout > 0:
+            raise ConfigError(f"--timeout ({args.timeout}) must be a positive number of seconds")
+        try:
+            seeds = tuple(int(s) for s in args.final_seeds.split(",") if s.strip())
+        except ValueError:
+            raise ConfigError(f"--final-seeds {args.final_seeds!r} must be integers separated by commas, e.g. 0,1,2") from None
+        cfg = load_config(args.config, args.overrides)  # a bad config or override is said before any trial
+        study = args.study or f"{Path(args.config).stem}-{Path(cfg.data.dir).name}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
+            raise ConfigError(f"--study {study!r}: a study's name is letters, digits, '_', '.' and '-'")
+        if args.folds is not None and args.folds < 1:
+            raise ConfigError(f"--folds ({args.folds}) must be at least 1 (1: the data set's own validation split)")
+        return cls(args.config, tuple(args.overrides), args.space, args.trials, args.workers, study,
+                   Path(args.dir or f"runs/tune/{study}"), args.storage, args.timeout, args.pruner, args.seed, seeds,
+                   args.folds)
+
+
+def _folds(request: TuneRequest) -> list[Path | None]:
+    """The data each trial trains on: the data set's own split ([None]), or k folds of its train and val
+    (folds.py). A study chooses on validation: a data set without a val split would evaluate on test."""
+    cfg = load_config(request.config, list(request.overrides))
+    if cfg.data.base_url is not None:
+        return [None]  # the trials check the split on the server's manifest
+    manifest = load_manifest(cfg.data.dir, cfg.data.dataset)
+    if "val" not in manifest.splits or cfg.eval.split != "val":
+        raise ConfigError(f"a study chooses on the validation split, and {cfg.data.dir} has splits "
+                          f"{', '.join(manifest.splits)} with eval.split {cfg.eval.split}: prepare it with a validation "
+                          "split (prepare_data.py --force --val-size) and evaluate on val")
+    folds = fold_count(request.folds, manifest)
+    return [None] if folds == 1 else list(prepare_folds(cfg.data.dir, request.dir, folds, request.seed, say))
+
+
+def _commands(request: TuneRequest) -> list[TrialCommand]:
+    from pipeline.distributed.cpu_threads import usable_cpus
+
+    gpus = _gpus()
+    threads = threads_per_trial(usable_cpus(), request.workers)
+    return [TrialCommand(request.config, request.overrides, request.study, threads,
+                         str(gpus[i % len(gpus)]) if gpus else None) for i in range(request.workers)]
+
+
+def _gpus() -> list[int]:
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _on_signals(stop: threading.Event) -> None:
+    def handle(signum, frame) -> None:
+        if not stop.is_set():
+            say(f"{signal.Signals(signum).name}: stopping the running trials (each checkpoints); start the same "
+                "command again to go on")
+        stop.set()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handle)
+
+
+def tune(request: TuneRequest) -> int:
+    space: SearchSpace = load_space(request.space, request.config, list(request.overrides))
+    folds = _folds(request)
+    study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner)
+    commands = _commands(request)
+    say(f"study {request.study} in {request.dir}: {request.trials} trials, {request.workers} worker(s) of "
+        f"{commands[0].threads} thread(s){', GPU ' + ','.join(c.gpu for c in commands) if commands[0].gpu else ''}, "
+        f"{len(space.params)} parameters, pruner {request.pruner}")
+    tuner = Tuner(study, space, commands, request.dir, Budget(request.trials, request.timeout_s, time.monotonic()),
+                  folds, say)
+    _on_signals(tuner.stop)
+    run_workers(tuner)
+    if tuner.stop.is_set():
+        say(f"stopped; {request.dir} keeps every trial. Run the same command again to continue")
+        return 130
+    report = write_report(study, space, request.config, list(request.overrides), request.dir)
+    best = report["best"]
+    say(f"{report['trials']} trials ({report['complete']} complete, {report['pruned']} pruned, {report['failed']} "
+        f"failed); the best, trial {best['number']}: validation accuracy {best['val_accuracy']:.4f}; "
+        f"{report['best_config']} holds it")
+    if request.final_seeds:
+        final = train_final(commands, request.dir, list(request.final_seeds), tuner.stop, say)
+        if final["test_mean"] is not None:
+            say(f"test accuracy of the winner over seeds {list(request.final_seeds)}: {final['test_mean']:.4f} "
+                f"(std {final['test_std']:.4f}); {request.dir / 'final.json'}")
+        if not final["complete"]:
+            return 1
+    return 0

@@ -1,0 +1,99 @@
+"""launch/tune.py as a user runs it, on FSDD with short runs: a study stopped by SIGTERM goes on where it
+stopped when started again (the interrupted trial continues from its checkpoint), the winner is trained
+with the final seeds and read on test once each; two tuners on one journal finish one study between them,
+no trial run twice."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from pipeline.config import load_config
+
+pytestmark = pytest.mark.slow
+
+COMMON = ("wandb.mode=disabled", "model.frontend=none", "model.bidirectional=false", "model.hidden_size=16",
+          "train.epochs=null", "train.min_steps=null", "train.max_steps=150", "eval.every_epochs=null",
+          "eval.every_steps=50", "checkpoint.every_steps=10", "schedule.warmup_steps=5")
+
+
+def _tune(data, space, study, *flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(ROOT / "configs" / "sequences.yaml"),
+            f"data.dir={data}", *COMMON, "--space", str(space), "--dir", str(study), "--folds", "1", "--pruner", "none",
+            *flags]
+
+
+@pytest.fixture
+def space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("optim.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    return path
+
+
+def _trials(study) -> list[dict]:
+    with open(study / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
+    study = tmp_path / "study"
+    argv = _tune(fsdd_shards, space, study, "--trials", "2", "--final-seeds", "0")
+    first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = study / "trials" / "0000" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoint.is_dir() and any(checkpoint.glob("step-*"))) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 130, out
+    assert "Run the same command again" in out
+
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "trial 1 (continued)" in again.stdout
+    log = (study / "logs" / "0001.log").read_text()
+    assert re.search(r"resumed from \S+step-\d+ at step [1-9]", log), log
+    rows = _trials(study)
+    assert [(r["number"], r["state"]) for r in rows] == [("0", "fail"), ("1", "complete"), ("2", "complete")]
+    assert rows[0]["param:optim.lr"] == rows[1]["param:optim.lr"], "the interrupted trial's parameters continue"
+    assert not (study / "trials" / "0000").exists(), "its run directory went to the trial that continued it"
+
+    best = load_config(study / "best.yaml")
+    winner = max(rows[1:], key=lambda r: (float(r["val_accuracy"]), -float(r["val_loss"])))
+    assert best.optim.lr == pytest.approx(float(winner["param:optim.lr"]))
+    assert best.eval.score_test, "best.yaml is a plain config: its runs are scored on test"
+    final = json.loads((study / "final.json").read_text())
+    assert final["complete"] and 0.0 < final["seeds"]["0"]["test_accuracy"] <= 1.0
+    for trial in ("0001", "0002"):  # no trial read the test split
+        summary = json.loads((study / "trials" / trial / "summary.json").read_text())
+        assert summary["test_accuracy"] is None and summary["final_eval_accuracy"] is not None
+    assert (study / "optimization_history.png").stat().st_size > 0
+    wandb = yaml.safe_load((study / "trials" / "0001" / "config.yaml").read_text())["wandb"]
+    assert (wandb["group"], wandb["name"]) == ("sequences-fsdd", "sequences-fsdd-trial-1")  # the study's default name
+
+
+def test_two_tuners_on_one_journal_finish_one_study_between_them(fsdd_shards, space, tmp_path):
+    study = tmp_path / "study"
+    argv = _tune(fsdd_shards, space, study, "--trials", "4", "--final-seeds", "", "--study", "shared")
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    ran = [set(re.findall(r"\[tune\] trial (\d+): validation accuracy", out)) for out in outs]
+    assert ran[0] and ran[1], f"each tuner ran trials: {ran}"
+    assert not ran[0] & ran[1], f"no trial run by both: {ran}"
+    numbers = sorted(int(n) for n in ran[0] | ran[1])
+    assert 4 <= len(numbers) <= 5 and numbers == list(range(len(numbers)))  # at most one over: two asked at once
+    for n in numbers:
+        log = (study / "logs" / f"{n:04d}.log").read_text()
+        assert log.count("[train] done") == 1, log

@@ -1,0 +1,142 @@
+"""The study's bookkeeping (pipeline/tuning/study.py, report.py, folds.py) on a real journal file: the budget,
+a lost worker's trial continued once, the winner's tie going to the lower loss, the folds. And one real
+study in process whose hopeless trial (a learning rate of 1e-5) is pruned at its evaluations."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import optuna
+import pytest
+from conftest import ROOT
+from optuna.trial import TrialState, create_trial
+
+from pipeline.tuning.folds import assign, prepare_folds
+from pipeline.tuning.report import winner
+from pipeline.tuning.space import load_space
+from pipeline.tuning.study import (
+    HEARTBEAT,
+    INTERRUPTED,
+    RESUME_FROM,
+    STALE_S,
+    Budget,
+    Tuner,
+    open_study,
+    storage_for,
+)
+from pipeline.tuning.trial_run import TrialCommand
+
+FLOAT = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
+
+
+def _journal_study(tmp_path, name="s"):
+    return open_study(name, storage_for(None, tmp_path), seed=0, pruner="none")
+
+
+def _tuner(study, tmp_path, trials=4, folds=(None,)):
+    space = load_space(_space(tmp_path), ROOT / "configs" / "sequences.yaml", [])
+    return Tuner(study, space, [], tmp_path, Budget(trials), list(folds), say=lambda line: None)
+
+
+def _space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("optim.lr: {type: float, low: 1.0e-5, high: 1.0e-1, log: true}\n")
+    return path
+
+
+def test_the_winner_of_a_tie_is_the_lower_validation_loss(tmp_path):
+    study = _journal_study(tmp_path)
+    for lr, acc, loss in [(1e-3, 0.9, 0.40), (2e-3, 0.9, 0.25), (3e-3, 0.8, 0.10), (4e-3, 0.9, 0.31)]:
+        study.add_trial(create_trial(value=acc, params={"optim.lr": lr}, distributions={"optim.lr": FLOAT},
+                                     user_attrs={"val_loss": loss}))
+    assert winner(study).params == {"optim.lr": 2e-3}
+
+
+def test_the_budget_counts_ended_trials_but_not_interrupted_ones(tmp_path):
+    study = _journal_study(tmp_path)
+    budget = Budget(trials=3)
+    study.add_trial(create_trial(value=0.5, params={}, distributions={}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={}, distributions={}))
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}, user_attrs={INTERRUPTED: True}))
+    assert budget.open(study)
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}, user_attrs={"error": "crashed"}))
+    assert not budget.open(study), "a crashed trial spends the budget: it is not run again"
+    assert not Budget(trials=10, timeout_s=1.0, started=time.monotonic() - 2).open(study)
+
+
+def test_a_trial_whose_worker_went_quiet_is_continued_once(tmp_path):
+    """Two tuners (two workers' views of one journal) find the same stale trial: one queues it again."""
+    study = _journal_study(tmp_path)
+    lost = study.ask({"optim.lr": FLOAT})
+    study._storage.set_trial_system_attr(lost._trial_id, HEARTBEAT, time.time() - STALE_S - 5)
+    alive = study.ask({"optim.lr": FLOAT})
+    study._storage.set_trial_system_attr(alive._trial_id, HEARTBEAT, time.time())
+    other = open_study("s", storage_for(None, tmp_path), seed=0, pruner="none")
+    _tuner(study, tmp_path).recover_lost()
+    _tuner(other, tmp_path).recover_lost()
+
+    trials = study.get_trials()
+    assert trials[lost.number].state == TrialState.FAIL and trials[lost.number].user_attrs[INTERRUPTED]
+    assert "no heartbeat" in trials[lost.number].user_attrs["error"]
+    assert trials[alive.number].state == TrialState.RUNNING
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs[RESUME_FROM] == lost.number
+    assert waiting[0].system_attrs["fixed_params"] == trials[lost.number].params
+
+
+def test_folds_are_stratified_balanced_and_each_case_validates_once(fsdd_shards, tmp_path):
+    labels = np.repeat(np.arange(4), [10, 7, 5, 3])
+    fold = assign(labels, 3, seed=0)
+    assert sorted(np.bincount(fold)) == [8, 8, 9]
+    for label in range(4):
+        counts = np.bincount(fold[labels == label], minlength=3)
+        assert counts.max() - counts.min() <= 1
+    assert np.array_equal(fold, assign(labels, 3, seed=0))
+
+    dirs = prepare_folds(str(fsdd_shards), tmp_path, 3, seed=0, say=lambda line: None)
+    source = json.loads((fsdd_shards / "manifest.json").read_text())
+    pooled = source["splits"]["train"]["num_samples"] + source["splits"]["val"]["num_samples"]
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in dirs]
+    assert all(set(m["splits"]) == {"train", "val"} for m in manifests), "the test split is not copied"
+    assert sum(m["splits"]["val"]["num_samples"] for m in manifests) == pooled
+    assert all(m["splits"]["train"]["num_samples"] + m["splits"]["val"]["num_samples"] == pooled for m in manifests)
+    assert {m["dataset"] for m in manifests} == {source["dataset"]}
+
+
+COMMON = ("data.dir={data}", "wandb.mode=disabled", "model.frontend=none", "model.bidirectional=false",
+          "model.hidden_size=16", "train.epochs=null", "train.min_steps=null", "train.max_steps=200",
+          "eval.every_epochs=null", "eval.every_steps=10", "checkpoint.every_steps=100", "schedule.warmup_steps=5")
+
+
+@pytest.mark.slow
+def test_a_hopeless_trial_is_pruned_at_its_evaluations_and_a_crash_is_recorded(fsdd_shards, tmp_path):
+    """Real runs on FSDD: a good trial first, then one at a learning rate of 1e-5 (the model stays near chance),
+    which the median pruner stops before its run ends; then one whose data set name is wrong, which fails
+    with the trainer's own message and is not run again."""
+    overrides = tuple(o.format(data=fsdd_shards) for o in COMMON)
+    space = load_space(_space(tmp_path), ROOT / "configs" / "sequences.yaml", list(overrides))
+    storage = storage_for(None, tmp_path)
+    study = optuna.create_study(study_name="p", storage=storage, direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    study.enqueue_trial({"optim.lr": 3e-3})
+    study.enqueue_trial({"optim.lr": 1e-5})
+    command = TrialCommand(str(ROOT / "configs" / "sequences.yaml"), overrides, "p", threads=2)
+    tuner = Tuner(study, space, [command], tmp_path, Budget(2, started=time.monotonic()), [None], say=print)
+    tuner.work(command)
+    good, hopeless = study.get_trials()
+    assert good.state == TrialState.COMPLETE and good.value > 0.3
+    assert hopeless.state == TrialState.PRUNED
+    assert max(hopeless.intermediate_values) < 200, "pruned before the end of its run"
+    stopped = tmp_path / "trials" / "0001" / "summary.json"  # a run stopped by SIGTERM is paused, not finished
+    assert not stopped.exists() or json.loads(stopped.read_text())["steps"] < 200
+
+    bad = TrialCommand(command.config, (*overrides, "data.dataset=not-fsdd"), "p", threads=2)
+    Tuner(study, space, [bad], tmp_path, Budget(3, started=time.monotonic()), [None], say=print).work(bad)
+    crashed = study.get_trials()[2]
+    assert crashed.state == TrialState.FAIL and not crashed.user_attrs.get(INTERRUPTED)
+    assert "exited 2" in crashed.user_attrs["error"] and "not-fsdd" in crashed.user_attrs["error"]
+    assert len(study.get_trials()) == 3, "a crashed trial is not retried"
+    assert threading.active_count() >= 1
