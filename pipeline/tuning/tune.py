@@ -80,7 +80,8 @@ def _commands(request: TuneRequest) -> list[TrialCommand]:
     from pipeline.distributed.cpu_threads import usable_cpus
 
     gpus = _gpus()
-    threads = threads_per_trial(usable_cpus(), request.workers)
+    given = load_config(request.config, list(request.overrides)).train.cpu_threads  # the user's word wins
+    threads = given or threads_per_trial(usable_cpus(), request.workers)
     return [TrialCommand(request.config, request.overrides, request.study, threads,
                          str(gpus[i % len(gpus)]) if gpus else None) for i in range(request.workers)]
 
