@@ -50,7 +50,15 @@ train: data
 cpu-test: data
 	$(PY) launch/train.py --config configs/cpu_test.yaml data.dir=$(DATA) --overwrite
 
-test: setup examples | $(FASHION_IDX) $(PODMAN)
+# The tuning tests start a real PostgreSQL server (launch/tune.py --storage postgresql://): Debian's
+# package where apt is usable, else those tests skip.
+POSTGRES := /usr/lib/postgresql
+$(POSTGRES):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "no PostgreSQL: the tuning tests against a database server will be skipped"; fi
+
+test: setup examples | $(FASHION_IDX) $(PODMAN) $(POSTGRES)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup examples | $(FASHION_IDX)

@@ -33,6 +33,7 @@ from pipeline.tuning.trial_run import BEAT_S, Outcome, TrialCommand, finished_ru
 STALE_S = 12 * BEAT_S  # no heartbeat for this long: the trial's worker is gone
 RESUME_FROM, INTERRUPTED, ERROR, HEARTBEAT = "resume_from", "interrupted", "error", "heartbeat"
 PRUNERS = ("median", "hyperband", "none")
+SCHEMA_TRIES = 5
 FOLD_STEPS = 10**8  # fold k's evaluations are reported at k * FOLD_STEPS + step: one axis for the pruner
 
 
@@ -41,13 +42,22 @@ def storage_for(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage
         study_dir.mkdir(parents=True, exist_ok=True)
         journal = optuna.storages.journal.JournalFileBackend(str(study_dir / "journal.log"))
         return optuna.storages.JournalStorage(journal)
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except (ImportError, ModuleNotFoundError) as err:
-        raise ConfigError(f"--storage {url}: its database driver is not installed ({err}); install it (PostgreSQL: "
-                          "pip install psycopg2-binary) or leave --storage out for the journal file") from None
-    except Exception as err:  # SQLAlchemy's own errors: a bad URL, a server that does not answer
-        raise ConfigError(f"--storage {url}: cannot open the study storage ({type(err).__name__}: {err})") from None
+    for attempt in range(SCHEMA_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (ImportError, ModuleNotFoundError) as err:
+            raise ConfigError(f"--storage {url}: its database driver is not installed ({err}); install it (PostgreSQL: "
+                              "pip install 'psycopg[binary]', the driver SQLAlchemy uses for postgresql://) or leave "
+                              "--storage out for the journal file") from None
+        except Exception as err:  # SQLAlchemy's own errors: a bad URL, a server that does not answer
+            # Tuners started together on an empty database all create Optuna's tables: the losers of that
+            # race fail on a duplicate key, and find the tables made when they try again.
+            if "IntegrityError" in type(err).__name__ and attempt + 1 < SCHEMA_TRIES:
+                time.sleep(1.0 + attempt)
+                continue
+            raise ConfigError(f"--storage {url}: cannot open the study storage ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0]})") from None
+    raise AssertionError("unreachable")
 
 
 def pruner_for(name: str) -> optuna.pruners.BasePruner:

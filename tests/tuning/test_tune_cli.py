@@ -7,22 +7,27 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 from pipeline.config import load_config
 
 pytestmark = pytest.mark.slow
 
 COMMON = ("wandb.mode=disabled", "model.frontend=none", "model.bidirectional=false", "model.hidden_size=16",
-          "train.epochs=null", "train.min_steps=null", "train.max_steps=150", "eval.every_epochs=null",
+          "train.epochs=null", "train.min_steps=null", "train.max_steps=100", "eval.every_epochs=null",
           "eval.every_steps=50", "checkpoint.every_steps=10", "schedule.warmup_steps=5")
 
 
@@ -82,11 +87,11 @@ def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
     assert (wandb["group"], wandb["name"]) == ("sequences-fsdd", "sequences-fsdd-trial-1")  # the study's default name
 
 
-def test_two_tuners_on_one_journal_finish_one_study_between_them(fsdd_shards, space, tmp_path):
-    study = tmp_path / "study"
-    argv = _tune(fsdd_shards, space, study, "--trials", "4", "--final-seeds", "", "--study", "shared")
-    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+def _two_tuners(data, space, tmp_path, *flags: str, dirs: tuple[str, str] = ("study", "study")) -> None:
+    """Two tune.py processes on one study of 4 trials: each runs some, none runs one the other ran."""
+    procs = [subprocess.Popen(_tune(data, space, tmp_path / d, "--trials", "4", "--final-seeds", "", "--study", "shared",
+                                    *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for d in dirs]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     ran = [set(re.findall(r"\[tune\] trial (\d+): validation accuracy", out)) for out in outs]
@@ -94,6 +99,51 @@ def test_two_tuners_on_one_journal_finish_one_study_between_them(fsdd_shards, sp
     assert not ran[0] & ran[1], f"no trial run by both: {ran}"
     numbers = sorted(int(n) for n in ran[0] | ran[1])
     assert 4 <= len(numbers) <= 5 and numbers == list(range(len(numbers)))  # at most one over: two asked at once
-    for n in numbers:
-        log = (study / "logs" / f"{n:04d}.log").read_text()
-        assert log.count("[train] done") == 1, log
+    for n, d in [(n, d) for n in numbers for d in set(dirs)]:
+        log = tmp_path / d / "logs" / f"{n:04d}.log"
+        assert not log.exists() or log.read_text().count("[train] done") == 1, log.read_text()
+
+
+def test_two_tuners_on_one_journal_finish_one_study_between_them(fsdd_shards, space, tmp_path):
+    _two_tuners(fsdd_shards, space, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A real PostgreSQL server of Debian's package, on a free port, for this module; skipped only where it
+    is not installed or cannot start as its own user (CI sets PIPELINE_REQUIRE_POSTGRES=1: there a skip fails)."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    problem = ("PostgreSQL is not installed (make test installs it as root with apt)" if not bins else
+               "the server is started as the postgres user, which needs root" if os.geteuid() != 0 else None)
+    if problem:
+        if os.environ.get("PIPELINE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    user = pwd.getpwnam("postgres")
+    base = Path(tempfile.mkdtemp(prefix="tune-pg-"))  # not under pytest's root-only temp: the server's user reads it
+    os.chown(base, user.pw_uid, user.pw_gid)
+    port, as_postgres = free_port(), ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, str(bins[-1] / "initdb"), "-D", str(base / "data"), "--auth=trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    ctl = [*as_postgres, str(bins[-1] / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log")]
+    subprocess.run([*ctl, "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "-w", "start"], check=True,
+                   capture_output=True)
+    try:
+        subprocess.run([*as_postgres, str(bins[-1] / "createdb"), "-h", "127.0.0.1", "-p", str(port), "tune"], check=True,
+                       capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/tune"
+    finally:
+        subprocess.run([*ctl, "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_tuners_on_two_machines_share_one_study_in_postgresql(fsdd_shards, space, tmp_path, postgres):
+    """Each tuner with a study directory of its own, as on two machines: the database alone is shared."""
+    _two_tuners(fsdd_shards, space, tmp_path, "--storage", postgres, dirs=("machine-a", "machine-b"))
+
+
+def test_a_storage_that_does_not_answer_is_one_paragraph(fsdd_shards, space, tmp_path):
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/tune"
+    proc = subprocess.run(_tune(fsdd_shards, space, tmp_path / "s", "--trials", "1", "--storage", url), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --storage postgresql://") and "Traceback" not in proc.stderr
