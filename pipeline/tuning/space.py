@@ -24,47 +24,39 @@ class _Dist(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class FloatDist(_Dist):
+class _Range(_Dist):
+    """A number between low and high, on a log scale or in steps."""
+
+    @model_validator(mode="after")
+    def _range(self) -> "_Range":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        stepped = self.step is not None and (self.type == "float" or self.step != 1)  # an int's default step is 1
+        if self.log and (self.low <= 0 or stepped):
+            raise ValueError(f"a log scale needs low > 0 (got {self.low}) and no step")
+        return self
+
+    def bounds(self) -> list[Any]:
+        return [self.low, self.high]
+
+
+class FloatDist(_Range):
     type: Literal["float"]
     low: float
     high: float
     log: bool = False
     step: float | None = Field(None, gt=0)
 
-    @model_validator(mode="after")
-    def _range(self) -> "FloatDist":
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log scale needs low > 0 (got {self.low})")
-        if self.log and self.step is not None:
-            raise ValueError("step and log cannot be combined")
-        return self
-
-    def bounds(self) -> list[Any]:
-        return [self.low, self.high]
-
     def suggest(self, trial, name: str) -> float:
         return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
 
 
-class IntDist(_Dist):
+class IntDist(_Range):
     type: Literal["int"]
     low: int
     high: int
     log: bool = False
     step: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _range(self) -> "IntDist":
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        if self.log and (self.low <= 0 or self.step != 1):
-            raise ValueError("a log scale needs low > 0 and no step")
-        return self
-
-    def bounds(self) -> list[Any]:
-        return [self.low, self.high]
 
     def suggest(self, trial, name: str) -> int:
         return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step)

@@ -225,5 +225,20 @@ def run_workers(tuner: Tuner) -> None:
             thread.join(0.5)  # in slices: the main thread must stay free to take Ctrl-C and SIGTERM
 
 
+def wait_for_others(tuner: Tuner, poll_s: float = 5.0) -> None:
+    """Before the winner is chosen: the trials other tuners still run (on this machine or others) end, or
+    their workers are found lost."""
+    said = False
+    while not tuner.stop.is_set():
+        tuner.recover_lost()
+        running = tuner.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        if not said:
+            tuner.say(f"waiting for {len(running)} trial(s) other tuners run: {', '.join(str(t.number) for t in running)}")
+            said = True
+        time.sleep(poll_s)
+
+
 def threads_per_trial(cpus: int, workers: int) -> int:
     return max(1, math.floor(cpus / workers))

@@ -16,7 +16,15 @@ from pipeline.tuning.final import train_final
 from pipeline.tuning.folds import fold_count, prepare_folds
 from pipeline.tuning.report import write_report
 from pipeline.tuning.space import SearchSpace, load_space
-from pipeline.tuning.study import Budget, Tuner, open_study, run_workers, storage_for, threads_per_trial
+from pipeline.tuning.study import (
+    Budget,
+    Tuner,
+    open_study,
+    run_workers,
+    storage_for,
+    threads_per_trial,
+    wait_for_others,
+)
 from pipeline.tuning.trial_run import TrialCommand
 
 
@@ -115,6 +123,7 @@ def tune(request: TuneRequest) -> int:
                   folds, say)
     _on_signals(tuner.stop)
     run_workers(tuner)
+    wait_for_others(tuner)
     if tuner.stop.is_set():
         say(f"stopped; {request.dir} keeps every trial. Run the same command again to continue")
         return 130
