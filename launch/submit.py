@@ -67,6 +67,13 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="torch-distributed", help="--format trainjob: ClusterTrainingRuntime name")
     p.add_argument("--local-volume", action="append", default=[], metavar="CLAIM=DIR",
                    help="--local: back a claim with a host directory (a prepared dataset, or where outputs go)")
+    tune = p.add_argument_group("tuning (docs/tuning.md): each pod a tuner of one study")
+    tune.add_argument("--tune", action="store_true", help="the pods run launch/tune.py on one study named after the job, "
+                      "one worker per GPU, instead of one training run")
+    tune.add_argument("--space", help="--tune: the search space file, e.g. configs/search/sequences.yaml")
+    tune.add_argument("--trials", type=int, help="--tune: trials in the study, all pods together")
+    tune.add_argument("--storage", help="--tune: a database URL the pods share (default: the study's journal file on "
+                      "--output-pvc)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--dry-run", action="store_true", help="print the manifests (multi-document YAML) instead of applying")
     out.add_argument("--out-dir", help="write the manifests as a kustomize base into this directory instead of applying")
@@ -109,6 +116,21 @@ def _volumes(items: list[str]) -> dict[str, str]:
     return dict(pairs)
 
 
+def _tune(args: argparse.Namespace):
+    from pipeline.errors import UserError
+
+    given = [f for f in ("space", "trials", "storage") if getattr(args, f) is not None]
+    if not args.tune:
+        if given:
+            raise UserError(f"--{given[0]} only applies with --tune")
+        return None
+    if args.space is None or args.trials is None:
+        raise UserError("--tune needs --space FILE and --trials N")
+    from pipeline.kube.build import tune_spec
+
+    return tune_spec(args.space, args.trials, args.storage, args.config, args.overrides)
+
+
 def _action(action: str, args: argparse.Namespace) -> None:
     from pipeline.kube import kubectl, local
 
@@ -144,7 +166,7 @@ def main(argv: list[str]) -> int:
         rendezvous = "c10d" if rendezvous is None else rendezvous
         max_restarts = 3 if max_restarts is None else max_restarts
     spec = build_spec(
-        args.config, args.format,
+        args.config, args.format, tune=_tune(args),
         name=args.name, image=args.image, nodes=nodes, min_nodes=min_nodes, gpus_per_node=args.gpus_per_node,
         namespace=args.namespace, data_pvc=args.data_pvc, data_url=args.data_url, output_pvc=args.output_pvc,
         wandb_secret=args.wandb_secret, wandb_secret_key=args.wandb_secret_key, queue=args.queue,
@@ -155,6 +177,9 @@ def main(argv: list[str]) -> int:
     if args.local:
         if args.dry_run or args.out_dir:
             raise UserError("--local plays the job; --dry-run and --out-dir only render it")
+        if spec.tune is not None:
+            raise UserError("--tune is not rehearsed with --local yet: run launch/tune.py on this machine instead "
+                            "(docs/tuning.md)")
         from pipeline.kube.local import submit_local
 
         submit_local(spec, args.format, _volumes(args.local_volume))

@@ -18,7 +18,7 @@ from pipeline.data.manifest import load_manifest
 from pipeline.data.order import BatchLayout
 from pipeline.errors import ConfigError, UserError
 from pipeline.kube.command import OWNED_KEYS, config_overrides, pod_paths
-from pipeline.kube.spec import Format, JobSpec, slugify, validate
+from pipeline.kube.spec import Format, JobSpec, TuneSpec, slugify, validate
 
 # A ConfigMap holds at most 1 MiB; keep room for the config and metadata.
 _MAX_MANIFEST_BYTES = 900 * 1024
@@ -41,6 +41,14 @@ def _shipped_manifest(cfg: Config) -> str:
     if len(text.encode()) > _MAX_MANIFEST_BYTES:
         raise UserError(f"{cfg.data.dir}/manifest.json is larger than a ConfigMap can hold; use --data-pvc")
     return json.dumps(json.loads(text), separators=(",", ":"), sort_keys=True)
+
+
+def tune_spec(space: str | Path, trials: int, storage: str | None, config: str | Path, overrides: list[str]) -> TuneSpec:
+    """--tune: the search space, validated against the config as launch/tune.py will, shipped byte for byte."""
+    from pipeline.tuning.space import load_space
+
+    load_space(space, config, overrides)
+    return TuneSpec(Path(space).read_text(), trials, storage)
 
 
 def build_spec(config: str | Path, fmt: Format = "job", **options: Any) -> JobSpec:

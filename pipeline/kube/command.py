@@ -15,6 +15,7 @@ from pipeline.distributed.cpu_threads import AUTO_THREADS
 from pipeline.kube.spec import CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT, JobSpec
 
 CONFIG_KEY = "config.yaml"
+SPACE_KEY = "space.yaml"
 MANIFEST_KEY = "manifest.json"
 # Set by the Job controller in every container of an Indexed Job (JobSet's Jobs too).
 RANK_VAR = "JOB_COMPLETION_INDEX"
@@ -79,11 +80,25 @@ def accelerate_args(spec: JobSpec) -> list[str]:
     return args
 
 
+def tune_command(spec: JobSpec, paths: PodPaths) -> list[str]:
+    """A tuner pod: launch/tune.py on the study named after the job, in output_dir on the shared claim (or in
+    --storage); one worker per GPU. Only pod 0 trains the winner with the final seeds."""
+    tune = spec.tune
+    return [
+        "python", "launch/tune.py", "--config", paths.config_file, *config_overrides(spec, paths),
+        "--space", f"{CONFIG_MOUNT}/{SPACE_KEY}", "--trials", str(tune.trials), "--workers", str(spec.procs_per_node),
+        "--study", spec.name, "--dir", paths.output_dir, *(["--storage", tune.storage] if tune.storage else []),
+        "--final-seeds", tune.final_seeds, "--index", _ref(RANK_VAR),
+    ]
+
+
 def pod_command(spec: JobSpec, paths: PodPaths) -> list[str]:
     """The trainer container's full command line (with $(VAR) references for the kubelet).
 
     launch/node.py is `accelerate launch` with its failures in plain words and the worker's exit
     code passed on to the pod (pipeline/distributed/launcher.py)."""
+    if spec.tune is not None:
+        return tune_command(spec, paths)
     return [
         "python", "launch/node.py", *accelerate_args(spec),
         "launch/train.py", "--config", paths.config_file, *config_overrides(spec, paths),
@@ -96,7 +111,8 @@ def preflight_command(spec: JobSpec, paths: PodPaths) -> list[str]:
     return [
         "python", "-m", "pipeline.kube.preflight",
         "--config", paths.config_file,
-        "--rank", _ref(RANK_VAR),
+        # A tuner waits for no master: every pod of a tuning job checks as rank 0 does.
+        "--rank", "0" if spec.tune is not None else _ref(RANK_VAR),
         "--master-addr", _ref(MASTER_ADDR_VAR),
         "--master-port", _ref(MASTER_PORT_VAR),
         "--timeout", str(spec.wait_timeout_s),

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.kube.command import CONFIG_KEY, MANIFEST_KEY
+from pipeline.kube.command import CONFIG_KEY, MANIFEST_KEY, SPACE_KEY
 from pipeline.kube.pod import (
     Obj,
     config_map_name,
@@ -55,6 +55,8 @@ def config_map(spec: JobSpec) -> Obj:
     data = {CONFIG_KEY: spec.config_text}
     if spec.manifest_text is not None:
         data[MANIFEST_KEY] = spec.manifest_text
+    if spec.tune is not None:
+        data[SPACE_KEY] = spec.tune.space_text
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(spec, config_map_name(spec.name)), "data": data}
 
 
@@ -188,6 +190,8 @@ def trainjob(spec: JobSpec) -> Obj:
 def render(spec: JobSpec, fmt: Format = "job") -> list[Obj]:
     """The objects to apply, in order (the ConfigMap first, so pods never wait for it)."""
     validate(spec, fmt)
+    if spec.tune is not None:  # tuners find each other through the study's storage, not by DNS
+        return [config_map(spec), indexed_job(spec)]
     if fmt == "job":
         return [config_map(spec), headless_service(spec), indexed_job(spec)]
     if fmt == "jobset":

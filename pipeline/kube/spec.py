@@ -39,6 +39,16 @@ _ENV_KEY = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 
 
 @dataclass(frozen=True)
+class TuneSpec:
+    """A tuning job (launch/tune.py in every pod): each pod a tuner of one study, with as many workers as GPUs."""
+
+    space_text: str  # the search space file, byte for byte
+    trials: int
+    storage: str | None = None  # None: the study's journal file on the output claim, which every pod mounts
+    final_seeds: str = "0,1,2"
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One multi-node training job, independent of how it is rendered."""
 
@@ -69,6 +79,7 @@ class JobSpec:
     overrides: tuple[str, ...] = field(default_factory=tuple)  # user's key=value, passed through
     runtime: str = "torch-distributed"  # TrainJob: the ClusterTrainingRuntime to reference
     min_nodes: int | None = None  # --nodes MIN:MAX
+    tune: TuneSpec | None = None  # --tune: the pods are tuners, not the ranks of one training run
 
     @property
     def elastic(self) -> bool:
@@ -76,7 +87,9 @@ class JobSpec:
 
     @property
     def world_sizes(self) -> list[int]:
-        """Every number of processes the job can run with."""
+        """Every number of processes the job can run with (a tuning job's runs are each one process)."""
+        if self.tune is not None:
+            return [1]
         low = self.min_nodes if self.elastic else self.nodes
         return [n * self.procs_per_node for n in range(low, self.nodes + 1)]
 
@@ -139,6 +152,7 @@ def validate(spec: JobSpec, fmt: Format) -> None:
     _check_pods(spec, fmt)
     _check_references(spec)
     _check_launcher(spec)
+    _check_tune(spec, fmt)
 
 
 def _check_pods(spec: JobSpec, fmt: Format) -> None:
@@ -211,3 +225,17 @@ def _check_launcher(spec: JobSpec) -> None:
             raise UserError(f"{flag} '{value}' is not a Kubernetes quantity (e.g. 8, 500m, 16Gi)")
     if not spec.runtime:
         raise UserError("--runtime must name a ClusterTrainingRuntime")
+
+
+def _check_tune(spec: JobSpec, fmt: Format) -> None:
+    """A tuning job: tuners that share one study, each on its own; none of a training job's rendezvous."""
+    if spec.tune is None:
+        return
+    if fmt != "job" or spec.elastic or spec.rendezvous != "static":
+        raise UserError("--tune renders an Indexed Job of independent tuners: leave out --format, --rendezvous and "
+                        "--nodes MIN:MAX")
+    if spec.tune.trials < 1:
+        raise UserError(f"--trials must be at least 1 (got {spec.tune.trials})")
+    if spec.tune.storage is None and not spec.output_pvc:
+        raise UserError("--tune needs a study storage the pods share: --output-pvc CLAIM (the study's journal file is "
+                        "written there; a ReadWriteMany claim) or --storage postgresql://...")

@@ -55,7 +55,7 @@ class TuneRequest:
         if args.timeout is not None and not args.timeout > 0:
             raise ConfigError(f"--timeout ({args.timeout}) must be a positive number of seconds")
         try:
-            seeds = tuple(int(s) for s in args.final_seeds.split(",") if s.strip())
+            seeds = tuple(int(s) for s in args.final_seeds.split(",") if s.strip()) if args.index == 0 else ()
         except ValueError:
             raise ConfigError(f"--final-seeds {args.final_seeds!r} must be integers separated by commas, e.g. 0,1,2") from None
         cfg = load_config(args.config, args.overrides)  # a bad config or override is said before any trial

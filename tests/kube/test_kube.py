@@ -639,3 +639,55 @@ def test_submit_chooses_canonical_streams_every_process_count_divides(config):
         _spec(config, overrides=["data.canonical_streams=4"], **grows)
     config.write_text(config.read_text() + "# data.canonical_streams is chosen by submit.py\n")  # a comment is no choice
     assert _spec(config, overrides=fixed, **elastic).overrides[-1] == "data.canonical_streams=6"
+
+
+# --- tuning jobs (launch/submit.py --tune) -------------------------------------------------
+
+def _tune(config: Path, **kw) -> dict:
+    from pipeline.kube.build import tune_spec
+
+    tune = tune_spec(ROOT / "configs" / "search" / "sequences.yaml", kw.pop("trials", 40), kw.pop("storage", None),
+                     config, [])
+    return _spec(config, tune=tune, **kw)
+
+
+@pytest.mark.parametrize("variant", [{}, {"gpus_per_node": 0, "output_pvc": None, "storage": "postgresql://u@db/tune"}])
+def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
+    spec = _tune(config, **variant)
+    docs = render(spec)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job"], "tuners need no Service: the storage joins them"
+    for doc in docs:
+        _strict(doc)
+    assert docs[0]["data"]["space.yaml"] == (ROOT / "configs" / "search" / "sequences.yaml").read_text()
+    pod = docs[1]["spec"]["template"]["spec"]
+    cmd = _container(pod, "trainer")["command"]
+    assert cmd == pod_command(spec, pod_paths(spec)) and cmd[:2] == ["python", "launch/tune.py"]
+    flag = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+    assert flag["--space"] == "/etc/pipeline/space.yaml" and flag["--trials"] == "40"
+    assert flag["--study"] == spec.name and flag["--dir"] == f"/outputs/{spec.name}"
+    assert flag["--workers"] == str(max(1, spec.gpus_per_node)) and flag["--index"] == "$(JOB_COMPLETION_INDEX)"
+    assert flag.get("--storage") == variant.get("storage")
+    pre = _container(pod, "preflight", init=True)["command"]
+    assert pre[pre.index("--rank") + 1] == "0", "a tuner waits for no master"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"output_pvc": None}, "--tune needs a study storage the pods share"),
+    ({"trials": 0}, "--trials must be at least 1"),
+    ({"rendezvous": "c10d", "max_restarts": 1}, "--tune renders an Indexed Job"),
+    ({"fmt": "jobset"}, "--tune renders an Indexed Job"),
+])
+def test_a_bad_tuning_job_is_refused(config, kw, message):
+    with pytest.raises(UserError, match=message):
+        _tune(config, **kw)
+
+
+def test_submit_refuses_tuning_flags_without_tune_and_a_bad_space(config, tmp_path):
+    base = ["launch/submit.py", "--config", str(config), "--nodes", "2", "--gpus-per-node", "0", "--image", IMAGE,
+            "--data-pvc", "d", "--output-pvc", "o", "--dry-run"]
+    proc = run_py(*base, "--trials", "4")
+    assert proc.returncode != 0 and "--trials only applies with --tune" in proc.stderr
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lrate: {type: float, low: 0.001, high: 0.01}\n")
+    proc = run_py(*base, "--tune", "--space", str(space), "--trials", "4")
+    assert proc.returncode == 2 and "optim.lrate" in proc.stderr and "Traceback" not in proc.stderr

@@ -83,3 +83,16 @@ def test_bad_flags_are_refused(tmp_path, args, needle):
     proc = run_py("launch/tune.py", "--config", CONFIG, "data.dir=anything", "--space",
                   str(ROOT / "configs" / "search" / "sequences.yaml"), *args, "--dir", str(tmp_path / "s"))
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("index, seeds", [(0, (0, 1, 2)), (1, ())])
+def test_only_tuner_zero_trains_the_winner(index, seeds):
+    """Tuners started together (a Kubernetes tuning job's pods) share one study; one trains the winner."""
+    from types import SimpleNamespace
+
+    from pipeline.tuning.tune import TuneRequest
+
+    args = SimpleNamespace(config=CONFIG, overrides=["data.dir=d"], space="s.yaml", trials=4, workers=1, study=None,
+                           dir=None, storage=None, timeout=None, pruner="median", seed=0, final_seeds="0,1,2",
+                           folds=None, index=index)
+    assert TuneRequest.from_args(args).final_seeds == seeds
