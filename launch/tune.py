@@ -29,7 +29,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dir", help="the study directory (default runs/tune/STUDY)")
     p.add_argument("--storage", help="a database URL shared by workers on several machines (postgresql://user:pw@host/db); "
                    "default: a journal file in the study directory")
-    p.add_argument("--timeout", type=float, help="seconds after which this tuner starts no new trial")
+    p.add_argument("--timeout", type=float, help="a time box in seconds: then the running trials stop too (each "
+                   "checkpoints and is queued to continue) and the report is written")
     p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
                    help="how hopeless trials are stopped at the rank-zero evaluations")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")

@@ -178,7 +178,8 @@ def pod_spec(spec: JobSpec, fmt: Format) -> Obj:
         "initContainers": [preflight_container(spec, fmt)],
         "containers": [trainer_container(spec, fmt)],
         "volumes": volumes(spec),
-        "terminationGracePeriodSeconds": 30,
+        # A tuner stops its trial's run (up to 60 s for its checkpoint) and records the trial as interrupted.
+        "terminationGracePeriodSeconds": 90 if spec.tune is not None else 30,
         # Service links would inject <SVC>_PORT variables, e.g. MASTER_PORT for a Service named "master".
         "enableServiceLinks": False,
     }

@@ -236,6 +236,7 @@ def _check_tune(spec: JobSpec, fmt: Format) -> None:
                         "--nodes MIN:MAX")
     if spec.tune.trials < 1:
         raise UserError(f"--trials must be at least 1 (got {spec.tune.trials})")
-    if spec.tune.storage is None and not spec.output_pvc:
-        raise UserError("--tune needs a study storage the pods share: --output-pvc CLAIM (the study's journal file is "
-                        "written there; a ReadWriteMany claim) or --storage postgresql://...")
+    if not spec.output_pvc:
+        raise UserError("--tune needs --output-pvc CLAIM (a ReadWriteMany claim every pod mounts): the study's "
+                        "directory is there (its journal file unless --storage names a database, the trials' runs and "
+                        "checkpoints, best.yaml and the final runs), which a pod's own disk would lose with the pod")

@@ -1,8 +1,8 @@
 """The winner trained again with each of the final seeds, its test split read once per seed.
 
-Each is an ordinary run of STUDY/best.yaml in STUDY/final/seed-N, as many at once as the study had workers.
-A final run already finished is not run again (its summary holds its one test score); one interrupted
-continues from its checkpoint.
+Each is an ordinary run of STUDY/best.yaml, as many at once as the study had workers, in
+STUDY/final/trial-N/seed-S (N: the winner's trial). A final run already finished is not run again (its
+summary holds its one test score); one interrupted continues from its checkpoint.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from pipeline.training.outputs import write_json_atomic
 from pipeline.tuning.trial_run import Outcome, TrialCommand, watch
 
 
-def _one(command: TrialCommand, study_dir: Path, seed: int, stop: threading.Event) -> Outcome:
-    out = study_dir / "final" / f"seed-{seed}"
+def _one(command: TrialCommand, study_dir: Path, winner: int, seed: int, stop: threading.Event) -> Outcome:
+    out = study_dir / "final" / f"trial-{winner:04d}" / f"seed-{seed}"
     summary = out / "summary.json"
     if summary.is_file():
         return Outcome("complete", summary=json.loads(summary.read_text()))
@@ -28,11 +29,13 @@ def _one(command: TrialCommand, study_dir: Path, seed: int, stop: threading.Even
                  lambda step, accuracy: False, stop)
 
 
-def train_final(commands: list[TrialCommand], study_dir: Path, seeds: list[int], stop: threading.Event,
+def train_final(commands: list[TrialCommand], study_dir: Path, winner: int, seeds: list[int], stop: threading.Event,
                 say: Callable[[str], None]) -> dict:
-    say(f"the winner trained with seeds {seeds}, test read once each")
+    """`winner`: its trial number, which names the final runs' directory (a study continued with more trials
+    may choose another, whose runs are its own)."""
+    say(f"the winner, trial {winner}, trained with seeds {seeds}, test read once each")
     with ThreadPoolExecutor(len(commands)) as pool:
-        futures = {seed: pool.submit(_one, commands[i % len(commands)], study_dir, seed, stop)
+        futures = {seed: pool.submit(_one, commands[i % len(commands)], study_dir, winner, seed, stop)
                    for i, seed in enumerate(seeds)}
         outcomes = {seed: f.result() for seed, f in futures.items()}
     per_seed = {}
@@ -44,8 +47,8 @@ def train_final(commands: list[TrialCommand], study_dir: Path, seeds: list[int],
         per_seed[seed] = {"test_accuracy": s.get("test_accuracy"), "val_accuracy": s.get("final_eval_accuracy"),
                           "steps": s.get("steps"), "wall_s": s.get("wall_s")}
     tests = [r["test_accuracy"] for r in per_seed.values() if r["test_accuracy"] is not None]
-    result = {"seeds": per_seed, "test_mean": statistics.fmean(tests) if tests else None,
+    result = {"trial": winner, "seeds": per_seed, "test_mean": statistics.fmean(tests) if tests else None,
               "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0 if tests else None,
               "complete": len(per_seed) == len(seeds)}
-    (study_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(study_dir / "final.json", result)
     return result

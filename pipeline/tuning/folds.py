@@ -7,12 +7,13 @@ validating on it, and is scored by the mean, so every non-test case validates ex
 than repeated hold-out: no case counts twice and none is left out, at the same cost of one run per fold.
 Three folds, not five or ten: a trial costs a run per fold, and three already validate on every case.
 
-The folds are prepared once per study (STUDY/folds/fold-K), from the train and val shards alone: the
-test split is not copied, nor read.
+The folds are prepared once per study (STUDY/folds/kK-seedS/fold-N), from the train and val shards alone:
+the test split is not copied, nor read.
 """
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Callable
 
@@ -63,27 +64,34 @@ def _check(data_dir: str, manifest: Manifest) -> None:
 
 
 def prepare_folds(data_dir: str, study_dir: Path, folds: int, seed: int, say: Callable[[str], None]) -> list[Path]:
-    """FOLDS prepared data sets, fold k validating on the k-th part of train + val; made once per study."""
-    from pipeline.sources.npz import NpzSource
-
+    """FOLDS prepared data sets, fold k validating on the k-th part of train + val; made once per study (in a
+    directory named for K and the seed), under a lock: tuners started together share them."""
     manifest = load_manifest(data_dir, None)
     _check(data_dir, manifest)
+    home = study_dir / "folds" / f"k{folds}-seed{seed}"
+    home.mkdir(parents=True, exist_ok=True)
+    targets = [home / f"fold-{k}" for k in range(folds)]
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other tuners wait here, then find the folds made
+        if not all((t / "manifest.json").is_file() for t in targets):
+            _write_folds(data_dir, manifest, targets, seed)
+    say(f"{folds}-fold cross-validation over the train and val cases of {data_dir} (its val split holds "
+        f"{manifest.split('val').num_samples}, fewer than {MIN_VAL}): {home}")
+    return targets
+
+
+def _write_folds(data_dir: str, manifest: Manifest, targets: list[Path], seed: int) -> None:
+    from pipeline.sources.npz import NpzSource
+
     x, lengths, labels = _pool(data_dir, manifest)
-    fold = assign(labels, folds, seed)
-    out = []
-    for k in range(folds):
-        target = study_dir / "folds" / f"fold-{k}"
-        if not (target / "manifest.json").is_file():
-            source_file = study_dir / "folds" / f"fold-{k}.npz"
-            source_file.parent.mkdir(parents=True, exist_ok=True)
-            split = np.where(fold == k, "val", "train")
-            ragged = np.concatenate([x[i, :n] for i, n in enumerate(lengths)])
-            np.savez(source_file, X=ragged, lengths=lengths, y=labels, classes=np.array(manifest.class_names),
-                     split=split)
-            prepare(NpzSource(source_file, manifest.dataset), target,
-                    ShardOptions(manifest.block_size, val_size=0, test_size=0, dtype=manifest.dtype), name=manifest.dataset)
-            source_file.unlink()
-        out.append(target)
-    say(f"{folds}-fold cross-validation over the {len(labels)} train and val cases of {data_dir} "
-        f"(its val split holds {manifest.split('val').num_samples}, fewer than {MIN_VAL}): {study_dir / 'folds'}")
-    return out
+    fold = assign(labels, len(targets), seed)
+    ragged = np.concatenate([x[i, :n] for i, n in enumerate(lengths)])
+    for k, target in enumerate(targets):
+        if (target / "manifest.json").is_file():
+            continue
+        source_file = target.parent / f"fold-{k}.npz"
+        np.savez(source_file, X=ragged, lengths=lengths, y=labels, classes=np.array(manifest.class_names),
+                 split=np.where(fold == k, "val", "train"))
+        prepare(NpzSource(source_file, manifest.dataset), target,
+                ShardOptions(manifest.block_size, val_size=0, test_size=0, dtype=manifest.dtype), name=manifest.dataset)
+        source_file.unlink()

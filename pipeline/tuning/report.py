@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import load_config, save_config
 from pipeline.errors import ConfigError
+from pipeline.training.outputs import write_json_atomic
 from pipeline.tuning.space import SearchSpace
-from pipeline.tuning.study import FOLD_STEPS
 
 
 def winner(study: optuna.Study) -> FrozenTrial:
@@ -35,14 +36,17 @@ def write_best(study: optuna.Study, space: SearchSpace, config: str, overrides: 
     best = winner(study)
     cfg = load_config(config, [*overrides, *space.overrides(best.params), f"output_dir={study_dir / 'best'}"])
     path = study_dir / "best.yaml"
-    save_config(cfg, path)
+    partial = path.with_name(f".best.yaml.{os.getpid()}")  # renamed whole: a final run never reads half of it
+    save_config(cfg, partial)
+    partial.replace(path)
     return path
 
 
 def _row(t: FrozenTrial) -> dict[str, Any]:
-    return {"number": t.number, "state": t.state.name.lower(), "val_accuracy": t.value,
+    state = "interrupted" if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") else t.state.name.lower()
+    return {"number": t.number, "state": state, "val_accuracy": t.value,
             "val_loss": t.user_attrs.get("val_loss"), "steps": t.user_attrs.get("steps"),
-            "last_step": max(t.intermediate_values, default=0) % FOLD_STEPS or None, "seconds": t.user_attrs.get("seconds"),
+            "evaluations": len(t.intermediate_values), "seconds": t.user_attrs.get("seconds"),
             **{f"param:{k}": v for k, v in t.params.items()},
             "error": (t.user_attrs.get("error") or "").splitlines()[0] if t.user_attrs.get("error") else ""}
 
@@ -50,10 +54,12 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
 def write_trials(study: optuna.Study, path: Path) -> list[dict[str, Any]]:
     rows = [_row(t) for t in study.get_trials(deepcopy=False)]
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
+    partial.replace(path)
     return rows
 
 
@@ -88,7 +94,7 @@ def summary(study: optuna.Study, rows: list[dict[str, Any]]) -> dict[str, Any]:
     states = [r["state"] for r in rows]
     best = winner(study)
     return {"study": study.study_name, "trials": len(rows), "complete": states.count("complete"),
-            "pruned": states.count("pruned"), "failed": states.count("fail"),
+            "pruned": states.count("pruned"), "failed": states.count("fail"), "interrupted": states.count("interrupted"),
             "best": {"number": best.number, "val_accuracy": best.value, "val_loss": best.user_attrs.get("val_loss"),
                      "params": best.params}}
 
@@ -98,5 +104,5 @@ def write_report(study: optuna.Study, space: SearchSpace, config: str, overrides
     best_yaml = write_best(study, space, config, overrides, study_dir)
     plots = write_plots(study, study_dir)
     result = {**summary(study, rows), "best_config": str(best_yaml), "plots": [str(p) for p in plots]}
-    (study_dir / "study.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json_atomic(study_dir / "study.json", json.loads(json.dumps(result, default=str)))
     return result

@@ -39,6 +39,9 @@ class _Range(_Dist):
     def bounds(self) -> list[Any]:
         return [self.low, self.high]
 
+    def holds(self, value: Any) -> bool:
+        return self.low <= value <= self.high
+
 
 class FloatDist(_Range):
     type: Literal["float"]
@@ -75,6 +78,9 @@ class CategoricalDist(_Dist):
     def bounds(self) -> list[Any]:
         return list(self.choices)
 
+    def holds(self, value: Any) -> bool:
+        return any(value == c and type(value) is type(c) for c in self.choices)
+
     def suggest(self, trial, name: str) -> Any:
         return trial.suggest_categorical(name, self.choices)
 
@@ -110,8 +116,24 @@ class SearchSpace(BaseModel):
     params: dict[str, Dist]
 
     def suggest(self, trial) -> dict[str, Any]:
-        """One point of the space, drawn by the trial's sampler: {config key: value}."""
-        return {key: dist.suggest(trial, key) for key, dist in self.params.items()}
+        """One point of the space, drawn by the trial's sampler: {config key: value}. A trial queued again with
+        the values of an interrupted one gets those; ValueError where the space has changed since."""
+        values = {key: dist.suggest(trial, key) for key, dist in self.params.items()}
+        outside = [f"{k}={v!r}" for k, v in values.items() if not self.params[k].holds(v)]
+        if outside:
+            raise ValueError(f"its queued values are outside the search space {self.path} as it is now: "
+                             f"{', '.join(outside)}")
+        return values
+
+    def of(self, cfg: Config) -> dict[str, Any]:
+        """The config's own values of the space's keys, where every one lies in the space; else {}."""
+        values = {}
+        for key in self.params:
+            node: Any = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            values[key] = list(node) if isinstance(node, tuple) else node
+        return values if all(self.params[k].holds(v) for k, v in values.items()) else {}
 
     def overrides(self, values: dict[str, Any]) -> list[str]:
         return [override(key, value) for key, value in values.items()]

@@ -15,6 +15,7 @@ against `--trials`.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import threading
 import time
@@ -34,7 +35,6 @@ STALE_S = 12 * BEAT_S  # no heartbeat for this long: the trial's worker is gone
 RESUME_FROM, INTERRUPTED, ERROR, HEARTBEAT = "resume_from", "interrupted", "error", "heartbeat"
 PRUNERS = ("median", "hyperband", "none")
 SCHEMA_TRIES = 5
-FOLD_STEPS = 10**8  # fold k's evaluations are reported at k * FOLD_STEPS + step: one axis for the pruner
 
 
 def storage_for(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage:
@@ -61,26 +61,40 @@ def storage_for(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage
 
 
 def pruner_for(name: str) -> optuna.pruners.BasePruner:
-    if name == "median":  # a trial below the median of the others at the same evaluation, once 5 have finished
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    if name == "median":  # a trial below the median of the others at the same evaluation, once 3 have finished
+        # (not Optuna's 5: on two cores a study of half an hour ends a long run only every few minutes)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()
     return optuna.pruners.NopPruner()
 
 
-def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int, pruner: str) -> optuna.Study:
-    """Create the study, or join it. The process that creates it seeds the sampler with `seed`; a worker that
-    joins adds a number of its own, or two workers would draw the same parameters."""
+def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int, pruner: str, index: int = 0,
+               trials: int = 40) -> optuna.Study:
+    """Create the study, or join it. The sampler's seed is `seed` for tuner 0 creating it (a study of one tuner
+    is reproducible); tuners started together (`index`, a pod's) and tuners that join add numbers of their own,
+    or they would draw the same parameters. TPE models the space after a quarter of the trials (at least 4,
+    at most Optuna's 10) drawn at random: a study of a dozen trials would otherwise be a random search."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the tuner says what happens, once, as [tune]
+    startup = min(10, max(4, trials // 4))
 
     def make(sampler_seed: int) -> optuna.Study:
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup)
         return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                   sampler=optuna.samplers.TPESampler(seed=sampler_seed), pruner=pruner_for(pruner))
+                                   sampler=sampler, pruner=pruner_for(pruner))
 
     existing = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
-    if name not in existing:
-        return make(seed)
-    return make(seed + threading.get_native_id() + int(time.time() * 1000) % 1_000_000)
+    own = seed + 100_003 * index
+    return make(own if name not in existing else own + os.getpid() + int(time.time() * 1000) % 1_000_000)
+
+
+def enqueue_baseline(study: optuna.Study, values: dict) -> bool:
+    """The config as given, the study's first trial: the winner is then never a setting that validation rates
+    below the untuned one. Only into a new study, and only where the config's values lie in the space."""
+    if study.get_trials(deepcopy=False) or not values:
+        return False
+    study.enqueue_trial(values, user_attrs={"baseline": True}, skip_if_exists=True)
+    return True
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
@@ -109,7 +123,8 @@ class Tuner:
                  budget: Budget, folds: list[Path | None], say: Callable[[str], None]):
         self.study, self.space, self.commands, self.dir, self.budget, self.folds, self.say = (
             study, space, commands, study_dir, budget, folds, say)
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # Ctrl-C, SIGTERM: the study pauses, every trial kept to continue
+        self.halt = threading.Event()  # the running runs stop: on a signal, or when --timeout is reached
         self._ask = threading.Lock()
 
     def run_dir(self, number: int) -> Path:
@@ -125,9 +140,9 @@ class Tuner:
 
     def _requeue(self, trial: optuna.trial.FrozenTrial, why: str) -> None:
         storage = self.study._storage
-        storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
-        storage.set_trial_user_attr(trial._trial_id, ERROR, why)
-        try:  # only one worker wins this; it alone queues the parameters again
+        try:  # only one tuner wins this (the others find the trial finished); it alone queues the parameters again
+            storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+            storage.set_trial_user_attr(trial._trial_id, ERROR, why)
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             return
@@ -136,14 +151,30 @@ class Tuner:
 
     def _next(self) -> optuna.Trial | None:
         with self._ask:
-            if self.stop.is_set():
+            if self.halt.is_set():
                 return None
             self.recover_lost()
             return self.study.ask() if self.budget.open(self.study) else None
 
     def work(self, command: TrialCommand) -> None:
         while (trial := self._next()) is not None:
-            self.run(trial, command)
+            try:
+                self.run(trial, command)
+            except UpdateFinishedTrialError:  # its run was stopped on the way out (watch's finally)
+                self.say(f"trial {trial.number} was ended by another tuner, which found its heartbeat late; "
+                         "this worker goes on with the next")
+            except Exception as err:  # noqa: BLE001 - one trial's failure is recorded; the study goes on
+                self._fail(trial, f"{type(err).__name__}: {err}")
+
+    def _fail(self, trial: optuna.Trial, error: str) -> None:
+        """A trial that could not run (its queued parameters outside today's space, a tuner error): failed,
+        with why, and not run again."""
+        try:
+            trial.set_user_attr(ERROR, error)
+            self.study.tell(trial, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            pass
+        self.say(f"trial {trial.number} failed: {error}")
 
     def run(self, trial: optuna.Trial, command: TrialCommand) -> None:
         """The trial's runs, one per fold, each reported as it evaluates; scored by their mean."""
@@ -152,9 +183,9 @@ class Tuner:
         trial.set_user_attr("run_dir", str(trial_dir))
         self.say(f"trial {trial.number}{' (continued)' if resume else ''}: "
                  + ", ".join(f"{k}={v}" for k, v in values.items()))
-        started, done = time.monotonic(), []
+        started, done, reported = time.monotonic(), [], [0]
         for k, data_dir in enumerate(self.folds):
-            outcome = self._fold(trial, command, values, trial_dir, k, data_dir, done, resume)
+            outcome = self._fold(trial, command, values, trial_dir, k, data_dir, done, resume, reported)
             if outcome.state != "complete":
                 return self._tell(trial, outcome, time.monotonic() - started)
             done.append(outcome)
@@ -163,23 +194,27 @@ class Tuner:
         self._tell(trial, mean, time.monotonic() - started)
 
     def _fold(self, trial: optuna.Trial, command: TrialCommand, values: dict, trial_dir: Path, k: int,
-              data_dir: Path | None, done: list[Outcome], resume: bool) -> Outcome:
+              data_dir: Path | None, done: list[Outcome], resume: bool, reported: list[int]) -> Outcome:
         """One run of a trial: the data set's own split (data_dir None) or fold k. A fold that finished
-        before an interruption is read, not run again."""
+        before an interruption is read, not run again. Evaluations are reported by their count in the trial,
+        across its folds: the pruner compares trials at their n-th evaluation (a run's steps differ between
+        settings; with eval.every_epochs its evaluations fall at the same epochs), and Hyperband's budget
+        counts evaluations."""
         out = trial_dir if data_dir is None else trial_dir / f"fold-{k}"
         if resume and (out / "summary.json").is_file():
             return finished_run(out)
         storage, tid = self.study._storage, trial._trial_id
 
         def report(step: int, accuracy: float) -> bool:  # the running mean over the folds, this one's latest
-            trial.report((sum(o.value for o in done) + accuracy) / (len(done) + 1), k * FOLD_STEPS + step)
+            trial.report((sum(o.value for o in done) + accuracy) / (len(done) + 1), reported[0])
+            reported[0] += 1
             return trial.should_prune()
 
         params = self.space.overrides(values) + ([] if data_dir is None else [f"data.dir={data_dir}"])
         argv = command.argv(out, params, resume and out.is_dir(), f"trial-{trial.number}" + (f"-fold-{k}" if data_dir else ""))
         log = self.dir / "logs" / (f"{trial.number:04d}.log" if data_dir is None else f"{trial.number:04d}-fold-{k}.log")
         return watch(argv, command.env(), out, log, lambda: storage.set_trial_system_attr(tid, HEARTBEAT, time.time()),
-                     report, self.stop)
+                     report, self.halt)
 
     def _claim_dir(self, trial: optuna.Trial) -> tuple[Path, bool]:
         """The trial's run directory; a trial continuing an interrupted one takes that one's directory over."""
@@ -214,15 +249,31 @@ class Tuner:
 
 
 def run_workers(tuner: Tuner) -> None:
-    """One thread per worker (each watches a training process of its own); returns when all are done."""
+    """One thread per worker (each watches a training process of its own); returns when all are done. At
+    --timeout the running trials are stopped too (each run checkpoints; its trial is queued to continue in a
+    later, longer study): a time box is kept, not overrun by the last trials it started."""
     threads = [threading.Thread(target=tuner.work, args=(c,), name=f"worker-{i}", daemon=True)
                for i, c in enumerate(tuner.commands)]
-    tuner.budget.started = tuner.budget.started or time.monotonic()
+    budget = tuner.budget
+    budget.started = budget.started or time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         while thread.is_alive():
             thread.join(0.5)  # in slices: the main thread must stay free to take Ctrl-C and SIGTERM
+            if budget.timeout_s is not None and time.monotonic() - budget.started >= budget.timeout_s:
+                tuner.halt.set()
+
+
+def work_until_done(tuner: Tuner) -> None:
+    """Rounds of the workers until the budget is spent and no trial is running anywhere or queued again:
+    another tuner's trial interrupted after this one's workers stopped asking is run here."""
+    while not tuner.halt.is_set():
+        run_workers(tuner)
+        wait_for_others(tuner)
+        queued = tuner.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not (queued and tuner.budget.open(tuner.study)):
+            return
 
 
 def wait_for_others(tuner: Tuner, poll_s: float = 5.0) -> None:

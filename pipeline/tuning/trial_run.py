@@ -9,6 +9,7 @@ from one that is still running.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -78,6 +79,26 @@ def evaluations(out: Path) -> list[tuple[int, float, float]]:
     return found
 
 
+def _prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: an orphan is then possible; the heartbeat still tells
+        return None
+
+
+# Looked up here, once: between fork and exec, in a process with threads, the child may only make bare calls
+# (an import or a library load there can deadlock on a lock another thread held at the fork).
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_the_tuner() -> None:
+    """In the child, before exec: SIGTERM (a checkpoint, then exit) when the tuner's thread that started it
+    dies, even by SIGKILL, instead of training on as an orphan no study will read."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _tail(log: Path) -> str:
     text = log.read_text(errors="replace") if log.is_file() else ""
     return text[-LOG_TAIL:].strip() or "(no output)"
@@ -117,7 +138,8 @@ def watch(argv: list[str], env: dict[str, str], out: Path, log: Path, beat: Call
     last_beat = 0.0
     with open(log, "ab") as sink:
         # A session of its own: a Ctrl-C at the terminal reaches the tuner, which stops its runs in order.
-        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_end_with_the_tuner)
         try:
             while True:
                 if time.monotonic() - last_beat >= BEAT_S:

@@ -19,11 +19,11 @@ from pipeline.tuning.space import SearchSpace, load_space
 from pipeline.tuning.study import (
     Budget,
     Tuner,
+    enqueue_baseline,
     open_study,
-    run_workers,
     storage_for,
     threads_per_trial,
-    wait_for_others,
+    work_until_done,
 )
 from pipeline.tuning.trial_run import TrialCommand
 
@@ -47,6 +47,7 @@ class TuneRequest:
     seed: int
     final_seeds: tuple[int, ...]
     folds: int | None
+    index: int = 0
 
     @classmethod
     def from_args(cls, args) -> "TuneRequest":
@@ -66,7 +67,7 @@ class TuneRequest:
             raise ConfigError(f"--folds ({args.folds}) must be at least 1 (1: the data set's own validation split)")
         return cls(args.config, tuple(args.overrides), args.space, args.trials, args.workers, study,
                    Path(args.dir or f"runs/tune/{study}"), args.storage, args.timeout, args.pruner, args.seed, seeds,
-                   args.folds)
+                   args.folds, args.index)
 
 
 def _folds(request: TuneRequest) -> list[Path | None]:
@@ -100,12 +101,13 @@ def _gpus() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
-def _on_signals(stop: threading.Event) -> None:
+def _on_signals(stop: threading.Event, halt: threading.Event) -> None:
     def handle(signum, frame) -> None:
         if not stop.is_set():
             say(f"{signal.Signals(signum).name}: stopping the running trials (each checkpoints); start the same "
                 "command again to go on")
         stop.set()
+        halt.set()
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, handle)
@@ -114,26 +116,31 @@ def _on_signals(stop: threading.Event) -> None:
 def tune(request: TuneRequest) -> int:
     space: SearchSpace = load_space(request.space, request.config, list(request.overrides))
     folds = _folds(request)
-    study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner)
+    study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner,
+                       request.index, request.trials)
+    if request.index == 0 and enqueue_baseline(study, space.of(load_config(request.config, list(request.overrides)))):
+        say("trial 0 is the config as given (its values of the space's keys): the baseline the others must beat")
     commands = _commands(request)
     say(f"study {request.study} in {request.dir}: {request.trials} trials, {request.workers} worker(s) of "
         f"{commands[0].threads} thread(s){', GPU ' + ','.join(c.gpu for c in commands) if commands[0].gpu else ''}, "
         f"{len(space.params)} parameters, pruner {request.pruner}")
     tuner = Tuner(study, space, commands, request.dir, Budget(request.trials, request.timeout_s, time.monotonic()),
                   folds, say)
-    _on_signals(tuner.stop)
-    run_workers(tuner)
-    wait_for_others(tuner)
+    _on_signals(tuner.stop, tuner.halt)
+    work_until_done(tuner)
     if tuner.stop.is_set():
         say(f"stopped; {request.dir} keeps every trial. Run the same command again to continue")
         return 130
+    if request.index != 0:
+        say("the study is done; tuner 0 writes the report and trains the winner")
+        return 0
     report = write_report(study, space, request.config, list(request.overrides), request.dir)
     best = report["best"]
     say(f"{report['trials']} trials ({report['complete']} complete, {report['pruned']} pruned, {report['failed']} "
-        f"failed); the best, trial {best['number']}: validation accuracy {best['val_accuracy']:.4f}; "
+        f"failed, {report['interrupted']} interrupted and queued to continue); the best, trial {best['number']}: validation accuracy {best['val_accuracy']:.4f}; "
         f"{report['best_config']} holds it")
     if request.final_seeds:
-        final = train_final(commands, request.dir, list(request.final_seeds), tuner.stop, say)
+        final = train_final(commands, request.dir, best["number"], list(request.final_seeds), tuner.stop, say)
         if final["test_mean"] is not None:
             say(f"test accuracy of the winner over seeds {list(request.final_seeds)}: {final['test_mean']:.4f} "
                 f"(std {final['test_std']:.4f}); {request.dir / 'final.json'}")

@@ -651,7 +651,7 @@ def _tune(config: Path, **kw) -> dict:
     return _spec(config, tune=tune, **kw)
 
 
-@pytest.mark.parametrize("variant", [{}, {"gpus_per_node": 0, "output_pvc": None, "storage": "postgresql://u@db/tune"}])
+@pytest.mark.parametrize("variant", [{}, {"gpus_per_node": 0, "storage": "postgresql://u@db/tune"}])
 def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     spec = _tune(config, **variant)
     docs = render(spec)
@@ -672,7 +672,8 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"output_pvc": None}, "--tune needs a study storage the pods share"),
+    ({"output_pvc": None}, "--tune needs --output-pvc"),
+    ({"output_pvc": None, "storage": "postgresql://u@db/tune"}, "--tune needs --output-pvc"),
     ({"trials": 0}, "--trials must be at least 1"),
     ({"rendezvous": "c10d", "max_restarts": 1}, "--tune renders an Indexed Job"),
     ({"fmt": "jobset"}, "--tune renders an Indexed Job"),

@@ -31,9 +31,9 @@ COMMON = ("wandb.mode=disabled", "model.frontend=none", "model.bidirectional=fal
           "eval.every_steps=50", "checkpoint.every_steps=10", "schedule.warmup_steps=5")
 
 
-def _tune(data, space, study, *flags: str) -> list[str]:
+def _tune(data, space, study, *flags: str, overrides: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(ROOT / "configs" / "sequences.yaml"),
-            f"data.dir={data}", *COMMON, "--space", str(space), "--dir", str(study), "--folds", "1", "--pruner", "none",
+            f"data.dir={data}", *COMMON, *overrides, "--space", str(space), "--dir", str(study), "--folds", "1", "--pruner", "none",
             *flags]
 
 
@@ -69,8 +69,9 @@ def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
     log = (study / "logs" / "0001.log").read_text()
     assert re.search(r"resumed from \S+step-\d+ at step [1-9]", log), log
     rows = _trials(study)
-    assert [(r["number"], r["state"]) for r in rows] == [("0", "fail"), ("1", "complete"), ("2", "complete")]
+    assert [(r["number"], r["state"]) for r in rows] == [("0", "interrupted"), ("1", "complete"), ("2", "complete")]
     assert rows[0]["param:optim.lr"] == rows[1]["param:optim.lr"], "the interrupted trial's parameters continue"
+    assert float(rows[0]["param:optim.lr"]) == 0.003, "trial 0 is the config as given (configs/sequences.yaml's lr)"
     assert not (study / "trials" / "0000").exists(), "its run directory went to the trial that continued it"
 
     best = load_config(study / "best.yaml")
@@ -88,17 +89,18 @@ def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
 
 
 def _two_tuners(data, space, tmp_path, *flags: str, dirs: tuple[str, str] = ("study", "study")) -> None:
-    """Two tune.py processes on one study of 4 trials: each runs some, none runs one the other ran."""
-    procs = [subprocess.Popen(_tune(data, space, tmp_path / d, "--trials", "4", "--final-seeds", "", "--study", "shared",
-                                    *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for d in dirs]
+    """Two tune.py processes on one study of 3 trials: each runs some, none runs one the other ran."""
+    procs = [subprocess.Popen(_tune(data, space, tmp_path / d, "--trials", "3", "--final-seeds", "", "--study", "shared",
+                                    "--index", str(i), *flags), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i, d in enumerate(dirs)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     ran = [set(re.findall(r"\[tune\] trial (\d+): validation accuracy", out)) for out in outs]
     assert ran[0] and ran[1], f"each tuner ran trials: {ran}"
     assert not ran[0] & ran[1], f"no trial run by both: {ran}"
     numbers = sorted(int(n) for n in ran[0] | ran[1])
-    assert 4 <= len(numbers) <= 5 and numbers == list(range(len(numbers)))  # at most one over: two asked at once
+    assert 3 <= len(numbers) <= 4 and numbers == list(range(len(numbers)))  # at most one over: two asked at once
     for n, d in [(n, d) for n in numbers for d in set(dirs)]:
         log = tmp_path / d / "logs" / f"{n:04d}.log"
         assert not log.exists() or log.read_text().count("[train] done") == 1, log.read_text()
@@ -147,3 +149,20 @@ def test_a_storage_that_does_not_answer_is_one_paragraph(fsdd_shards, space, tmp
     proc = subprocess.run(_tune(fsdd_shards, space, tmp_path / "s", "--trials", "1", "--storage", url), cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --storage postgresql://") and "Traceback" not in proc.stderr
+
+
+def test_a_tuner_killed_outright_leaves_no_run_training_on(fsdd_shards, space, tmp_path):
+    """SIGKILL gives the tuner no chance to stop its runs: each run is told by the kernel instead (it
+    checkpoints and exits), so no orphan trains on for a study nobody reads."""
+    import psutil
+
+    argv = _tune(fsdd_shards, space, tmp_path / "study", "--trials", "1", overrides=("train.max_steps=100000",))
+    tuner = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (runs := psutil.Process(tuner.pid).children()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert runs, "the tuner started no run"
+    tuner.kill()
+    tuner.wait()
+    gone, alive = psutil.wait_procs(runs, timeout=60)
+    assert not alive, f"runs still training after their tuner was killed: {alive}"
