@@ -51,7 +51,10 @@ def _trials(study) -> list[dict]:
 
 def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
     study = tmp_path / "study"
-    argv = _tune(fsdd_shards, space, study, "--trials", "2", "--final-seeds", "0")
+    # Runs of 500 steps: an idle machine ran a 100-step run to its end between its first checkpoint and the
+    # SIGTERM, and there was nothing left to continue.
+    argv = _tune(fsdd_shards, space, study, "--trials", "2", "--final-seeds", "0",
+                 overrides=("train.max_steps=500", "eval.every_steps=250"))
     first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = study / "trials" / "0000" / "checkpoints"
     deadline = time.monotonic() + 300
