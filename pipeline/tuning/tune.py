@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.data.manifest import load_manifest
 from pipeline.errors import ConfigError
 from pipeline.tuning.final import train_final
@@ -47,6 +47,7 @@ class TuneRequest:
     seed: int
     final_seeds: tuple[int, ...]
     folds: int | None
+    cfg: Config  # the config with the user's overrides, loaded once: the folds, threads and baseline read it
     index: int = 0
 
     @classmethod
@@ -67,13 +68,13 @@ class TuneRequest:
             raise ConfigError(f"--folds ({args.folds}) must be at least 1 (1: the data set's own validation split)")
         return cls(args.config, tuple(args.overrides), args.space, args.trials, args.workers, study,
                    Path(args.dir or f"runs/tune/{study}"), args.storage, args.timeout, args.pruner, args.seed, seeds,
-                   args.folds, args.index)
+                   args.folds, cfg, args.index)
 
 
 def _folds(request: TuneRequest) -> list[Path | None]:
     """The data each trial trains on: the data set's own split ([None]), or k folds of its train and val
     (folds.py). A study chooses on validation: a data set without a val split would evaluate on test."""
-    cfg = load_config(request.config, list(request.overrides))
+    cfg = request.cfg
     if cfg.data.base_url is not None:
         return [None]  # the trials check the split on the server's manifest
     manifest = load_manifest(cfg.data.dir, cfg.data.dataset)
@@ -89,7 +90,7 @@ def _commands(request: TuneRequest) -> list[TrialCommand]:
     from pipeline.distributed.cpu_threads import usable_cpus
 
     gpus = _gpus()
-    given = load_config(request.config, list(request.overrides)).train.cpu_threads  # the user's word wins
+    given = request.cfg.train.cpu_threads  # the user's word wins
     threads = given or threads_per_trial(usable_cpus(), request.workers)
     return [TrialCommand(request.config, request.overrides, request.study, threads,
                          str(gpus[i % len(gpus)]) if gpus else None) for i in range(request.workers)]
@@ -118,7 +119,7 @@ def tune(request: TuneRequest) -> int:
     folds = _folds(request)
     study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner,
                        request.index, request.trials)
-    if request.index == 0 and enqueue_baseline(study, space.of(load_config(request.config, list(request.overrides)))):
+    if request.index == 0 and enqueue_baseline(study, space.of(request.cfg)):
         say("trial 0 is the config as given (its values of the space's keys): the baseline the others must beat")
     commands = _commands(request)
     say(f"study {request.study} in {request.dir}: {request.trials} trials, {request.workers} worker(s) of "
