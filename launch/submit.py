@@ -72,8 +72,11 @@ def submit_parser() -> argparse.ArgumentParser:
                       "one worker per GPU, instead of one training run")
     tune.add_argument("--space", help="--tune: the search space file, e.g. configs/search/sequences.yaml")
     tune.add_argument("--trials", type=int, help="--tune: trials in the study, all pods together")
-    tune.add_argument("--storage", help="--tune: a database URL the pods share (default: the study's journal file on "
-                      "--output-pvc)")
+    tune.add_argument("--storage", help="--tune: a database URL the pods share, without a password (default: the "
+                      "study's journal file on --output-pvc)")
+    tune.add_argument("--storage-secret", metavar="SECRET", help="--tune: a Secret holding the database URL, read into "
+                      "the pods' OPTUNA_STORAGE: the way to pass a password")
+    tune.add_argument("--storage-secret-key", default="url", help="key in that Secret (default: url)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--dry-run", action="store_true", help="print the manifests (multi-document YAML) instead of applying")
     out.add_argument("--out-dir", help="write the manifests as a kustomize base into this directory instead of applying")
@@ -119,16 +122,17 @@ def _volumes(items: list[str]) -> dict[str, str]:
 def _tune(args: argparse.Namespace):
     from pipeline.errors import UserError
 
-    given = [f for f in ("space", "trials", "storage") if getattr(args, f) is not None]
+    given = [f for f in ("space", "trials", "storage", "storage_secret") if getattr(args, f) is not None]
     if not args.tune:
         if given:
-            raise UserError(f"--{given[0]} only applies with --tune")
+            raise UserError(f"--{given[0].replace('_', '-')} only applies with --tune")
         return None
     if args.space is None or args.trials is None:
         raise UserError("--tune needs --space FILE and --trials N")
     from pipeline.kube.build import tune_spec
 
-    return tune_spec(args.space, args.trials, args.storage, args.config, args.overrides)
+    return tune_spec(args.space, args.trials, args.config, args.overrides, storage=args.storage,
+                     storage_secret=args.storage_secret, storage_secret_key=args.storage_secret_key)
 
 
 def _action(action: str, args: argparse.Namespace) -> None:

@@ -12,8 +12,10 @@ interrupted (Ctrl-C, SIGTERM, a lost worker) goes on where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 
 from pipeline.cli import run_cli
+from pipeline.tuning import STORAGE_VAR
 
 
 def parse_args() -> argparse.Namespace:
@@ -27,8 +29,10 @@ def parse_args() -> argparse.Namespace:
                    "per trial = usable CPUs / workers) or taking one GPU each")
     p.add_argument("--study", help="the study's name (default: the config's and data set's names)")
     p.add_argument("--dir", help="the study directory (default runs/tune/STUDY)")
-    p.add_argument("--storage", help="a database URL shared by workers on several machines (postgresql://user:pw@host/db); "
-                   "default: a journal file in the study directory")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_VAR) or None,
+                   help="a database URL shared by workers on several machines (postgresql://user:pw@host/db); default: "
+                   f"${STORAGE_VAR} where set (a password then stays out of the command line), else a journal file in "
+                   "the study directory")
     p.add_argument("--timeout", type=float, help="a time box in seconds: then the running trials stop too (each "
                    "checkpoints and is queued to continue) and the report is written")
     p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",

@@ -43,12 +43,13 @@ def _shipped_manifest(cfg: Config) -> str:
     return json.dumps(json.loads(text), separators=(",", ":"), sort_keys=True)
 
 
-def tune_spec(space: str | Path, trials: int, storage: str | None, config: str | Path, overrides: list[str]) -> TuneSpec:
-    """--tune: the search space, validated against the config as launch/tune.py will, shipped byte for byte."""
+def tune_spec(space: str | Path, trials: int, config: str | Path, overrides: list[str], **storage: Any) -> TuneSpec:
+    """--tune: the search space, validated against the config as launch/tune.py will, shipped byte for byte;
+    `storage`: TuneSpec's storage fields."""
     from pipeline.tuning.space import load_space
 
     load_space(space, config, overrides)
-    return TuneSpec(Path(space).read_text(), trials, storage)
+    return TuneSpec(Path(space).read_text(), trials, **storage)
 
 
 def build_spec(config: str | Path, fmt: Format = "job", **options: Any) -> JobSpec:

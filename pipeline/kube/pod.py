@@ -25,6 +25,7 @@ from pipeline.kube.spec import (
     JobSpec,
     master_address,
 )
+from pipeline.tuning import STORAGE_VAR
 
 Obj = dict[str, Any]
 
@@ -84,11 +85,11 @@ def trainer_env(spec: JobSpec, fmt: Format) -> list[Obj]:
         env.append({"name": FRESH_STORE_VAR, "value": "1"})
     if spec.wandb_entity:
         env.append({"name": "WANDB_ENTITY", "value": spec.wandb_entity})
-    if spec.wandb_secret:
-        env.append({
-            "name": "WANDB_API_KEY",
-            "valueFrom": {"secretKeyRef": {"name": spec.wandb_secret, "key": spec.wandb_secret_key}},
-        })
+    secrets = [("WANDB_API_KEY", spec.wandb_secret, spec.wandb_secret_key)]
+    if spec.tune is not None:  # launch/tune.py's --storage defaults to Optuna's own variable
+        secrets.append((STORAGE_VAR, spec.tune.storage_secret, spec.tune.storage_secret_key))
+    env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+            for var, name, key in secrets if name]
     return env
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pipeline.errors import UserError
 
@@ -46,6 +47,9 @@ class TuneSpec:
     trials: int
     storage: str | None = None  # None: the study's journal file on the output claim, which every pod mounts
     final_seeds: str = "0,1,2"
+    # A Secret holding the storage URL, read into OPTUNA_STORAGE: a password never sits in the Job's spec.
+    storage_secret: str | None = None
+    storage_secret_key: str = "url"
 
 
 @dataclass(frozen=True)
@@ -240,3 +244,18 @@ def _check_tune(spec: JobSpec, fmt: Format) -> None:
         raise UserError("--tune needs --output-pvc CLAIM (a ReadWriteMany claim every pod mounts): the study's "
                         "directory is there (its journal file unless --storage names a database, the trials' runs and "
                         "checkpoints, best.yaml and the final runs), which a pod's own disk would lose with the pod")
+    _check_storage(spec.tune)
+
+
+def _check_storage(tune: TuneSpec) -> None:
+    """A database URL with a password is refused on the command line: anyone who can read the Job would read it."""
+    if tune.storage is not None and tune.storage_secret is not None:
+        raise UserError("--storage and --storage-secret are alternatives: name the database once")
+    if tune.storage is not None and urlsplit(tune.storage).password is not None:
+        raise UserError("--storage holds a password, which would sit in the Job's spec for anyone who can read it: "
+                        "put the URL in a Secret (kubectl create secret generic tune-db --from-literal=url=URL) and "
+                        "pass --storage-secret tune-db")
+    if tune.storage_secret is not None:
+        _check_subdomain(tune.storage_secret, "storage secret", "--storage-secret")
+        if not _ENV_KEY.match(tune.storage_secret_key):
+            raise UserError(f"--storage-secret-key '{tune.storage_secret_key}' is not a valid Secret key")

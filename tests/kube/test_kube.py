@@ -646,12 +646,13 @@ def test_submit_chooses_canonical_streams_every_process_count_divides(config):
 def _tune(config: Path, **kw) -> dict:
     from pipeline.kube.build import tune_spec
 
-    tune = tune_spec(ROOT / "configs" / "search" / "sequences.yaml", kw.pop("trials", 40), kw.pop("storage", None),
-                     config, [])
+    storage = {k: kw.pop(k) for k in ("storage", "storage_secret", "storage_secret_key") if k in kw}
+    tune = tune_spec(ROOT / "configs" / "search" / "sequences.yaml", kw.pop("trials", 40), config, [], **storage)
     return _spec(config, tune=tune, **kw)
 
 
-@pytest.mark.parametrize("variant", [{}, {"gpus_per_node": 0, "storage": "postgresql://u@db/tune"}])
+@pytest.mark.parametrize("variant", [{}, {"gpus_per_node": 0, "storage": "postgresql://u@db/tune"},
+                                     {"storage_secret": "tune-db", "storage_secret_key": "dsn"}])
 def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     spec = _tune(config, **variant)
     docs = render(spec)
@@ -667,6 +668,12 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     assert flag["--study"] == spec.name and flag["--dir"] == f"/outputs/{spec.name}"
     assert flag["--workers"] == str(max(1, spec.gpus_per_node)) and flag["--index"] == "$(JOB_COMPLETION_INDEX)"
     assert flag.get("--storage") == variant.get("storage")
+    env = {e["name"]: e for e in _container(pod, "trainer")["env"]}
+    if "storage_secret" in variant:  # the URL reaches launch/tune.py's --storage default, never the Job's spec
+        ref = env["OPTUNA_STORAGE"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "tune-db", "key": "dsn"}
+    else:
+        assert "OPTUNA_STORAGE" not in env
     pre = _container(pod, "preflight", init=True)["command"]
     assert pre[pre.index("--rank") + 1] == "0", "a tuner waits for no master"
 
@@ -677,6 +684,10 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     ({"trials": 0}, "--trials must be at least 1"),
     ({"rendezvous": "c10d", "max_restarts": 1}, "--tune renders an Indexed Job"),
     ({"fmt": "jobset"}, "--tune renders an Indexed Job"),
+    ({"storage": "postgresql://u:secret@db/tune"}, "--storage holds a password"),
+    ({"storage": "postgresql://u@db/tune", "storage_secret": "db"}, "are alternatives"),
+    ({"storage_secret": "Tune_DB"}, "storage secret"),
+    ({"storage_secret": "db", "storage_secret_key": "a key"}, "--storage-secret-key"),
 ])
 def test_a_bad_tuning_job_is_refused(config, kw, message):
     with pytest.raises(UserError, match=message):

@@ -147,11 +147,15 @@ def test_two_tuners_on_two_machines_share_one_study_in_postgresql(fsdd_shards, s
     _two_tuners(fsdd_shards, space, tmp_path, "--storage", postgres, dirs=("machine-a", "machine-b"))
 
 
-def test_a_storage_that_does_not_answer_is_one_paragraph(fsdd_shards, space, tmp_path):
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/tune"
-    proc = subprocess.run(_tune(fsdd_shards, space, tmp_path / "s", "--trials", "1", "--storage", url), cwd=ROOT,
+@pytest.mark.parametrize("given", ["flag", "environment"])
+def test_a_storage_that_does_not_answer_is_one_paragraph_without_its_password(fsdd_shards, space, tmp_path, given):
+    """The URL comes from --storage or, as a Kubernetes Secret hands it over, from $OPTUNA_STORAGE."""
+    url = f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/tune"
+    flags, env = (["--storage", url], None) if given == "flag" else ([], {**os.environ, "OPTUNA_STORAGE": url})
+    proc = subprocess.run(_tune(fsdd_shards, space, tmp_path / "s", "--trials", "1", *flags), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --storage postgresql://") and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --storage postgresql://postgres:***@127.0.0.1")
+    assert "hunter2" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_a_tuner_killed_outright_leaves_no_run_training_on(fsdd_shards, space, tmp_path):
