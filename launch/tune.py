@@ -22,9 +22,10 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the config every trial starts from, e.g. configs/sequences.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every trial, e.g. data.dir=DIR")
-    p.add_argument("--space", required=True, help="the search space, e.g. configs/search/sequences.yaml")
-    p.add_argument("--trials", type=int, required=True, help="trials in the study, all workers together (interrupted "
-                   "ones not counted: they continue)")
+    p.add_argument("--space", required=True, help="the search space, e.g. configs/search/sequences.yaml, or a list of "
+                   "candidates to compare, e.g. benchmarks/recipes/conv_models.yaml")
+    p.add_argument("--trials", type=int, help="trials in the study, all workers together (interrupted ones not "
+                   "counted: they continue); default with a list of candidates: each of them")
     p.add_argument("--workers", type=int, default=1, help="trials at once on this machine, sharing its cores (threads "
                    "per trial = usable CPUs / workers) or taking one GPU each")
     p.add_argument("--study", help="the study's name (default: the config's and data set's names)")

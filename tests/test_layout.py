@@ -157,7 +157,7 @@ def test_errors_is_a_leaf():
 
 
 # Rooms of the tests that are not rooms of pipeline/, and what they test.
-TEST_ROOMS_ELSEWHERE = {"recipes": "benchmarks/select_recipe.py"}
+TEST_ROOMS_ELSEWHERE: dict[str, str] = {}
 HOUSE_TESTS = {"test_layout.py", "test_docs.py", "test_benchmarks.py", "test_launch_errors.py"}
 
 

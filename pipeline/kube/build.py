@@ -48,7 +48,9 @@ def tune_spec(space: str | Path, trials: int, config: str | Path, overrides: lis
     `storage`: TuneSpec's storage fields."""
     from pipeline.tuning.space import load_space
 
-    load_space(space, config, overrides)
+    candidates = load_space(space, config, overrides).candidates
+    if candidates and trials > len(candidates):
+        raise UserError(f"--trials {trials}: {space} lists {len(candidates)} candidates, each run once")
     return TuneSpec(Path(space).read_text(), trials, **storage)
 
 

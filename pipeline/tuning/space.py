@@ -6,6 +6,14 @@
 
 Validated like a config, before any trial runs: a key the config does not have, a range that is empty or
 holds a value the config refuses (a dropout of 1.5, a log scale from 0) exits 2 naming the file and the key.
+
+A space may instead list named candidates, each a set of overrides of the config (a recipe comparison):
+
+    candidates:
+      - {name: plain, overrides: [model.frontend=none], why: the LSTM alone}
+      - {name: conv-frontend, overrides: []}
+
+The study then runs each candidate once, in the file's order, as its trials; the sampler draws nothing.
 """
 
 from __future__ import annotations
@@ -110,10 +118,25 @@ def override(key: str, value: Any) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
+CANDIDATE = "candidate"  # the one parameter of a space of candidates: the candidate's name
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    overrides: tuple[str, ...] = ()
+    why: str = ""
+
+
 class SearchSpace(BaseModel):
     model_config = ConfigDict(frozen=True)
     path: str
     params: dict[str, Dist]
+    candidates: dict[str, Candidate] = Field(default_factory=dict)  # a list of candidates instead of ranges
+
+    def queue(self) -> list[dict[str, Any]]:
+        """The trials a space of candidates runs, one per candidate in the file's order; [] for ranges."""
+        return [{CANDIDATE: name} for name in self.candidates]
 
     def suggest(self, trial) -> dict[str, Any]:
         """One point of the space, drawn by the trial's sampler: {config key: value}. A trial queued again with
@@ -126,7 +149,10 @@ class SearchSpace(BaseModel):
         return values
 
     def of(self, cfg: Config) -> dict[str, Any]:
-        """The config's own values of the space's keys, where every one lies in the space; else {}."""
+        """The config's own values of the space's keys, where every one lies in the space; else {} (and for a
+        list of candidates, which says itself whether the config as given is one)."""
+        if self.candidates:
+            return {}
         values = {}
         for key in self.params:
             node: Any = cfg
@@ -136,6 +162,8 @@ class SearchSpace(BaseModel):
         return values if all(self.params[k].holds(v) for k, v in values.items()) else {}
 
     def overrides(self, values: dict[str, Any]) -> list[str]:
+        if self.candidates:
+            return list(self.candidates[values[CANDIDATE]].overrides)
         return [override(key, value) for key, value in values.items()]
 
 
@@ -163,12 +191,43 @@ def _dist(path: Path, key: str, spec: Any) -> Dist:
                           "high, log, step}} or {type: categorical, choices: [...]}") from None
 
 
+def _candidates(path: Path, items: Any, config: str | Path, overrides: list[str]) -> SearchSpace:
+    """A space of named candidates, each one's overrides loaded as a config now."""
+    if not isinstance(items, list) or len(items) < 2:
+        raise ConfigError(f"search space {path}: `candidates` must list two or more candidates to choose between, "
+                          "each {name, overrides: [key=value, ...], why}")
+    found: dict[str, Candidate] = {}
+    for i, item in enumerate(items):
+        try:
+            candidate = Candidate.model_validate(item)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'type'}: {e['msg']}" for e in err.errors())
+            raise ConfigError(f"search space {path}, candidates[{i}]: {problems}. A candidate is {{name, overrides: "
+                              "[key=value, ...], why}; the config they change is --config") from None
+        if candidate.name in found:
+            raise ConfigError(f"search space {path}: two candidates are named {candidate.name!r}")
+        try:
+            load_config(config, [*overrides, *candidate.overrides])
+        except ConfigError as err:
+            raise ConfigError(f"search space {path}, candidate {candidate.name}: its overrides are refused by the "
+                              f"config: {err}") from None
+        found[candidate.name] = candidate
+    choices = CategoricalDist(type="categorical", choices=list(found))
+    return SearchSpace(path=str(path), params={CANDIDATE: choices}, candidates=found)
+
+
 def load_space(path: str | Path, config: str | Path, overrides: list[str]) -> SearchSpace:
     """The space in `path`, each key checked against the config and each bound loaded as a config."""
     path = Path(path)
+    raw = _read(path)
+    if "candidates" in raw:
+        if len(raw) > 1:
+            raise ConfigError(f"search space {path}: a list of candidates stands alone; move "
+                              f"{', '.join(str(k) for k in raw if k != 'candidates')} into each candidate's overrides")
+        return _candidates(path, raw["candidates"], config, overrides)
     keys = _config_keys()
     params = {}
-    for key, spec in _read(path).items():
+    for key, spec in raw.items():
         if not _is_leaf(str(key), keys):
             raise ConfigError(f"search space {path}: {key!r} is not a config key (a setting such as optim.lr; "
                               "check the spelling against configs/*.yaml)")

@@ -97,13 +97,18 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int, prune
     return make(own if name not in existing else own + os.getpid() + int(time.time() * 1000) % 1_000_000)
 
 
-def enqueue_baseline(study: optuna.Study, values: dict) -> bool:
-    """The config as given, the study's first trial: the winner is then never a setting that validation rates
-    below the untuned one. Only into a new study, and only where the config's values lie in the space."""
-    if study.get_trials(deepcopy=False) or not values:
-        return False
-    study.enqueue_trial(values, user_attrs={"baseline": True}, skip_if_exists=True)
-    return True
+def enqueue_first(study: optuna.Study, space: SearchSpace, baseline: dict) -> str:
+    """What a new study runs before its sampler draws, and a line saying so ('' where nothing): each candidate
+    of a list, or else the config as given (`baseline`, where its values lie in the space), so that the winner
+    is never a setting that validation rates below the untuned one."""
+    queue = space.queue() or ([baseline] if baseline else [])
+    if study.get_trials(deepcopy=False) or not queue:
+        return ""
+    for values in queue:
+        study.enqueue_trial(values, user_attrs={} if space.candidates else {"baseline": True}, skip_if_exists=True)
+    if space.candidates:
+        return f"the trials are the {len(queue)} candidates of {space.path}, in its order"
+    return "trial 0 is the config as given (its values of the space's keys): the baseline the others must beat"
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:

@@ -19,7 +19,7 @@ from pipeline.tuning.space import SearchSpace, load_space
 from pipeline.tuning.study import (
     Budget,
     Tuner,
-    enqueue_baseline,
+    enqueue_first,
     open_study,
     storage_for,
     threads_per_trial,
@@ -37,7 +37,7 @@ class TuneRequest:
     config: str
     overrides: tuple[str, ...]
     space: str
-    trials: int
+    trials: int | None  # None: every candidate of a list of candidates
     workers: int
     study: str
     dir: Path
@@ -52,7 +52,7 @@ class TuneRequest:
 
     @classmethod
     def from_args(cls, args) -> "TuneRequest":
-        if args.trials < 1 or args.workers < 1:
+        if (args.trials is not None and args.trials < 1) or args.workers < 1:
             raise ConfigError(f"--trials ({args.trials}) and --workers ({args.workers}) must be at least 1")
         if args.timeout is not None and not args.timeout > 0:
             raise ConfigError(f"--timeout ({args.timeout}) must be a positive number of seconds")
@@ -114,18 +114,32 @@ def _on_signals(stop: threading.Event, halt: threading.Event) -> None:
         signal.signal(s, handle)
 
 
+def _trials(request: TuneRequest, space: SearchSpace) -> int:
+    """The study's size: --trials, which a list of candidates bounds by its length and gives when left out."""
+    if not space.candidates:
+        if request.trials is None:
+            raise ConfigError(f"--trials N is needed with {request.space}: how many settings to draw from its ranges")
+        return request.trials
+    if request.trials is not None and request.trials > len(space.candidates):
+        raise ConfigError(f"--trials {request.trials}: {request.space} lists {len(space.candidates)} candidates, "
+                          "each run once; leave --trials out to run them all")
+    return request.trials or len(space.candidates)
+
+
 def tune(request: TuneRequest) -> int:
     space: SearchSpace = load_space(request.space, request.config, list(request.overrides))
+    trials = _trials(request, space)
     folds = _folds(request)
     study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner,
-                       request.index, request.trials)
-    if request.index == 0 and enqueue_baseline(study, space.of(request.cfg)):
-        say("trial 0 is the config as given (its values of the space's keys): the baseline the others must beat")
+                       request.index, trials)
+    queued = enqueue_first(study, space, space.of(request.cfg)) if request.index == 0 else ""
+    if queued:
+        say(queued)
     commands = _commands(request)
-    say(f"study {request.study} in {request.dir}: {request.trials} trials, {request.workers} worker(s) of "
+    say(f"study {request.study} in {request.dir}: {trials} trials, {request.workers} worker(s) of "
         f"{commands[0].threads} thread(s){', GPU ' + ','.join(c.gpu for c in commands) if commands[0].gpu else ''}, "
         f"{len(space.params)} parameters, pruner {request.pruner}")
-    tuner = Tuner(study, space, commands, request.dir, Budget(request.trials, request.timeout_s, time.monotonic()),
+    tuner = Tuner(study, space, commands, request.dir, Budget(trials, request.timeout_s, time.monotonic()),
                   folds, say)
     _on_signals(tuner.stop, tuner.halt)
     work_until_done(tuner)

@@ -91,6 +91,29 @@ def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
     assert (wandb["group"], wandb["name"]) == ("sequences-fsdd", "sequences-fsdd-trial-1")  # the study's default name
 
 
+def test_a_list_of_candidates_runs_each_once_and_the_winner_is_one_of_them(fsdd_shards, tmp_path):
+    """A recipe comparison: each candidate one trial with its own overrides, in the file's order; more trials
+    than candidates is refused before any run."""
+    space = tmp_path / "candidates.yaml"
+    space.write_text("candidates:\n  - {name: narrow, overrides: [model.hidden_size=8]}\n"
+                     "  - {name: slow, overrides: [optim.lr=0.0003], why: a learning rate too small for 100 steps}\n")
+    study = tmp_path / "study"
+    proc = subprocess.run(_tune(fsdd_shards, space, study, "--trials", "3"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "lists 2 candidates" in proc.stderr and not study.exists()
+    proc = subprocess.run(_tune(fsdd_shards, space, study, "--final-seeds", ""), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _trials(study)
+    assert [(r["number"], r["state"], r["param:candidate"]) for r in rows] == [
+        ("0", "complete", "narrow"), ("1", "complete", "slow")]
+    assert load_config(study / "trials" / "0000" / "config.yaml").model.hidden_size == 8
+    assert load_config(study / "trials" / "0001" / "config.yaml").optim.lr == 0.0003
+    winner = max(rows, key=lambda r: (float(r["val_accuracy"]), -float(r["val_loss"])))
+    best = load_config(study / "best.yaml")
+    assert (best.model.hidden_size, best.optim.lr) == ((8, 0.003) if winner["param:candidate"] == "narrow" else (16, 0.0003))
+
+
 def _two_tuners(data, space, tmp_path, *flags: str, dirs: tuple[str, str] = ("study", "study")) -> None:
     """Two tune.py processes on one study of 3 trials: each runs some, none runs one the other ran."""
     procs = [subprocess.Popen(_tune(data, space, tmp_path / d, "--trials", "3", "--final-seeds", "", "--study", "shared",

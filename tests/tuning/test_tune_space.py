@@ -3,13 +3,17 @@ were, and a space that names no config key or a value the config refuses exits 2
 
 from __future__ import annotations
 
+import json
+import re
+
 import optuna
 import pytest
+import yaml
 from conftest import ROOT, run_py
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.tuning.space import load_space, override
+from pipeline.tuning.space import CANDIDATE, load_space, override
 
 CONFIG = str(ROOT / "configs" / "sequences.yaml")
 
@@ -96,3 +100,54 @@ def test_only_tuner_zero_trains_the_winner(index, seeds):
                            dir=None, storage=None, timeout=None, pruner="median", seed=0, final_seeds="0,1,2",
                            folds=None, index=index)
     assert TuneRequest.from_args(args).final_seeds == seeds
+
+
+# --- a list of candidates (a recipe comparison) ----------------------------------------------------
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (ROOT / "benchmarks" / "recipes").glob("*.yaml")))
+def test_shipped_candidate_lists_load_and_each_candidate_is_a_valid_config(spec):
+    text = (ROOT / "benchmarks" / "recipes" / spec).read_text()
+    config = re.search(r"--config (\S+)", text).group(1)  # each file's header names the config it changes
+    space = load_space(ROOT / "benchmarks" / "recipes" / spec, ROOT / config, ["data.dir=data/fsdd"])
+    assert [v[CANDIDATE] for v in space.queue()] == [c["name"] for c in yaml.safe_load(text)["candidates"]]
+    for values in space.queue():
+        load_config(ROOT / config, space.overrides(values))
+
+
+def test_a_candidate_is_its_overrides_and_the_list_is_the_queue(tmp_path):
+    path = _space(tmp_path, "candidates:\n  - {name: plain, overrides: [model.frontend=none], why: the LSTM alone}\n"
+                            "  - {name: as-given}\n")
+    space = load_space(path, CONFIG, [])
+    assert space.queue() == [{CANDIDATE: "plain"}, {CANDIDATE: "as-given"}]
+    assert space.overrides({CANDIDATE: "plain"}) == ["model.frontend=none"]
+    assert space.overrides({CANDIDATE: "as-given"}) == []
+    assert space.of(load_config(CONFIG)) == {}, "a list says itself whether the config as given is a candidate"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("candidates:\n  - {name: a, overrides: [optim.lrate=0.1]}\n  - {name: b}\n", "candidate a: its overrides are refused"),
+    ("candidates:\n  - {name: a}\n  - {name: a, overrides: [optim.lr=0.1]}\n", "two candidates are named 'a'"),
+    ("candidates:\n  - {name: a}\n", "two or more candidates"),
+    ("candidates:\n  - {name: a, config: configs/fsdd.yaml}\n  - {name: b}\n", r"candidates\[0\]: config"),
+    ("candidates:\n  - {name: a b}\n  - {name: b}\n", r"candidates\[0\]: name"),
+    ("candidates:\n  - {name: a}\n  - {name: b}\noptim.lr: {type: float, low: 0.001, high: 0.01}\n", "stands alone"),
+])
+def test_a_bad_candidate_list_is_refused_naming_the_candidate(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_space(_space(tmp_path, text), CONFIG, [])
+
+
+@pytest.mark.parametrize("config,spec,report", [
+    ("configs/fsdd.yaml", "fsdd.yaml", "cpu-select-fsdd.json"),
+    ("configs/japanese_vowels.yaml", "japanese_vowels.yaml", "cpu-select-jv.json"),
+])
+def test_a_tuned_recipe_is_its_comparisons_winner(config, spec, report):
+    """The shipped recipe is configs/sequences.yaml with the winning candidate's overrides, nothing else
+    (where it writes to and which data it reads aside), as the committed comparison report says."""
+    winner = json.loads((ROOT / "benchmarks" / "results" / report).read_text())["winner"]
+    space = load_space(ROOT / "benchmarks" / "recipes" / spec, CONFIG, [])
+    shipped = load_config(ROOT / config).to_dict()
+    chosen = load_config(CONFIG, space.overrides({CANDIDATE: winner})).to_dict()
+    for cfg in (shipped, chosen):
+        cfg.pop("output_dir"), cfg["data"].pop("dir"), cfg["wandb"].pop("tags")
+    assert shipped == chosen
