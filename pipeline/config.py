@@ -131,6 +131,12 @@ class ModelConfig(_Section):
     conv_excite: bool = Field(
         False, description="Squeeze-and-excitation after every block but the last, gated by the means over valid "
         "steps (MLSTM-FCN)")
+    conv_norm: Literal["sample", "batch"] = Field(
+        "sample", description="How each convolution block's output is standardised. sample: per sequence, over its "
+        "channels and valid steps (group norm, one group). batch: each channel over the micro-batch's valid steps "
+        "while training (FCN's BatchNorm) and over running statistics in evaluation; a micro-batch holds the same "
+        "sequences at any world size, and the running statistics take each micro-batch in the global batch's order, "
+        "so runs stay the same at any world size with the same train.batch_size")
 
     @field_validator("frame")
     @classmethod

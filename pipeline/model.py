@@ -34,11 +34,11 @@ class SequenceClassifier(nn.Module):
         input_size *= cfg.frame
         self.branch = None
         if cfg.conv_branch:
-            self.branch = ConvBranch(input_size, cfg.conv_channels, cfg.conv_kernels, cfg.conv_excite)
+            self.branch = ConvBranch(input_size, cfg.conv_channels, cfg.conv_kernels, cfg.conv_excite, cfg.conv_norm)
         self.frontend = None
         if cfg.frontend == "conv":
             self.frontend = ConvFrontend(input_size, cfg.conv_channels, cfg.conv_kernels, cfg.conv_stride,
-                                         cfg.conv_excite)
+                                         cfg.conv_excite, cfg.conv_norm)
             input_size = self.frontend.out_features
         self.embed = None
         if cfg.embed_size is not None:

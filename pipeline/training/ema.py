@@ -26,11 +26,14 @@ class WeightAverage:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._ours = list(self.model.parameters())
+        self._our_buffers = list(self.model.buffers())  # BatchNorm's running statistics: copied, not averaged
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         """After optimizer step `step` (1-based) of `model`, the unwrapped trained model."""
         theirs = [p.detach() for p in model.parameters()]
+        if self._our_buffers:  # statistics of the trained weights' activations, as timm's ModelEmaV3 keeps them
+            torch._foreach_copy_(self._our_buffers, list(model.buffers()))
         if step <= self.start_step:
             torch._foreach_copy_(self._ours, theirs)
         else:

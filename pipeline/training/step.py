@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from pipeline.data.sequence_augment import SequenceAugment
 from pipeline.inputs import IMAGES, InputScale
+from pipeline.model_conv import update_running_statistics
 from pipeline.training.exact_reduction import ExactReduction
 
 
@@ -85,6 +86,7 @@ def train_step(parts: StepParts, micro: list[tuple[torch.Tensor, ...]], seeds: l
         total = loss.detach() if total is None else total + loss.detach()
     if parts.exact is not None:
         parts.exact.apply(parts.params, kept)
+    update_running_statistics(model, accelerator.num_processes)  # model.conv_norm: batch
     clip = parts.grad_clip if parts.grad_clip is not None else math.inf
     norm = accelerator.clip_grad_norm_(model.parameters(), clip).detach()
     lr = optimizer.param_groups[0]["lr"]

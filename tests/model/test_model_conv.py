@@ -16,7 +16,15 @@ from pydantic import ValidationError
 
 import pipeline.model_conv as conv_module
 from pipeline.config import ModelConfig
-from pipeline.model_conv import ConvBlock, masked_mean, masked_norm, valid_steps
+from pipeline.model_conv import (
+    ConvBlock,
+    MaskedBatchNorm,
+    masked_batch_statistics,
+    masked_mean,
+    masked_norm,
+    update_running_statistics,
+    valid_steps,
+)
 from tests.model.test_model import ATOL, FEATURES, _batch_vs_alone_error, _model, _one_thread, _padded  # noqa: F401
 
 SMALL = dict(conv_channels=(8, 12, 8), conv_kernels=(8, 5, 3))
@@ -31,7 +39,7 @@ COMBINATIONS = [
 
 
 def _conv_id(cfg: dict) -> str:
-    parts = [f"front-{cfg['frontend']}", "branch" if cfg["conv_branch"] else "no-branch", f"stride{cfg['conv_stride']}",
+    parts = [*(["batch-norm"] if cfg.get("conv_norm") == "batch" else []), f"front-{cfg['frontend']}", "branch" if cfg["conv_branch"] else "no-branch", f"stride{cfg['conv_stride']}",
              "excite" if cfg["conv_excite"] else "plain", f"frame{cfg['frame']}", "bi" if cfg["bidirectional"] else "uni"]
     return "-".join(parts)
 
@@ -50,7 +58,39 @@ def test_a_sequence_reads_the_same_alone_and_in_a_padded_batch(sequences, cfg):
         torch.testing.assert_close(model(x), model(x, lengths), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("cfg", [COMBINATIONS[0], COMBINATIONS[-1]], ids=_conv_id)
+BATCH_NORM = [dict(cfg, conv_norm="batch") for cfg in (COMBINATIONS[0], COMBINATIONS[-1])]
+
+
+@pytest.mark.parametrize("cfg", BATCH_NORM, ids=_conv_id)
+def test_with_batch_norm_a_trained_model_reads_a_sequence_the_same_alone_and_in_a_padded_batch(sequences, cfg):
+    """Training reads the micro-batch's statistics over valid steps only; evaluation, the running ones."""
+    model = _conv_model(cfg).train()
+    x, lengths = _padded(sequences)
+    for _ in range(3):  # running statistics that have moved away from their initial 0 and 1
+        model(x, lengths).sum().backward()
+        update_running_statistics(model, 1)
+    norms = [m for m in model.modules() if isinstance(m, MaskedBatchNorm)]
+    assert norms and all(not n.pending and n.running_mean.abs().sum() > 0 for n in norms)
+    assert _batch_vs_alone_error(model.eval(), sequences) < ATOL
+
+
+def test_batch_statistics_read_valid_steps_only_and_fold_in_chunk_order():
+    x = torch.randn(3, 4, 9)
+    lengths = torch.tensor([9, 5, 2])
+    valid = valid_steps(lengths, 9)
+    garbage = x + 1e3 * (1 - valid)
+    mean, var = masked_batch_statistics(garbage, valid)
+    values = torch.cat([x[i, :, :n] for i, n in enumerate(lengths.tolist())], 1)  # [C, valid steps of all rows]
+    torch.testing.assert_close(mean, values.mean(1))
+    torch.testing.assert_close(var, values.var(1, unbiased=False))
+    norm = MaskedBatchNorm(4)
+    norm.fold(torch.stack([torch.stack([torch.ones(4), 2 * torch.ones(4)]), torch.stack([3 * torch.ones(4),
+                                                                                          torch.ones(4)])]))
+    torch.testing.assert_close(norm.running_mean, torch.full((4,), 0.9 * 0.1 + 0.3))  # 0 -> 0.1 -> 0.39
+    torch.testing.assert_close(norm.running_var, torch.full((4,), (0.9 + 0.2) * 0.9 + 0.1))
+
+
+@pytest.mark.parametrize("cfg", [COMBINATIONS[0], COMBINATIONS[-1], *BATCH_NORM], ids=_conv_id)
 def test_no_gradient_reaches_the_padding(sequences, cfg):
     model = _conv_model(cfg).train()
     x, lengths = _padded(sequences)
