@@ -33,6 +33,7 @@ from pipeline.training.trainer import auto_frame
 MODELS = {
     "plain": {},
     "conv front-end": {"frontend": "conv"},
+    "front-end, batch norm": {"frontend": "conv", "conv_norm": "batch"},
     "conv branch": {"conv_branch": True},
     "front-end + branch": {"frontend": "conv", "conv_branch": True},
 }

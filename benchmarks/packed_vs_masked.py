@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from benchmarks.common import ROOT, median, say, table
 from pipeline.config import ModelConfig
 from pipeline.model import LENGTH_MODES, SequenceClassifier
+from pipeline.model_conv import update_running_statistics
 
 FSDD = ROOT / "data" / "examples" / "fsdd" / "digits.npz"
 HIDDEN = 128
@@ -113,6 +114,7 @@ def step_ms(model: SequenceClassifier, batch: tuple, device: torch.device) -> fl
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     F.cross_entropy(model(x, lengths), labels).backward()
+    update_running_statistics(model, 1)  # model.conv_norm: batch folds its statistics once a step, as train_step does
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1e3

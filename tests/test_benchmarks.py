@@ -120,6 +120,24 @@ def test_conv_speed_smoke(tmp_path):
     out = tmp_path / "conv.json"
     run_py("benchmarks/conv_speed.py", "--workloads", "fsdd", "--repeats", "1", "--out", str(out), check=True, timeout=300)
     (r,) = json.loads(out.read_text())["results"]
-    assert r["ratio_to_plain"]["plain"] == 1.0 and len(r["ratio_to_plain"]) == 4
+    assert r["ratio_to_plain"]["plain"] == 1.0 and len(r["ratio_to_plain"]) == 5
     assert all(v > 0 for v in r["samples_per_s"].values())
     assert r["parameters"]["front-end + branch"] > r["parameters"]["conv branch"] > r["parameters"]["plain"]
+
+
+@pytest.mark.slow
+def test_archive_models_smoke(tmp_path, examples):
+    """benchmarks/archive_models.py on one archive set, one seed, 20 steps: every run's val and test recorded, and a
+    second call reads the finished runs instead of training them again."""
+    out = tmp_path / "models.json"
+    args = ("benchmarks/archive_models.py", "--candidate", "front", "train.min_steps=20", "train.epochs=1",
+            "--candidate", "plain", "model.frontend=none", "train.min_steps=20", "train.epochs=1",
+            "--sets", "JapaneseVowels", "--seeds", "1", "--work", str(tmp_path / "work"), "--out", str(out))
+    run_py(*args, check=True, timeout=600)
+    report = json.loads(out.read_text())
+    for name in ("front", "plain"):
+        row = report["sets"]["JapaneseVowels"][name]
+        assert len(row["val"]) == len(row["test"]) == 1 and 0 < row["test"][0] <= 1
+    again = run_py(*args, check=True, timeout=600)
+    assert "done" not in again.stdout + again.stderr and json.loads(out.read_text()) == report
+    assert (tmp_path / "work" / "data" / "JapaneseVowels-s1" / "manifest.json").is_file(), "seed 1 on its own split"
