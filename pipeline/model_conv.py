@@ -125,7 +125,7 @@ def update_running_statistics(model: nn.Module, world_size: int) -> None:
     any world size that computes the same micro-batches ends with the same running statistics, bit for bit.
     All ranks call it once per step (a collective where W > 1); a model without batch norm returns at once."""
     norms = [m for m in model.modules() if isinstance(m, MaskedBatchNorm)]
-    if not norms:
+    if not norms or not norms[0].pending:  # every rank alike: the same model, the same micro-batch count
         return
     # [A, sum of 2 x C]: each row one micro-batch, every layer's statistics side by side
     local = torch.cat([torch.stack(n.pending).flatten(1) for n in norms], 1)
