@@ -48,9 +48,7 @@ def tune_spec(space: str | Path, trials: int, config: str | Path, overrides: lis
     `storage`: TuneSpec's storage fields."""
     from pipeline.tuning.space import load_space
 
-    candidates = load_space(space, config, overrides).candidates
-    if candidates and trials > len(candidates):
-        raise UserError(f"--trials {trials}: {space} lists {len(candidates)} candidates, each run once")
+    load_space(space, config, overrides).study_size(trials)  # a list of candidates bounds the trials
     return TuneSpec(Path(space).read_text(), trials, **storage)
 
 

@@ -138,6 +138,18 @@ class SearchSpace(BaseModel):
         """The trials a space of candidates runs, one per candidate in the file's order; [] for ranges."""
         return [{CANDIDATE: name} for name in self.candidates]
 
+    def study_size(self, trials: int | None) -> int:
+        """The trials of a study of this space: `trials`, which a list of candidates bounds by its length and
+        gives when None; ConfigError where the request cannot be met."""
+        if not self.candidates:
+            if trials is None:
+                raise ConfigError(f"--trials N is needed with {self.path}: how many settings to draw from its ranges")
+            return trials
+        if trials is not None and trials > len(self.candidates):
+            raise ConfigError(f"--trials {trials}: {self.path} lists {len(self.candidates)} candidates, each run "
+                              f"once; ask for {len(self.candidates)} trials or fewer")
+        return trials or len(self.candidates)
+
     def suggest(self, trial) -> dict[str, Any]:
         """One point of the space, drawn by the trial's sampler: {config key: value}. A trial queued again with
         the values of an interrupted one gets those; ValueError where the space has changed since."""

@@ -114,21 +114,9 @@ def _on_signals(stop: threading.Event, halt: threading.Event) -> None:
         signal.signal(s, handle)
 
 
-def _trials(request: TuneRequest, space: SearchSpace) -> int:
-    """The study's size: --trials, which a list of candidates bounds by its length and gives when left out."""
-    if not space.candidates:
-        if request.trials is None:
-            raise ConfigError(f"--trials N is needed with {request.space}: how many settings to draw from its ranges")
-        return request.trials
-    if request.trials is not None and request.trials > len(space.candidates):
-        raise ConfigError(f"--trials {request.trials}: {request.space} lists {len(space.candidates)} candidates, "
-                          "each run once; leave --trials out to run them all")
-    return request.trials or len(space.candidates)
-
-
 def tune(request: TuneRequest) -> int:
     space: SearchSpace = load_space(request.space, request.config, list(request.overrides))
-    trials = _trials(request, space)
+    trials = space.study_size(request.trials)
     folds = _folds(request)
     study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner,
                        request.index, trials)

@@ -694,6 +694,14 @@ def test_a_bad_tuning_job_is_refused(config, kw, message):
         _tune(config, **kw)
 
 
+def test_a_tuning_job_of_candidates_asks_for_no_more_trials_than_they_are(config):
+    from pipeline.kube.build import tune_spec
+
+    with pytest.raises(UserError, match="lists 3 candidates"):
+        tune_spec(ROOT / "benchmarks" / "recipes" / "conv_models.yaml", 4, config, [])
+    assert tune_spec(ROOT / "benchmarks" / "recipes" / "conv_models.yaml", 3, config, []).trials == 3
+
+
 def test_submit_refuses_tuning_flags_without_tune_and_a_bad_space(config, tmp_path):
     base = ["launch/submit.py", "--config", str(config), "--nodes", "2", "--gpus-per-node", "0", "--image", IMAGE,
             "--data-pvc", "d", "--output-pvc", "o", "--dry-run"]

@@ -151,3 +151,14 @@ def test_a_tuned_recipe_is_its_comparisons_winner(config, spec, report):
     for cfg in (shipped, chosen):
         cfg.pop("output_dir"), cfg["data"].pop("dir"), cfg["wandb"].pop("tags")
     assert shipped == chosen
+
+
+def test_a_list_of_candidates_bounds_the_study_and_ranges_need_a_size():
+    candidates = load_space(ROOT / "benchmarks" / "recipes" / "conv_models.yaml", CONFIG, [])
+    assert candidates.study_size(None) == 3 and candidates.study_size(2) == 2
+    with pytest.raises(ConfigError, match="lists 3 candidates"):
+        candidates.study_size(4)
+    ranges = load_space(ROOT / "configs" / "search" / "sequences.yaml", CONFIG, [])
+    assert ranges.study_size(40) == 40
+    with pytest.raises(ConfigError, match="--trials N is needed"):
+        ranges.study_size(None)
