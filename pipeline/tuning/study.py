@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
-import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from pipeline.errors import ConfigError
+from pipeline.files import mask_url
 from pipeline.tuning.space import SearchSpace
 from pipeline.tuning.trial_run import BEAT_S, Outcome, TrialCommand, finished_run, watch
 
@@ -47,26 +47,19 @@ def storage_for(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
         except (ImportError, ModuleNotFoundError) as err:
-            raise ConfigError(f"--storage {_shown(url)}: its database driver is not installed ({err}); install it (PostgreSQL: "
-                              "pip install 'psycopg[binary]', the driver SQLAlchemy uses for postgresql://) or leave "
-                              "--storage out for the journal file") from None
+            # Masked: the URL may come from $OPTUNA_STORAGE (a Secret) with a password that no log may show.
+            raise ConfigError(mask_url(f"--storage {url}: its database driver is not installed ({err}); install it "
+                                       "(PostgreSQL: pip install 'psycopg[binary]', the driver SQLAlchemy uses for "
+                                       "postgresql://) or leave --storage out for the journal file")) from None
         except Exception as err:  # SQLAlchemy's own errors: a bad URL, a server that does not answer
             # Tuners started together on an empty database all create Optuna's tables: the losers of that
             # race fail on a duplicate key, and find the tables made when they try again.
             if "IntegrityError" in type(err).__name__ and attempt + 1 < SCHEMA_TRIES:
                 time.sleep(1.0 + attempt)
                 continue
-            raise ConfigError(f"--storage {_shown(url)}: cannot open the study storage ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0]})") from None
+            raise ConfigError(mask_url(f"--storage {url}: cannot open the study storage ({type(err).__name__}: "
+                                       f"{str(err).splitlines()[0]})")) from None
     raise AssertionError("unreachable")
-
-
-def _shown(url: str) -> str:
-    """The URL as an error may print it: a password (from $OPTUNA_STORAGE, a Secret) never reaches a log."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy reads: its parts cannot be told apart
-        return "(the URL given)"
 
 
 def pruner_for(name: str) -> optuna.pruners.BasePruner:

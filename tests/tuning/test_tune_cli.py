@@ -177,7 +177,7 @@ def test_a_storage_that_does_not_answer_is_one_paragraph_without_its_password(fs
     flags, env = (["--storage", url], None) if given == "flag" else ([], {**os.environ, "OPTUNA_STORAGE": url})
     proc = subprocess.run(_tune(fsdd_shards, space, tmp_path / "s", "--trials", "1", *flags), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --storage postgresql://postgres:***@127.0.0.1")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --storage postgresql://***@127.0.0.1")
     assert "hunter2" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
 
 
