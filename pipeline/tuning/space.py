@@ -193,13 +193,17 @@ def _read(path: Path) -> dict:
     return raw
 
 
+def _problems(err: ValidationError) -> str:
+    """Each problem of an entry as `field: message`, in one line."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'type'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in err.errors())
+
+
 def _dist(path: Path, key: str, spec: Any) -> Dist:
     try:
         return _DIST.validate_python(spec)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'type'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in err.errors())
-        raise ConfigError(f"search space {path}, key {key}: {problems}. A distribution is {{type: float|int, low, "
+        raise ConfigError(f"search space {path}, key {key}: {_problems(err)}. A distribution is {{type: float|int, low, "
                           "high, log, step}} or {type: categorical, choices: [...]}") from None
 
 
@@ -213,8 +217,7 @@ def _candidates(path: Path, items: Any, config: str | Path, overrides: list[str]
         try:
             candidate = Candidate.model_validate(item)
         except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'type'}: {e['msg']}" for e in err.errors())
-            raise ConfigError(f"search space {path}, candidates[{i}]: {problems}. A candidate is {{name, overrides: "
+            raise ConfigError(f"search space {path}, candidates[{i}]: {_problems(err)}. A candidate is {{name, overrides: "
                               "[key=value, ...], why}; the config they change is --config") from None
         if candidate.name in found:
             raise ConfigError(f"search space {path}: two candidates are named {candidate.name!r}")
