@@ -19,6 +19,8 @@ the same alone and in any batch, at any world size:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,28 +44,29 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x * valid).sum(2) / valid.sum(2)
 
 
-def masked_norm(x: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """GroupNorm with one group, its statistics over each row's channels and valid steps only; padding -> 0.
+def masked_moments(x: torch.Tensor, valid: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The mean and (biased) variance of x over `dims` (kept), valid steps only, and how many values each covers.
 
-    Statistics in float32 whatever the autocast dtype: a mean over thousands of steps loses digits in half.
+    Float32 whatever the autocast dtype: a mean over thousands of steps loses digits in half.
     """
-    dtype = x.dtype
     x, valid = x.float(), valid.float()
-    count = valid.sum((1, 2), keepdim=True) * x.shape[1]
-    mean = (x * valid).sum((1, 2), keepdim=True) / count
-    centred = (x - mean) * valid
-    var = centred.pow(2).sum((1, 2), keepdim=True) / count
-    out = centred * torch.rsqrt(var + EPS) * weight[:, None].float() + bias[:, None].float()
-    return (out * valid).to(dtype)
+    count = valid.sum(dims, keepdim=True) * math.prod(x.shape[d] // valid.shape[d] for d in dims)
+    mean = (x * valid).sum(dims, keepdim=True) / count
+    var = ((x - mean) * valid).pow(2).sum(dims, keepdim=True) / count
+    return mean, var, count
 
 
-def masked_batch_statistics(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each channel's mean and (biased) variance over every row's valid steps -> ([C], [C]), in float32."""
-    x, valid = x.float(), valid.float()
-    count = valid.sum()
-    mean = (x * valid).sum((0, 2)) / count
-    var = ((x - mean[None, :, None]) * valid).pow(2).sum((0, 2)) / count
-    return mean, var
+def _standardised(x: torch.Tensor, valid: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std, then each channel's scale and shift, in float32; padding -> 0; in x's dtype."""
+    out = (x.float() - mean) * torch.rsqrt(var + EPS) * weight[:, None].float() + bias[:, None].float()
+    return (out * valid.float()).to(x.dtype)
+
+
+def masked_norm(x: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GroupNorm with one group, its statistics over each row's channels and valid steps only; padding -> 0."""
+    mean, var, _ = masked_moments(x, valid, (1, 2))
+    return _standardised(x, valid, mean, var, weight, bias)
 
 
 class MaskedBatchNorm(nn.Module):
@@ -79,15 +82,13 @@ class MaskedBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         if self.training:
-            mean, var = masked_batch_statistics(x, valid)
+            mean, var, count = masked_moments(x, valid, (0, 2))  # [1, C, 1] each
             if torch.is_grad_enabled():
-                count = valid.sum().float()
-                self.pending.append(torch.stack([mean, var * count / (count - 1).clamp(min=1)]).detach())
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.pending.append(torch.stack([mean.flatten(), unbiased.flatten()]).detach())
         else:
-            mean, var = self.running_mean, self.running_var
-        out = (x.float() - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + EPS)
-        out = out * weight[:, None].float() + bias[:, None].float()
-        return (out * valid.float()).to(x.dtype)
+            mean, var = self.running_mean[None, :, None], self.running_var[None, :, None]
+        return _standardised(x, valid, mean, var, weight, bias)
 
     def fold(self, statistics: torch.Tensor) -> None:
         """Running statistics += each micro-batch's ([N, 2, C], in chunk order), as PyTorch's BatchNorm would."""

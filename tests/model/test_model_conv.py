@@ -19,8 +19,8 @@ from pipeline.config import ModelConfig
 from pipeline.model_conv import (
     ConvBlock,
     MaskedBatchNorm,
-    masked_batch_statistics,
     masked_mean,
+    masked_moments,
     masked_norm,
     update_running_statistics,
     valid_steps,
@@ -79,7 +79,9 @@ def test_batch_statistics_read_valid_steps_only_and_fold_in_chunk_order():
     lengths = torch.tensor([9, 5, 2])
     valid = valid_steps(lengths, 9)
     garbage = x + 1e3 * (1 - valid)
-    mean, var = masked_batch_statistics(garbage, valid)
+    mean, var, count = masked_moments(garbage, valid, (0, 2))
+    mean, var = mean.flatten(), var.flatten()
+    assert count.item() == lengths.sum()
     values = torch.cat([x[i, :, :n] for i, n in enumerate(lengths.tolist())], 1)  # [C, valid steps of all rows]
     torch.testing.assert_close(mean, values.mean(1))
     torch.testing.assert_close(var, values.var(1, unbiased=False))
