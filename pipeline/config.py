@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
-from pipeline.files import mask_url
+from pipeline.files import mask_url, write_text_atomic
 
 
 class _Section(BaseModel):
@@ -481,4 +481,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

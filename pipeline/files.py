@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import BinaryIO
@@ -20,6 +21,16 @@ def sha256_stream(stream: BinaryIO) -> str:
     for chunk in iter(lambda: stream.read(1 << 20), b""):
         h.update(chunk)
     return h.hexdigest()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`text` into `path` whole or not at all: written beside it, then renamed over it, so that a reader (a run
+    starting from a config, a user reading a report) never sees half a file. The partial name holds the pid:
+    two writers of one path never share it."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 # scheme://userinfo@ : the userinfo ends at the last '@' before the authority ends ('/', '?', '#').

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.files import write_text_atomic
 
 
 def check_output_dir(out: Path, min_free: int) -> None:
@@ -58,9 +58,7 @@ class MetricsLog:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.ndarray | None, class_names: list[str],

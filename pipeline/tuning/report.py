@@ -8,8 +8,8 @@ break the tie by trial number.
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import load_config, save_config
 from pipeline.errors import ConfigError
+from pipeline.files import write_text_atomic
 from pipeline.training.outputs import write_json_atomic
 from pipeline.tuning.space import SearchSpace
 
@@ -36,9 +37,7 @@ def write_best(study: optuna.Study, space: SearchSpace, config: str, overrides: 
     best = winner(study)
     cfg = load_config(config, [*overrides, *space.overrides(best.params), f"output_dir={study_dir / 'best'}"])
     path = study_dir / "best.yaml"
-    partial = path.with_name(f".best.yaml.{os.getpid()}")  # renamed whole: a final run never reads half of it
-    save_config(cfg, partial)
-    partial.replace(path)
+    save_config(cfg, path)  # whole or not at all: a final run never reads half of it
     return path
 
 
@@ -54,12 +53,11 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
 def write_trials(study: optuna.Study, path: Path) -> list[dict[str, Any]]:
     rows = [_row(t) for t in study.get_trials(deepcopy=False)]
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
     return rows
 
 
