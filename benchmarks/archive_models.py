@@ -20,21 +20,14 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.archive_sets import PUBLISHED, SETS, prepare_example
 from benchmarks.common import PY, ROOT, env_for_children, say, table
-
-SETS = ("ArrowHead", "OSULeaf", "PLAID", "PickupGestureWiimoteZ", "BasicMotions", "GunPoint", "JapaneseVowels", "FSDD")
-SOURCES = {"FSDD": ROOT / "data" / "examples" / "fsdd" / "digits.npz"}
 
 
 def data_copy(work: Path, name: str, seed: int) -> Path:
     """The prepared copy seed `seed` trains on (FSDD's 240 validation recordings need one copy for all)."""
     split = 0 if name == "FSDD" else seed
-    out = work / "data" / f"{name}-s{split}"
-    if not (out / "manifest.json").is_file():
-        source = SOURCES.get(name, ROOT / "data" / "examples" / name)
-        subprocess.run([PY, str(ROOT / "launch" / "prepare_data.py"), "--from", str(source), "--out", str(out),
-                        "--split-seed", str(split)], check=True, env=env_for_children(), capture_output=True)
-    return out
+    return prepare_example(name, work / "data" / f"{name}-s{split}", split)
 
 
 def run(work: Path, name: str, candidate: str, overrides: list[str], seed: int) -> dict:
@@ -79,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     report["validation_across_sets"] = {c: statistics.fmean(statistics.fmean(report["sets"][n][c]["val"]) for n in sets)
                                         for c in candidates}
     rows = [[n, *(f"{statistics.fmean(report['sets'][n][c]['test']):.3f} (val {statistics.fmean(report['sets'][n][c]['val']):.3f})"
-                  for c in candidates)] for n in sets]
-    print(table("test accuracy, mean of the seeds (validation mean)", ["data set", *candidates], rows))
+                  for c in candidates), PUBLISHED.get(n, (None,))[0] or "-"] for n in sets]
+    print(table("test accuracy, mean of the seeds (validation mean)", ["data set", *candidates, "FCN"], rows))
     print("validation across the sets:", {c: round(v, 4) for c, v in report["validation_across_sets"].items()})
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -18,31 +18,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from benchmarks.archive_sets import PUBLISHED, PUBLISHED_NAMES, prepare_example
 from benchmarks.common import PY, ROOT, env_for_children, say, table
 
 SPACE = ROOT / "configs" / "search" / "sequences.yaml"
 
-# (FCN, ResNet, InceptionTime, ROCKET, LSTM-FCN rerun): dl-4-tsc results-ucr-128.csv / results-mts.csv (means of
-# runs), InceptionTime's and ROCKET's results csv, LSTM-FCN's train_loss_old_datasets.csv (checkpoints chosen on
-# training loss). None: not published for that set.
-PUBLISHED = {
-    "ArrowHead": (0.843, 0.838, 0.846, 0.814, 0.897),
-    "OSULeaf": (0.979, 0.980, 0.942, 0.941, 0.984),
-    "PLAID": (0.904, 0.940, 0.944, 0.903, None),
-    "PickupGestureWiimoteZ": (0.744, 0.704, 0.760, 0.830, None),
-    "JapaneseVowels": (0.993, 0.992, None, None, None),
-    "GunPoint": (1.0, 0.991, 1.0, 1.0, 1.0),
-    "BasicMotions": (None, None, None, None, None),  # 1.0 for most published methods (UEA archive papers)
-    "FSDD": (None, None, None, None, None),
-}
-PUBLISHED_NAMES = ("FCN", "ResNet", "InceptionTime", "ROCKET", "LSTM-FCN")
-
-
 def tune_set(name: str, work: Path, args: argparse.Namespace) -> dict:
-    data, study = work / "data" / name, work / "studies" / name
-    if not (data / "manifest.json").is_file():
-        subprocess.run([PY, str(ROOT / "launch" / "prepare_data.py"), "--from", str(ROOT / "data" / "examples" / name),
-                        "--out", str(data)], check=True, env=env_for_children())
+    data, study = prepare_example(name, work / "data" / name), work / "studies" / name
     if not (study / "final.json").is_file():
         start = time.perf_counter()
         argv = [PY, str(ROOT / "launch" / "tune.py"), "--config", str(ROOT / "configs" / "sequences.yaml"),
