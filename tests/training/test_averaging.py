@@ -40,6 +40,25 @@ def test_the_average_copies_until_its_start_then_moves_a_fraction_towards_the_we
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
+def test_the_average_keeps_the_trained_models_batch_norm_statistics():
+    """model.conv_norm: batch keeps running statistics, buffers not weights: the average evaluates with the
+    trained model's, not with the 0 and 1 it was built with."""
+    from pipeline.model_conv import update_running_statistics
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=4, frontend="conv", conv_norm="batch", conv_channels=(4, 4),
+                                    conv_kernels=(3, 3)), 3, 2).train()
+    ema = WeightAverage(model, decay=0.9, start_step=0)
+    for step in range(1, 4):
+        model(torch.randn(5, 7, 3) * 4 + 2, torch.tensor([7, 6, 5, 4, 3])).sum().backward()
+        update_running_statistics(model, 1)
+        ema.update(model, step)
+    buffers = dict(model.named_buffers())
+    assert buffers and all(b.abs().sum() > 0 for name, b in buffers.items() if "running_mean" in name)
+    for name, ours in ema.model.named_buffers():
+        assert torch.equal(ours, buffers[name]), name
+
+
 @pytest.mark.slow  # trains
 def test_averaged_weights_resume_bit_for_bit_and_are_what_model_holds(tmp_path, fashion_shards):
     full = train_in_process(tmp_path / "straight", fashion_shards, *EMA)
