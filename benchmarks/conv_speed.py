@@ -36,6 +36,9 @@ MODELS = {
     "front-end, batch norm": {"frontend": "conv", "conv_norm": "batch"},
     "conv branch": {"conv_branch": True},
     "front-end + branch": {"frontend": "conv", "conv_branch": True},
+    "branch over steps, batch norm": {"conv_branch": True, "conv_branch_input": "steps", "conv_norm": "batch"},
+    "front-end + branch over steps, batch norm": {"frontend": "conv", "conv_branch": True,
+                                                  "conv_branch_input": "steps", "conv_norm": "batch"},
 }
 WORKLOADS = {"fsdd": (13, 20), "long": (1, 3)}  # name: (features, default timed steps per model)
 BATCH = 32

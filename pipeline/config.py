@@ -119,8 +119,12 @@ class ModelConfig(_Section):
         "recurrent layers read their output, each sequence only as far as it goes (DeepConvLSTM / CNN-LSTM)")
     conv_branch: bool = Field(
         False, description="An FCN branch beside the recurrent layers (the same blocks, then the mean over each "
-        "sequence's valid steps), concatenated with their readout before the head (LSTM-FCN / MLSTM-FCN). It reads "
-        "the frames the recurrent layers read")
+        "sequence's valid steps), concatenated with their readout before the head (LSTM-FCN / MLSTM-FCN); "
+        "model.conv_branch_input says what it reads")
+    conv_branch_input: Literal["frames", "steps"] = Field(
+        "frames", description="What the FCN branch reads. frames: the frames the recurrent layers read (cheap on long "
+        "series). steps: every step, as FCN does, while the recurrent layers read frames: a shape shifted by one step "
+        "looks the same to it, at the cost of convolutions over the whole length")
     conv_channels: tuple[int, ...] = Field(
         (128, 256, 128), description="Output channels of each convolution block (FCN's 128-256-128)")
     conv_kernels: tuple[int, ...] = Field(

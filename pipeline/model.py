@@ -29,12 +29,14 @@ class SequenceClassifier(nn.Module):
         self.cfg = cfg
         # Not in ModelConfig: it changes how padding is skipped, never the weights or what they compute.
         self.length_mode = length_mode
-        # The FCN branch reads the frames, as the recurrent layers do: on the raw steps of a series of
-        # thousands it cost 85x the plain model's step (benchmarks/conv_speed.py), on frames about 3x.
-        input_size *= cfg.frame
+        # The FCN branch reads the frames, as the recurrent layers do, or every step (conv_branch_input): on the
+        # raw steps of a series of thousands it cost 85x the plain model's step (benchmarks/conv_speed.py), on
+        # frames about 3x; but over frames a shape one step later is another input, over steps the same one shifted.
         self.branch = None
         if cfg.conv_branch:
-            self.branch = ConvBranch(input_size, cfg.conv_channels, cfg.conv_kernels, cfg.conv_excite, cfg.conv_norm)
+            branch_size = input_size * (cfg.frame if cfg.conv_branch_input == "frames" else 1)
+            self.branch = ConvBranch(branch_size, cfg.conv_channels, cfg.conv_kernels, cfg.conv_excite, cfg.conv_norm)
+        input_size *= cfg.frame
         self.frontend = None
         if cfg.frontend == "conv":
             self.frontend = ConvFrontend(input_size, cfg.conv_channels, cfg.conv_kernels, cfg.conv_stride,
@@ -67,9 +69,13 @@ class SequenceClassifier(nn.Module):
                        else _checked_lengths(lengths, x).to(x.device, non_blocking=True))
         if self.cfg.frame > 1 or self.cfg.series_norm:
             x = self._standardised(x, lengths)
+        branch = None
+        if self.branch is not None and self.cfg.conv_branch_input == "steps":
+            branch = self.branch(x, lengths)
         if self.cfg.frame > 1:
             x, lengths = self._frames(x, lengths)
-        branch = self.branch(x, lengths) if self.branch is not None else None
+        if self.branch is not None and self.cfg.conv_branch_input == "frames":
+            branch = self.branch(x, lengths)
         if self.frontend is not None:
             x, lengths = self.frontend(x, lengths)
         features = self._recurrent(x) if lengths is None else self._recurrent_lengths(x, lengths)

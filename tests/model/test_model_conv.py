@@ -28,18 +28,20 @@ from pipeline.model_conv import (
 from tests.model.test_model import ATOL, FEATURES, _batch_vs_alone_error, _model, _one_thread, _padded  # noqa: F401
 
 SMALL = dict(conv_channels=(8, 12, 8), conv_kernels=(8, 5, 3))
-# (front-end, branch, stride, excite, frame, bidirectional)
+# (front-end, branch and what it reads, stride, excite, frame, bidirectional); the branch reading steps
+# differs from reading frames only where there are frames
 COMBINATIONS = [
-    dict(frontend=frontend, conv_branch=branch, conv_stride=stride, conv_excite=excite, frame=frame,
-         bidirectional=bidirectional)
-    for frontend, branch, stride, excite, frame, bidirectional in itertools.product(
-        ("none", "conv"), (False, True), (1, 3), (False, True), (1, 2), (False, True))
+    dict(frontend=frontend, conv_branch=branch, conv_branch_input=branch_input, conv_stride=stride,
+         conv_excite=excite, frame=frame, bidirectional=bidirectional)
+    for frontend, branch, branch_input, stride, excite, frame, bidirectional in itertools.product(
+        ("none", "conv"), (False, True), ("frames", "steps"), (1, 3), (False, True), (1, 2), (False, True))
     if (frontend == "conv" or branch) and (stride == 1 or frontend == "conv")
+    and (branch_input == "frames" or (branch and frame > 1))
 ]
 
 
 def _conv_id(cfg: dict) -> str:
-    parts = [*(["batch-norm"] if cfg.get("conv_norm") == "batch" else []), f"front-{cfg['frontend']}", "branch" if cfg["conv_branch"] else "no-branch", f"stride{cfg['conv_stride']}",
+    parts = [*(["batch-norm"] if cfg.get("conv_norm") == "batch" else []), f"front-{cfg['frontend']}", ("branch" + ("-steps" if cfg.get("conv_branch_input") == "steps" else "")) if cfg["conv_branch"] else "no-branch", f"stride{cfg['conv_stride']}",
              "excite" if cfg["conv_excite"] else "plain", f"frame{cfg['frame']}", "bi" if cfg["bidirectional"] else "uni"]
     return "-".join(parts)
 
@@ -117,6 +119,22 @@ def test_the_head_reads_the_branch_beside_the_recurrent_readout():
                              bidirectional=True))
     assert model.head.in_features == 12 * 2 * 2 + 8  # bidirectional x last_max, plus the branch's last block
     assert model.rnn.input_size == FEATURES  # the branch sits beside, not before, the recurrent layers
+
+
+def test_a_branch_reading_steps_reads_every_step_while_the_recurrent_layers_read_frames(sequences):
+    cfg = dict(frontend="none", conv_branch=True, conv_stride=1, conv_excite=False, frame=3, bidirectional=False)
+    steps = _conv_model(dict(cfg, conv_branch_input="steps"))
+    assert steps.branch.stack.blocks[0].conv.in_channels == FEATURES and steps.rnn.input_size == 3 * FEATURES
+    frames = _conv_model(dict(cfg, conv_branch_input="frames"))
+    assert frames.branch.stack.blocks[0].conv.in_channels == 3 * FEATURES
+    # Shifted by one step inside the sequence, a series keeps its steps' neighbourhoods but not its frames:
+    # the branch over steps sees the same values moved, so its pooled readout barely moves.
+    x, lengths = _padded(sequences[:1])
+    later = (torch.nn.functional.pad(x, (0, 0, 1, 0)), lengths + 1)  # one silent step first
+    with torch.no_grad():
+        moved_steps = steps.branch(*later) - steps.branch(x, lengths)
+        moved_frames = frames.branch(*frames._frames(*later)) - frames.branch(*frames._frames(x, lengths))
+    assert moved_steps.abs().max() < moved_frames.abs().max() / 3
 
 
 def _pooled_over_everything(x, valid):
