@@ -69,10 +69,10 @@ class SequenceFloor:
     def once(self, batch: int, warm_steps: int, steps: int) -> dict:
         from pipeline.model import build_model
         from pipeline.training.optimizer import build_optimizer, build_scheduler
-        from pipeline.training.trainer import auto_frame
+        from pipeline.training.trainer import resolved_frame
 
         cfg = bench_config(CONFIG, self.data_dir, Path("unused"), batch, warm_steps + steps, warm_steps, MEASURED)
-        cfg.model.frame = auto_frame(self.manifest.split("train").lengths.median)
+        cfg.model.frame = resolved_frame(cfg.model.frame, self.manifest.split("train").lengths)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.manifest.features, self.manifest.num_classes)
         model.train()

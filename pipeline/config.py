@@ -22,6 +22,8 @@ from pydantic import (
 from pipeline.errors import ConfigError
 from pipeline.files import mask_url, write_text_atomic
 
+MAX_FRAME = 1024  # steps per frame: model.frame whole stops here, so the first layer's weights stay bounded
+
 
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise. A non-finite number (inf, .nan) is no setting: accepted,
@@ -106,10 +108,12 @@ class ModelConfig(_Section):
         None, description="LSTM only: the forget gates' bias at initialisation, so that early gradients reach back "
         "through the rows (1.0 in Jozefowicz et al., 2015); null keeps PyTorch's uniform initialisation"
     )
-    frame: Union[int, Literal["auto"]] = Field(
+    frame: Union[int, Literal["auto", "whole"]] = Field(
         1, description="Read k consecutive steps as one step of k x features (an image read row by row is a pixel "
         "sequence in frames of 28): a long series takes k times fewer recurrent steps. auto: the train split's median "
-        "length / 64, rounded up (1 for sequences of up to 64 steps), fixed when the run starts")
+        "length / 64, rounded up (1 for sequences of up to 64 steps); whole: the train split's longest length (at most "
+        "1024), so that the recurrent layers read a series in one step, LSTM-FCN's 'dimension shuffle', while a "
+        "branch with model.conv_branch_input: steps reads its steps; each fixed when the run starts")
     series_norm: bool = Field(
         False, description="Standardise each sequence by its own mean and std per channel over its valid steps, "
         "before the frames (after the data set's per-channel statistics): for series whose level or scale says "
@@ -125,6 +129,9 @@ class ModelConfig(_Section):
         "frames", description="What the FCN branch reads. frames: the frames the recurrent layers read (cheap on long "
         "series). steps: every step, as FCN does, while the recurrent layers read frames: a shape shifted by one step "
         "looks the same to it, at the cost of convolutions over the whole length")
+    readout_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the recurrent layers' readout before the head, in training "
+        "(LSTM-FCN's 0.8): with a branch beside them, the head cannot lean on a readout that memorised the train split")
     conv_channels: tuple[int, ...] = Field(
         (128, 256, 128), description="Output channels of each convolution block (FCN's 128-256-128)")
     conv_kernels: tuple[int, ...] = Field(
@@ -145,8 +152,8 @@ class ModelConfig(_Section):
     @field_validator("frame")
     @classmethod
     def _frame_range(cls, value: Any) -> Any:
-        if value != "auto" and not 1 <= value <= 1024:
-            raise ValueError(f"model.frame must be auto or a number of steps from 1 to 1024, not {value}")
+        if value not in ("auto", "whole") and not 1 <= value <= MAX_FRAME:
+            raise ValueError(f"model.frame must be auto, whole or a number of steps from 1 to {MAX_FRAME}, not {value}")
         return value
 
     @model_validator(mode="after")

@@ -79,6 +79,8 @@ class SequenceClassifier(nn.Module):
         if self.frontend is not None:
             x, lengths = self.frontend(x, lengths)
         features = self._recurrent(x) if lengths is None else self._recurrent_lengths(x, lengths)
+        if self.cfg.readout_dropout:
+            features = F.dropout(features, self.cfg.readout_dropout, self.training)
         if branch is not None:
             features = torch.cat([features, branch.to(features.dtype)], dim=1)
         return self.head(features)

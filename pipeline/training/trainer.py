@@ -19,10 +19,10 @@ import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, save_config
+from pipeline.config import MAX_FRAME, Config, save_config
 from pipeline.data.augment import Augment
 from pipeline.data.epoch_plan import EpochPlan
-from pipeline.data.manifest import Manifest, check_dataset, load_manifest
+from pipeline.data.manifest import LengthStats, Manifest, check_dataset, load_manifest
 from pipeline.data.order import BatchLayout, fit_to_split
 from pipeline.data.provider import BatchProvider
 from pipeline.data.resident import ResidentBatches, choose_placement
@@ -77,6 +77,15 @@ def save_resolved(resolved: dict[str, Any], path: Path) -> None:
 def auto_frame(median_length: float, target_steps: int = 64) -> int:
     """model.frame auto: steps per frame so that the median sequence takes about `target_steps` recurrent steps."""
     return max(1, math.ceil(median_length / target_steps))
+
+
+def resolved_frame(frame: int | str, lengths: LengthStats) -> int:
+    """model.frame as a number of steps, from the train split's lengths for auto and whole."""
+    if frame == "auto":
+        return auto_frame(lengths.median)
+    if frame == "whole":
+        return min(int(lengths.max), MAX_FRAME)
+    return frame
 
 
 def balanced_weights(class_counts: dict[str, int]) -> torch.Tensor:
@@ -137,9 +146,9 @@ def plan_data(cfg: Config, accelerator: Accelerator) -> DataPlan:
                           cfg.data.length_buckets, cfg.data.canonical_streams)
     _check_augmentation(cfg, manifest)
     _check_eval_split(cfg, manifest)
-    # model.frame auto is fixed here from the data, so the model's description holds a number; the user's
+    # model.frame auto or whole is fixed here from the data, so the model's description holds a number; the user's
     # config keeps "auto" (config.yaml), the number is in resolved.yaml and the model card.
-    frame = auto_frame(manifest.split("train").lengths.median) if cfg.model.frame == "auto" else cfg.model.frame
+    frame = resolved_frame(cfg.model.frame, manifest.split("train").lengths)
     data = DataPlan(store, manifest, placement, layout, plan, InputScale.for_data(manifest),
                     cfg.model.model_copy(update={"frame": frame}), total_steps(cfg, plan))
     check_eval_every(cfg, data.total_steps)

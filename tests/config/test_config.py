@@ -149,16 +149,21 @@ def test_cli_exit_codes_no_traceback(tmp_path, args, code, needle):
 def test_sequence_config_levers_for_data_sets_of_any_size():
     """configs/sequences.yaml: frames fixed from the data, at least min_steps steps, evaluation once an epoch."""
     from pipeline.data.epoch_plan import EpochPlan
+    from pipeline.data.manifest import LengthStats
     from pipeline.data.order import BatchLayout
-    from pipeline.training.trainer import auto_frame, total_steps
+    from pipeline.training.trainer import auto_frame, resolved_frame, total_steps
 
     cfg = load_config("configs/sequences.yaml")
     assert cfg.model.frame == "auto" and cfg.train.min_steps == 600 and cfg.eval.every_epochs == 1
     assert [auto_frame(m) for m in (15, 64, 65, 150, 427, 1460)] == [1, 1, 2, 3, 7, 23]
+    lengths = lambda median, longest: LengthStats(min=1, median=median, max=longest,  # noqa: E731
+                                                  histogram={"edges": [1.0, longest + 1.0], "counts": [9]})
+    assert [resolved_frame(f, lengths(427, 500)) for f in ("auto", "whole", 5)] == [7, 500, 5]
+    assert resolved_frame("whole", lengths(900, 1344)) == 1024  # a series of 1,344 steps: two frames at most
     plan = lambda steps: EpochPlan(BatchLayout(32, 32, 1), 0, 4096, steps)  # noqa: E731
     assert total_steps(cfg, plan(1)) == 600 and total_steps(cfg, plan(67)) == 67 * 40
     assert load_config("configs/sequences.yaml", ["train.max_steps=20"]).train.max_steps == 20  # every_epochs rules
     with pytest.raises(ConfigError, match="is larger than train.max_steps"):
         load_config("configs/sequences.yaml", ["train.max_steps=20", "eval.every_epochs=null"])
-    with pytest.raises(ConfigError, match="model.frame must be auto or a number of steps"):
+    with pytest.raises(ConfigError, match="model.frame must be auto, whole or a number of steps"):
         load_config("configs/sequences.yaml", ["model.frame=0"])

@@ -121,6 +121,23 @@ def test_the_head_reads_the_branch_beside_the_recurrent_readout():
     assert model.rnn.input_size == FEATURES  # the branch sits beside, not before, the recurrent layers
 
 
+def test_readout_dropout_drops_the_recurrent_readout_in_training_only(sequences):
+    model = _conv_model(dict(frontend="none", conv_branch=True, conv_stride=1, conv_excite=False, frame=1,
+                             bidirectional=False, readout_dropout=0.75))
+    plain = _conv_model(dict(frontend="none", conv_branch=True, conv_stride=1, conv_excite=False, frame=1,
+                             bidirectional=False))
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    x, lengths = _padded(sequences)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, lengths), plain.eval()(x, lengths), atol=0, rtol=0)
+        torch.manual_seed(0)
+        model.train()(x, lengths)
+    readout, branch = seen[-1][:, :-model.branch.out_features], seen[-1][:, -model.branch.out_features:]
+    assert 0.6 < float((readout == 0).float().mean()) < 0.9  # about 3 in 4 dropped, the rest scaled by 4
+    torch.testing.assert_close(branch, seen[0][:, -model.branch.out_features:])  # the branch is never dropped
+
+
 def test_a_branch_reading_steps_reads_every_step_while_the_recurrent_layers_read_frames(sequences):
     cfg = dict(frontend="none", conv_branch=True, conv_stride=1, conv_excite=False, frame=3, bidirectional=False)
     steps = _conv_model(dict(cfg, conv_branch_input="steps"))
