@@ -51,7 +51,7 @@ class TrainingLoop:
         """Per micro-batch, from its place in the global batch: the masks do not depend on the rank
         that computes it, and a resumed run draws what an uninterrupted one did."""
         t = self.t
-        if not t.data.model.dropout > 0:
+        if not (t.data.model.dropout > 0 or t.data.model.readout_dropout > 0):
             return None
         rank, step, layout = t.accelerator.process_index, t.state.step, t.data.layout
         return [order.chunk_seed(t.cfg.train.seed, step, order.chunk_index(layout, rank, a))

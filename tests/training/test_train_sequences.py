@@ -31,7 +31,8 @@ AUGMENT = ("data.jitter=0.05", "data.scale=0.1", "data.time_mask=0.1")
 # whose statistics cross samples and whose running statistics every rank must fold alike, is the harder
 # case; the per-sample norm is a function of each sequence alone (tests/model/test_model_conv.py).
 CONV = ("model.frontend=conv", "model.conv_branch=true", "model.conv_excite=true", "model.conv_stride=2",
-        "model.conv_norm=batch", "model.conv_channels=[8,16,8]", "model.conv_kernels=[5,3,3]")
+        "model.conv_norm=batch", "model.conv_channels=[8,16,8]", "model.conv_kernels=[5,3,3]",
+        "model.readout_dropout=0.5")  # its masks seeded per micro-batch, as model.dropout's
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
