@@ -36,6 +36,7 @@ MODELS = {
     "front-end, batch norm": {"frontend": "conv", "conv_norm": "batch"},
     "conv branch": {"conv_branch": True},
     "front-end + branch": {"frontend": "conv", "conv_branch": True},
+    "branch, batch norm, readout dropout": {"conv_branch": True, "conv_norm": "batch", "readout_dropout": 0.8},
     "branch over steps, batch norm": {"conv_branch": True, "conv_branch_input": "steps", "conv_norm": "batch"},
     "front-end + branch over steps, batch norm": {"frontend": "conv", "conv_branch": True,
                                                   "conv_branch_input": "steps", "conv_norm": "batch"},
