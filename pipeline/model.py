@@ -69,13 +69,12 @@ class SequenceClassifier(nn.Module):
                        else _checked_lengths(lengths, x).to(x.device, non_blocking=True))
         if self.cfg.frame > 1 or self.cfg.series_norm:
             x = self._standardised(x, lengths)
-        branch = None
-        if self.branch is not None and self.cfg.conv_branch_input == "steps":
-            branch = self.branch(x, lengths)
+        steps = (x, lengths)
         if self.cfg.frame > 1:
             x, lengths = self._frames(x, lengths)
-        if self.branch is not None and self.cfg.conv_branch_input == "frames":
-            branch = self.branch(x, lengths)
+        branch = None
+        if self.branch is not None:
+            branch = self.branch(*(steps if self.cfg.conv_branch_input == "steps" else (x, lengths)))
         if self.frontend is not None:
             x, lengths = self.frontend(x, lengths)
         features = self._recurrent(x) if lengths is None else self._recurrent_lengths(x, lengths)
