@@ -22,7 +22,7 @@ from pydantic import (
 from pipeline.errors import ConfigError
 from pipeline.files import mask_url, write_text_atomic
 
-MAX_FRAME = 1024  # steps per frame: model.frame whole stops here, so the first layer's weights stay bounded
+MAX_FRAME = 1024  # steps per frame: model.frame whole stops here, so the first layer (frame x features inputs) stays bounded
 
 
 class _Section(BaseModel):
@@ -128,7 +128,8 @@ class ModelConfig(_Section):
     conv_branch_input: Literal["frames", "steps"] = Field(
         "frames", description="What the FCN branch reads. frames: the frames the recurrent layers read (cheap on long "
         "series). steps: every step, as FCN does, while the recurrent layers read frames: a shape shifted by one step "
-        "looks the same to it, at the cost of convolutions over the whole length")
+        "looks the same to it, at the cost of convolutions over the whole length. Read only with model.conv_branch, as "
+        "conv_norm and conv_excite are only with a convolution, so that a search space may draw them apart")
     readout_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout on the recurrent layers' readout before the head, in training "
         "(LSTM-FCN's 0.8): with a branch beside them, the head cannot lean on a readout that memorised the train split")

@@ -276,9 +276,21 @@ def _log_plan(cfg: Config, accelerator: Accelerator, data: DataPlan) -> None:
                      f"{world} process(es) x {layout.accumulation} accumulation step(s) x {layout.micro_batch}; "
                      f"{data.plan.steps} steps per epoch, the last {dropped} samples of each epoch's order dropped; "
                      f"{data.total_steps} steps")
+    longer = splits_longer_than_the_frame(cfg, data)
+    if longer:
+        say(accelerator, f"model.frame whole is {data.model.frame} steps, the train split's longest (at most {MAX_FRAME}); "
+                         f"{longer}: the recurrent layers read those in more than one step")
     if _rehearsal(cfg, accelerator):
         say(accelerator, f"GPU rehearsal: {world} ranks share {torch.cuda.device_count()} GPU(s) over gloo; this checks "
                          "the multi-rank path (evaluation, checkpoints, resume), its speed means nothing")
+
+
+def splits_longer_than_the_frame(cfg: Config, data: DataPlan) -> str:
+    """With model.frame whole, the splits whose longest sequence does not fit one frame, said; else ''."""
+    if cfg.model.frame != "whole":
+        return ""
+    longest = {name: entry.lengths.max for name, entry in data.manifest.splits.items()}
+    return ", ".join(f"the {name} split's longest is {n} steps" for name, n in longest.items() if n > data.model.frame)
 
 
 def _build_parts(cfg: Config, accelerator: Accelerator, data: DataPlan) -> StepParts:

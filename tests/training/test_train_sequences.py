@@ -200,3 +200,33 @@ def test_the_weights_balance_the_train_counts():
     np.testing.assert_allclose((weights * np.array([90, 9, 1])).sum(), 100, rtol=1e-6)  # the mean weight per case is 1
     with pytest.raises(ConfigError, match="no case of b"):
         balanced_weights({"a": 3, "b": 0})
+
+
+def test_frame_whole_reads_a_sequence_in_one_step_and_says_which_are_longer(fsdd_shards, tmp_path, capsys):
+    """LSTM-FCN's dimension shuffle: the frame is the train split's longest sequence, and the run says which
+    splits hold longer ones (their sequences take more than one recurrent step)."""
+    from pipeline.data.manifest import load_manifest
+
+    out = tmp_path / "run"
+    train_in_process(out, fsdd_shards, *SHORT, "model.frame=whole", "model.frontend=none", "model.conv_branch=true",
+                     "model.conv_branch_input=steps", "model.readout_dropout=0.8", "train.max_steps=4",
+                     "eval.every_steps=4", "checkpoint.every_steps=4", config=CONFIG)
+    splits = load_manifest(fsdd_shards).splits
+    frame = splits["train"].lengths.max
+    assert yaml.safe_load((out / "resolved.yaml").read_text())["model.frame"] == frame
+    assert json.loads((out / "model" / "config.json").read_text())["model"]["frame"] == frame
+    said = capsys.readouterr()
+    longer = [f"the {name} split's longest is {e.lengths.max} steps" for name, e in splits.items() if e.lengths.max > frame]
+    assert all(part in said.out + said.err for part in longer)
+    assert ("model.frame whole is" in said.out + said.err) == bool(longer)
+    # FSDD's train split holds its longest recording: a frame of 40 steps is what a shorter train split would give
+    from types import SimpleNamespace
+
+    from pipeline.training.trainer import splits_longer_than_the_frame
+
+    cfg = load_config(CONFIG, ["model.frame=whole"])
+    short = SimpleNamespace(manifest=load_manifest(fsdd_shards), model=cfg.model.model_copy(update={"frame": 40}))
+    assert splits_longer_than_the_frame(cfg, short) == (
+        f"the train split's longest is {frame} steps, the val split's longest is {splits['val'].lengths.max} steps, "
+        f"the test split's longest is {splits['test'].lengths.max} steps")
+    assert splits_longer_than_the_frame(load_config(CONFIG), short) == ""  # frame auto: nothing to say
