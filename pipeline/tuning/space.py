@@ -14,6 +14,15 @@ A space may instead list named candidates, each a set of overrides of the config
       - {name: conv-frontend, overrides: []}
 
 The study then runs each candidate once, in the file's order, as its trials; the sampler draws nothing.
+
+A space of ranges may name starting points, tried right after the config as given and before the sampler
+draws: settings known to win on some data (a recipe), each a few of the space's keys, the rest the config's:
+
+    start:
+      - {name: per-series, set: {model.series_norm: true}, why: series whose level differs within a class}
+
+A study of a dozen trials over a dozen keys is otherwise close to a random search, which may never draw
+the one combination that works.
 """
 
 from __future__ import annotations
@@ -128,15 +137,31 @@ class Candidate(BaseModel):
     why: str = ""
 
 
+class Start(BaseModel):
+    """A starting point of a space of ranges: values of some of its keys, the others the config's own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    set: dict[str, Union[None, bool, int, float, str]] = Field(min_length=1)
+    why: str = ""
+
+
 class SearchSpace(BaseModel):
     model_config = ConfigDict(frozen=True)
     path: str
     params: dict[str, Dist]
     candidates: dict[str, Candidate] = Field(default_factory=dict)  # a list of candidates instead of ranges
+    starts: dict[str, Start] = Field(default_factory=dict)
 
-    def queue(self) -> list[dict[str, Any]]:
-        """The trials a space of candidates runs, one per candidate in the file's order; [] for ranges."""
-        return [{CANDIDATE: name} for name in self.candidates]
+    def queue(self, baseline: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """What a new study runs before the sampler draws, in order, each as (origin, values): every candidate
+        of a list; or the config as given (`baseline`, its values of the space's keys, {} where they are not
+        all in the space) and then each starting point over it. A starting point over no baseline is partial:
+        the sampler draws its other keys."""
+        if self.candidates:
+            return [(f"candidate {name}", {CANDIDATE: name}) for name in self.candidates]
+        first = [("the config as given", baseline)] if baseline else []
+        return first + [(f"start {s.name}", {**baseline, **s.set}) for s in self.starts.values()]
 
     def study_size(self, trials: int | None) -> int:
         """The trials of a study of this space: `trials`, which a list of candidates bounds by its length and
@@ -231,6 +256,31 @@ def _candidates(path: Path, items: Any, config: str | Path, overrides: list[str]
     return SearchSpace(path=str(path), params={CANDIDATE: choices}, candidates=found)
 
 
+def _starts(path: Path, items: Any, params: dict[str, Dist], config: str | Path, overrides: list[str]) -> dict[str, Start]:
+    """The starting points, each value in its key's range and the whole set loaded as a config now."""
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"search space {path}: `start` must list starting points, each {{name, set: {{key: value, "
+                          "...}}, why}} over the space's keys")
+    found: dict[str, Start] = {}
+    for i, item in enumerate(items):
+        try:
+            start = Start.model_validate(item)
+        except ValidationError as err:
+            raise ConfigError(f"search space {path}, start[{i}]: {_problems(err)}. A starting point is {{name, set: "
+                              "{key: value, ...}, why}") from None
+        outside = [f"{k}={v!r}" for k, v in start.set.items() if k not in params or not params[k].holds(v)]
+        if outside or start.name in found:
+            raise ConfigError(f"search space {path}, start {start.name}: " + (
+                f"{', '.join(outside)} is not in the space's ranges (a starting point sets keys the space draws, "
+                "within their ranges)" if outside else "another starting point has this name"))
+        try:
+            load_config(config, [*overrides, *(override(k, v) for k, v in start.set.items())])
+        except ConfigError as err:
+            raise ConfigError(f"search space {path}, start {start.name}: refused by the config: {err}") from None
+        found[start.name] = start
+    return found
+
+
 def load_space(path: str | Path, config: str | Path, overrides: list[str]) -> SearchSpace:
     """The space in `path`, each key checked against the config and each bound loaded as a config."""
     path = Path(path)
@@ -242,6 +292,7 @@ def load_space(path: str | Path, config: str | Path, overrides: list[str]) -> Se
         return _candidates(path, raw["candidates"], config, overrides)
     keys = _config_keys()
     params = {}
+    starts = raw.pop("start", None)
     for key, spec in raw.items():
         if not _is_leaf(str(key), keys):
             raise ConfigError(f"search space {path}: {key!r} is not a config key (a setting such as optim.lr; "
@@ -253,4 +304,5 @@ def load_space(path: str | Path, config: str | Path, overrides: list[str]) -> Se
             except ConfigError as err:
                 raise ConfigError(f"search space {path}, key {key}: the value {value!r} is refused by the config: "
                                   f"{err}. Narrow the range") from None
-    return SearchSpace(path=str(path), params=params)
+    found = {} if starts is None else _starts(path, starts, params, config, overrides)
+    return SearchSpace(path=str(path), params=params, starts=found)

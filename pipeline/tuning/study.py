@@ -33,7 +33,7 @@ from pipeline.tuning.space import SearchSpace
 from pipeline.tuning.trial_run import BEAT_S, Outcome, TrialCommand, finished_run, watch
 
 STALE_S = 12 * BEAT_S  # no heartbeat for this long: the trial's worker is gone
-RESUME_FROM, INTERRUPTED, ERROR, HEARTBEAT = "resume_from", "interrupted", "error", "heartbeat"
+RESUME_FROM, INTERRUPTED, ERROR, HEARTBEAT, ORIGIN = "resume_from", "interrupted", "error", "heartbeat", "origin"
 PRUNERS = ("median", "hyperband", "none")
 SCHEMA_TRIES = 5
 
@@ -91,17 +91,17 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int, prune
 
 
 def enqueue_first(study: optuna.Study, space: SearchSpace, baseline: dict) -> str:
-    """What a new study runs before its sampler draws, and a line saying so ('' where nothing): each candidate
-    of a list, or else the config as given (`baseline`, where its values lie in the space), so that the winner
-    is never a setting that validation rates below the untuned one."""
-    queue = space.queue() or ([baseline] if baseline else [])
+    """What a new study runs before its sampler draws (SearchSpace.queue), and a line saying so ('' where
+    nothing): each candidate of a list, or the config as given, so that the winner is never a setting that
+    validation rates below the untuned one, and then the space's starting points."""
+    queue = space.queue(baseline)
     if study.get_trials(deepcopy=False) or not queue:
         return ""
-    for values in queue:
-        study.enqueue_trial(values, user_attrs={} if space.candidates else {"baseline": True}, skip_if_exists=True)
+    for origin, values in queue:  # a starting point equal to the config as given is run once
+        study.enqueue_trial(values, user_attrs={ORIGIN: origin}, skip_if_exists=True)
     if space.candidates:
         return f"the trials are the {len(queue)} candidates of {space.path}, in its order"
-    return "trial 0 is the config as given (its values of the space's keys): the baseline the others must beat"
+    return "first, before the sampler draws: " + ", ".join(origin for origin, _ in queue)
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
@@ -153,7 +153,8 @@ class Tuner:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             return
-        self.study.enqueue_trial(trial.params, user_attrs={RESUME_FROM: trial.number})
+        self.study.enqueue_trial(trial.params, user_attrs={RESUME_FROM: trial.number,
+                                                          ORIGIN: trial.user_attrs.get(ORIGIN, "drawn")})
         self.say(f"trial {trial.number}: {why}; its parameters are queued to continue")
 
     def _next(self) -> optuna.Trial | None:

@@ -75,6 +75,7 @@ def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
     assert [(r["number"], r["state"]) for r in rows] == [("0", "interrupted"), ("1", "complete"), ("2", "complete")]
     assert rows[0]["param:optim.lr"] == rows[1]["param:optim.lr"], "the interrupted trial's parameters continue"
     assert float(rows[0]["param:optim.lr"]) == 0.003, "trial 0 is the config as given (configs/sequences.yaml's lr)"
+    assert [r["origin"] for r in rows] == ["the config as given", "the config as given", "drawn"], "kept when continued"
     assert not (study / "trials" / "0000").exists(), "its run directory went to the trial that continued it"
 
     best = load_config(study / "best.yaml")

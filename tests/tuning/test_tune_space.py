@@ -109,8 +109,8 @@ def test_shipped_candidate_lists_load_and_each_candidate_is_a_valid_config(spec)
     text = (ROOT / "benchmarks" / "recipes" / spec).read_text()
     config = re.search(r"--config (\S+)", text).group(1)  # each file's header names the config it changes
     space = load_space(ROOT / "benchmarks" / "recipes" / spec, ROOT / config, ["data.dir=data/fsdd"])
-    assert [v[CANDIDATE] for v in space.queue()] == [c["name"] for c in yaml.safe_load(text)["candidates"]]
-    for values in space.queue():
+    assert [v[CANDIDATE] for _, v in space.queue({})] == [c["name"] for c in yaml.safe_load(text)["candidates"]]
+    for _, values in space.queue({}):
         load_config(ROOT / config, space.overrides(values))
 
 
@@ -118,7 +118,7 @@ def test_a_candidate_is_its_overrides_and_the_list_is_the_queue(tmp_path):
     path = _space(tmp_path, "candidates:\n  - {name: plain, overrides: [model.frontend=none], why: the LSTM alone}\n"
                             "  - {name: as-given}\n")
     space = load_space(path, CONFIG, [])
-    assert space.queue() == [{CANDIDATE: "plain"}, {CANDIDATE: "as-given"}]
+    assert space.queue({"x": 1}) == [("candidate plain", {CANDIDATE: "plain"}), ("candidate as-given", {CANDIDATE: "as-given"})]
     assert space.overrides({CANDIDATE: "plain"}) == ["model.frontend=none"]
     assert space.overrides({CANDIDATE: "as-given"}) == []
     assert space.of(load_config(CONFIG)) == {}, "a list says itself whether the config as given is a candidate"
@@ -151,6 +151,52 @@ def test_a_tuned_recipe_is_its_comparisons_winner(config, spec, report):
     for cfg in (shipped, chosen):
         cfg.pop("output_dir"), cfg["data"].pop("dir"), cfg["wandb"].pop("tags")
     assert shipped == chosen
+
+
+# --- starting points of a space of ranges ------------------------------------------------------------
+
+def test_starting_points_follow_the_config_as_given_each_over_it(tmp_path):
+    path = _space(tmp_path, "optim.lr: {type: float, low: 0.0001, high: 0.01, log: true}\n"
+                            "model.frontend: {type: categorical, choices: [none, conv]}\n"
+                            "start:\n  - {name: plain-fast, set: {model.frontend: none, optim.lr: 0.01}, why: w}\n"
+                            "  - {name: plain, set: {model.frontend: none}}\n")
+    space = load_space(path, CONFIG, [])
+    baseline = space.of(load_config(CONFIG))
+    assert baseline == {"optim.lr": 0.003, "model.frontend": "conv"}
+    assert space.queue(baseline) == [("the config as given", baseline),
+                                     ("start plain-fast", {"optim.lr": 0.01, "model.frontend": "none"}),
+                                     ("start plain", {"optim.lr": 0.003, "model.frontend": "none"})]
+    assert space.queue({}) == [("start plain-fast", {"optim.lr": 0.01, "model.frontend": "none"}),
+                               ("start plain", {"model.frontend": "none"})], "over no baseline the sampler draws the rest"
+    assert list(space.params) == ["optim.lr", "model.frontend"], "start is not a key of the space"
+
+
+def test_the_shipped_starting_points_are_configs_the_study_runs_first(tmp_path):
+    from pipeline.tuning.study import enqueue_first
+
+    space = load_space(ROOT / "configs" / "search" / "sequences.yaml", CONFIG, [])
+    assert set(space.starts) == {"per-series", "fcn-branch"}
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    assert "the config as given, start per-series, start fcn-branch" in enqueue_first(study, space, space.of(load_config(CONFIG)))
+    drawn = [space.suggest(study.ask()) for _ in range(3)]
+    assert drawn[1] == {**drawn[0], "model.series_norm": True} and drawn[0]["model.series_norm"] is False
+    assert (drawn[2]["model.conv_branch"], drawn[2]["model.frontend"], drawn[2]["model.readout_dropout"]) == (True, "none", 0.8)
+    for values in drawn:
+        load_config(CONFIG, space.overrides(values))
+    assert enqueue_first(study, space, {}) == "", "a study that has trials queues nothing again"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("start:\n  - {name: a, set: {optim.lr: 0.5}}\n", r"start a: optim.lr=0.5 is not in the space's ranges"),
+    ("start:\n  - {name: a, set: {model.dropout: 0.1}}\n", r"start a: model.dropout=0.1 is not in"),
+    ("start:\n  - {name: a, set: {}}\n", r"start\[0\]: set"),
+    ("start:\n  - {name: a, set: {optim.lr: 0.01}}\n  - {name: a, set: {optim.lr: 0.001}}\n", "another starting point"),
+    ("start: {name: a}\n", "must list starting points"),
+    ("start:\n  - {name: a, set: {optim.lr: 0.01}, lr: 1}\n", r"start\[0\]: lr"),
+])
+def test_a_bad_starting_point_is_refused_naming_it(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_space(_space(tmp_path, "optim.lr: {type: float, low: 0.0001, high: 0.1, log: true}\n" + text), CONFIG, [])
 
 
 def test_a_list_of_candidates_bounds_the_study_and_ranges_need_a_size():
