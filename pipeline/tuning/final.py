@@ -11,6 +11,7 @@ import json
 import statistics
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ def _one(command: TrialCommand, study_dir: Path, winner: int, seed: int, stop: t
     summary = out / "summary.json"
     if summary.is_file():
         return Outcome("complete", summary=json.loads(summary.read_text()))
-    base = TrialCommand(str(study_dir / "best.yaml"), (), command.study, command.threads, command.gpu)
+    base = replace(command, config=str(study_dir / "best.yaml"), overrides=())  # the winner's config holds the overrides
     argv = base.argv(out, [f"train.seed={seed}"], resume=out.is_dir(), name=f"final-seed-{seed}", final=True)
     return watch(argv, base.env(), out, study_dir / "logs" / f"final-seed-{seed}.log", lambda: None,
                  lambda step, accuracy: False, stop)

@@ -13,6 +13,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,13 @@ LOG_TAIL = 1500
 BEAT_S = 10.0
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now: each multi-process run's rendezvous, two workers' runs side by side."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclass(frozen=True)
 class TrialCommand:
     """How every run of a study starts: the user's config and overrides, and this worker's share of the machine."""
@@ -34,21 +42,32 @@ class TrialCommand:
     config: str
     overrides: tuple[str, ...]
     study: str
-    threads: int
-    gpu: str | None = None
+    threads: int  # per process
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES of this worker's runs, one GPU a process
+    processes: int = 1  # ranks of each run: DDP through accelerate launch (gloo on the CPU, NCCL on GPUs)
+    mixed_precision: str = "no"
+
+    def launcher(self) -> list[str]:
+        """python, or accelerate launch with the run's ranks on this machine. The config's mixed precision is
+        repeated so that the launcher neither warns about its default nor exports another to the ranks."""
+        if self.processes == 1:
+            return [sys.executable]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                "--num_processes", str(self.processes), "--main_process_port", str(free_port()),
+                "--mixed_precision", self.mixed_precision, "--dynamo_backend", "no"]
 
     def argv(self, out: Path, params: list[str], resume: bool, name: str, final: bool = False) -> list[str]:
         """A trial never reads the test split (eval.score_test: false); a final run of the winner does, once."""
         role = ["wandb.job_type=tune-final"] if final else ["wandb.job_type=tune-trial", "eval.score_test=false"]
-        args = [sys.executable, str(TRAIN), "--config", self.config, *self.overrides, *params, *role,
+        args = [*self.launcher(), str(TRAIN), "--config", self.config, *self.overrides, *params, *role,
                 f"output_dir={out}", f"train.cpu_threads={self.threads}", "train.progress_bar=false",
                 "checkpoint.keep_last=1", f"wandb.group={self.study}", f"wandb.name={self.study}-{name}"]
         return args + (["--resume", "auto"] if resume else ["--overwrite"])
 
     def env(self) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpu
+        if self.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus
         return env
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.config import Config, load_config
 from pipeline.data.manifest import load_manifest
+from pipeline.data.order import BatchLayout
 from pipeline.errors import ConfigError
 from pipeline.tuning.final import train_final
 from pipeline.tuning.folds import fold_count, prepare_folds
@@ -49,11 +50,13 @@ class TuneRequest:
     folds: int | None
     cfg: Config  # the config with the user's overrides, loaded once: the folds, threads and baseline read it
     index: int = 0
+    processes: int = 1  # ranks of each trial's run
 
     @classmethod
     def from_args(cls, args) -> "TuneRequest":
-        if (args.trials is not None and args.trials < 1) or args.workers < 1:
-            raise ConfigError(f"--trials ({args.trials}) and --workers ({args.workers}) must be at least 1")
+        if (args.trials is not None and args.trials < 1) or args.workers < 1 or args.processes < 1:
+            raise ConfigError(f"--trials ({args.trials}), --workers ({args.workers}) and --processes ({args.processes}) "
+                              "must be at least 1")
         if args.timeout is not None and not args.timeout > 0:
             raise ConfigError(f"--timeout ({args.timeout}) must be a positive number of seconds")
         try:
@@ -64,11 +67,13 @@ class TuneRequest:
         study = args.study or f"{Path(args.config).stem}-{Path(cfg.data.dir).name}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
             raise ConfigError(f"--study {study!r}: a study's name is letters, digits, '_', '.' and '-'")
+        # Every trial's run would refuse a batch its ranks cannot share: said once, before the study starts.
+        BatchLayout.make(cfg.train.global_batch_size, cfg.train.batch_size, args.processes, what=" (--processes)")
         if args.folds is not None and args.folds < 1:
             raise ConfigError(f"--folds ({args.folds}) must be at least 1 (1: the data set's own validation split)")
         return cls(args.config, tuple(args.overrides), args.space, args.trials, args.workers, study,
                    Path(args.dir or f"runs/tune/{study}"), args.storage, args.timeout, args.pruner, args.seed, seeds,
-                   args.folds, cfg, args.index)
+                   args.folds, cfg, args.index, args.processes)
 
 
 def _folds(request: TuneRequest) -> list[Path | None]:
@@ -87,13 +92,24 @@ def _folds(request: TuneRequest) -> list[Path | None]:
 
 
 def _commands(request: TuneRequest) -> list[TrialCommand]:
+    """One per worker: its runs' threads (the usable CPUs shared by every process of every worker, unless the
+    config says) and GPUs (one a process; one process a worker may share a GPU with another worker)."""
     from pipeline.distributed.cpu_threads import usable_cpus
 
+    workers, processes = request.workers, request.processes
     gpus = _gpus()
-    given = request.cfg.train.cpu_threads  # the user's word wins
-    threads = given or threads_per_trial(usable_cpus(), request.workers)
-    return [TrialCommand(request.config, request.overrides, request.study, threads,
-                         str(gpus[i % len(gpus)]) if gpus else None) for i in range(request.workers)]
+    if processes > 1 and gpus and len(gpus) < workers * processes:
+        raise ConfigError(f"--workers {workers} x --processes {processes} needs {workers * processes} GPUs, one a "
+                          f"process, and {len(gpus)} are visible: ask for fewer workers or processes")
+    threads = request.cfg.train.cpu_threads or threads_per_trial(usable_cpus(), workers * processes)
+
+    def own(i: int) -> str | None:
+        if not gpus:
+            return None
+        return ",".join(str(gpus[(i * processes + j) % len(gpus)]) for j in range(processes))
+
+    return [TrialCommand(request.config, request.overrides, request.study, threads, own(i), processes,
+                         request.cfg.train.mixed_precision) for i in range(workers)]
 
 
 def _gpus() -> list[int]:
@@ -125,7 +141,8 @@ def tune(request: TuneRequest) -> int:
         say(queued)
     commands = _commands(request)
     say(f"study {request.study} in {request.dir}: {trials} trials, {request.workers} worker(s) of "
-        f"{commands[0].threads} thread(s){', GPU ' + ','.join(c.gpu for c in commands) if commands[0].gpu else ''}, "
+        f"{request.processes} process(es) of {commands[0].threads} thread(s)"
+        f"{', GPUs ' + ' '.join(c.gpus for c in commands) if commands[0].gpus else ''}, "
         f"{len(space.params)} parameters, pruner {request.pruner}")
     tuner = Tuner(study, space, commands, request.dir, Budget(trials, request.timeout_s, time.monotonic()),
                   folds, say)

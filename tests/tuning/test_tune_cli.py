@@ -49,12 +49,8 @@ def _trials(study) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
-    study = tmp_path / "study"
-    # Runs of 500 steps: an idle machine ran a 100-step run to its end between its first checkpoint and the
-    # SIGTERM, and there was nothing left to continue.
-    argv = _tune(fsdd_shards, space, study, "--trials", "2", "--final-seeds", "0",
-                 overrides=("train.max_steps=500", "eval.every_steps=250"))
+def _stop_and_continue(argv: list[str], study: Path) -> None:
+    """SIGTERM to the tuner once trial 0 has checkpointed, then the same command again: trial 1 continues it."""
     first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = study / "trials" / "0000" / "checkpoints"
     deadline = time.monotonic() + 300
@@ -71,6 +67,15 @@ def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
     assert "trial 1 (continued)" in again.stdout
     log = (study / "logs" / "0001.log").read_text()
     assert re.search(r"resumed from \S+step-\d+ at step [1-9]", log), log
+
+
+def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
+    study = tmp_path / "study"
+    # Runs of 500 steps: an idle machine ran a 100-step run to its end between its first checkpoint and the
+    # SIGTERM, and there was nothing left to continue.
+    argv = _tune(fsdd_shards, space, study, "--trials", "2", "--final-seeds", "0",
+                 overrides=("train.max_steps=500", "eval.every_steps=250"))
+    _stop_and_continue(argv, study)
     rows = _trials(study)
     assert [(r["number"], r["state"]) for r in rows] == [("0", "interrupted"), ("1", "complete"), ("2", "complete")]
     assert rows[0]["param:optim.lr"] == rows[1]["param:optim.lr"], "the interrupted trial's parameters continue"
@@ -90,6 +95,19 @@ def test_a_stopped_study_goes_on_where_it_stopped(fsdd_shards, space, tmp_path):
     assert (study / "optimization_history.png").stat().st_size > 0
     wandb = yaml.safe_load((study / "trials" / "0001" / "config.yaml").read_text())["wandb"]
     assert (wandb["group"], wandb["name"]) == ("sequences-fsdd", "sequences-fsdd-trial-1")  # the study's default name
+
+
+def test_a_trial_of_two_processes_is_one_run_of_two_ranks_that_stops_and_goes_on(fsdd_shards, space, tmp_path):
+    """--processes 2: each run is accelerate launch with two ranks (gloo here), SIGTERM reaching both through
+    the launcher; the continued trial and the winner's final run are two-rank runs too."""
+    study = tmp_path / "study"
+    argv = _tune(fsdd_shards, space, study, "--trials", "1", "--final-seeds", "0", "--processes", "2",
+                 overrides=("train.max_steps=500", "eval.every_steps=250", "train.batch_size=16"))
+    _stop_and_continue(argv, study)
+    for run in (study / "trials" / "0001", study / "final" / "trial-0001" / "seed-0"):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 500, (run, summary)
+    assert json.loads((study / "final.json").read_text())["complete"]
 
 
 def test_a_list_of_candidates_runs_each_once_and_the_winner_is_one_of_them(fsdd_shards, tmp_path):

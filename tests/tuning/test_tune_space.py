@@ -79,6 +79,8 @@ def test_the_tuner_refuses_a_bad_space_before_any_trial(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--trials", "0"], "--trials (0)"),
     (["--trials", "2", "--workers", "0"], "--workers (0)"),
+    (["--trials", "2", "--processes", "0"], "--processes (0)"),
+    (["--trials", "2", "--processes", "3"], "train.batch_size 32 on 3 process(es) (--processes)"),
     (["--trials", "2", "--final-seeds", "0,x"], "--final-seeds"),
     (["--trials", "2", "--folds", "0"], "--folds (0)"),
     (["--trials", "2", "--study", "a b"], "a study's name"),
@@ -98,7 +100,7 @@ def test_only_tuner_zero_trains_the_winner(index, seeds):
 
     args = SimpleNamespace(config=CONFIG, overrides=["data.dir=d"], space="s.yaml", trials=4, workers=1, study=None,
                            dir=None, storage=None, timeout=None, pruner="median", seed=0, final_seeds="0,1,2",
-                           folds=None, index=index)
+                           folds=None, index=index, processes=1)
     assert TuneRequest.from_args(args).final_seeds == seeds
 
 
