@@ -56,8 +56,10 @@ class BatchLayout:
                 f"train.global_batch_size {global_batch} is not a whole number of micro-batches of train.batch_size "
                 f"{micro_batch} on {world_size} process(es){what}: {micro_batch} x {world_size} x accumulation steps "
                 f"must equal {global_batch}. With this batch size the world size can be "
-                f"{', '.join(map(str, fits)) or 'none'}; or change train.batch_size so that it divides "
-                f"{global_batch} / {world_size}"
+                f"{', '.join(map(str, fits)) or 'none'}; or "
+                + (f"change train.batch_size so that it divides {global_batch} / {world_size}"
+                   if global_batch % world_size == 0 else
+                   f"choose a world size that divides the global batch, or train.global_batch_size a multiple of {world_size}")
             )
         return cls(global_batch, micro_batch, world_size)
 

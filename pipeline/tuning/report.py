@@ -41,9 +41,14 @@ def write_best(study: optuna.Study, space: SearchSpace, config: str, overrides: 
     return path
 
 
+def _origin(t: FrozenTrial) -> str:
+    """Where a trial's values came from; studies begun before starting points marked the baseline alone."""
+    return t.user_attrs.get("origin") or ("the config as given" if t.user_attrs.get("baseline") else "drawn")
+
+
 def _row(t: FrozenTrial) -> dict[str, Any]:
     state = "interrupted" if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") else t.state.name.lower()
-    return {"number": t.number, "state": state, "origin": t.user_attrs.get("origin", "drawn"), "val_accuracy": t.value,
+    return {"number": t.number, "state": state, "origin": _origin(t), "val_accuracy": t.value,
             "val_loss": t.user_attrs.get("val_loss"), "steps": t.user_attrs.get("steps"),
             "evaluations": len(t.intermediate_values), "seconds": t.user_attrs.get("seconds"),
             **{f"param:{k}": v for k, v in t.params.items()},

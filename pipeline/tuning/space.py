@@ -40,6 +40,13 @@ from pipeline.errors import ConfigError
 class _Dist(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    def holds(self, value: Any) -> bool:
+        try:
+            self.accept(value)
+        except ValueError:
+            return False
+        return True
+
 
 class _Range(_Dist):
     """A number between low and high, on a log scale or in steps."""
@@ -56,8 +63,18 @@ class _Range(_Dist):
     def bounds(self) -> list[Any]:
         return [self.low, self.high]
 
-    def holds(self, value: Any) -> bool:
-        return self.low <= value <= self.high
+    def accept(self, value: Any) -> Any:
+        """`value` as this range's type where it lies in the range (and on its steps); ValueError saying why not."""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        whole = number and (isinstance(value, int) or float(value).is_integer())
+        if not number or (self.type == "int" and not whole):
+            raise ValueError(f"{value!r} is not {'a whole number' if self.type == 'int' else 'a number'}")
+        value = int(value) if self.type == "int" else float(value)
+        steps = None if self.step is None else (value - self.low) / self.step
+        if not self.low <= value <= self.high or (steps is not None and abs(steps - round(steps)) > 1e-6):
+            raise ValueError(f"{value!r} is outside {self.low}..{self.high}"
+                             + (f" in steps of {self.step}" if self.step is not None else ""))
+        return value
 
 
 class FloatDist(_Range):
@@ -95,8 +112,10 @@ class CategoricalDist(_Dist):
     def bounds(self) -> list[Any]:
         return list(self.choices)
 
-    def holds(self, value: Any) -> bool:
-        return any(value == c and type(value) is type(c) for c in self.choices)
+    def accept(self, value: Any) -> Any:
+        if not any(value == c and type(value) is type(c) for c in self.choices):
+            raise ValueError(f"{value!r} is not one of {self.choices}")
+        return value
 
     def suggest(self, trial, name: str) -> Any:
         return trial.suggest_categorical(name, self.choices)
@@ -153,15 +172,24 @@ class SearchSpace(BaseModel):
     candidates: dict[str, Candidate] = Field(default_factory=dict)  # a list of candidates instead of ranges
     starts: dict[str, Start] = Field(default_factory=dict)
 
-    def queue(self, baseline: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        """What a new study runs before the sampler draws, in order, each as (origin, values): every candidate
-        of a list; or the config as given (`baseline`, its values of the space's keys, {} where they are not
-        all in the space) and then each starting point over it. A starting point over no baseline is partial:
-        the sampler draws its other keys."""
+    def queue(self, given: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """What a new study runs before the sampler draws, in order, each as (origin, values) and none twice:
+        every candidate of a list; or the config as given (`given`: its values of the space's keys), where they
+        all lie in the space, then each starting point over the config's values that do (the sampler draws the
+        others)."""
         if self.candidates:
             return [(f"candidate {name}", {CANDIDATE: name}) for name in self.candidates]
-        first = [("the config as given", baseline)] if baseline else []
-        return first + [(f"start {s.name}", {**baseline, **s.set}) for s in self.starts.values()]
+        inside = {k: v for k, v in given.items() if self.params[k].holds(v)}
+        queue = [("the config as given", given)] if given and inside == given else []
+        for start in self.starts.values():
+            values = {**inside, **start.set}
+            if all(values != earlier for _, earlier in queue):
+                queue.append((f"start {start.name}", values))
+        return queue
+
+    def outside(self, given: dict[str, Any]) -> list[str]:
+        """The config's values the space does not hold, as key=value."""
+        return [f"{k}={v!r}" for k, v in given.items() if not self.params[k].holds(v)]
 
     def study_size(self, trials: int | None) -> int:
         """The trials of a study of this space: `trials`, which a list of candidates bounds by its length and
@@ -186,8 +214,8 @@ class SearchSpace(BaseModel):
         return values
 
     def of(self, cfg: Config) -> dict[str, Any]:
-        """The config's own values of the space's keys, where every one lies in the space; else {} (and for a
-        list of candidates, which says itself whether the config as given is one)."""
+        """The config's own values of the space's keys ({} for a list of candidates, which says itself whether
+        the config as given is one)."""
         if self.candidates:
             return {}
         values = {}
@@ -196,7 +224,7 @@ class SearchSpace(BaseModel):
             for part in key.split("."):
                 node = getattr(node, part)
             values[key] = list(node) if isinstance(node, tuple) else node
-        return values if all(self.params[k].holds(v) for k, v in values.items()) else {}
+        return values
 
     def overrides(self, values: dict[str, Any]) -> list[str]:
         if self.candidates:
@@ -268,16 +296,22 @@ def _starts(path: Path, items: Any, params: dict[str, Dist], config: str | Path,
         except ValidationError as err:
             raise ConfigError(f"search space {path}, start[{i}]: {_problems(err)}. A starting point is {{name, set: "
                               "{key: value, ...}, why}") from None
-        outside = [f"{k}={v!r}" for k, v in start.set.items() if k not in params or not params[k].holds(v)]
-        if outside or start.name in found:
-            raise ConfigError(f"search space {path}, start {start.name}: " + (
-                f"{', '.join(outside)} is not in the space's ranges (a starting point sets keys the space draws, "
-                "within their ranges)" if outside else "another starting point has this name"))
+        if start.name in found:
+            raise ConfigError(f"search space {path}: two starting points are named {start.name!r}")
+        typed = {}
+        for key, value in start.set.items():
+            if key not in params:
+                raise ConfigError(f"search space {path}, start {start.name}: {key} is not one of the space's keys; a "
+                                  "starting point sets keys the space draws (the config as given holds the others)")
+            try:
+                typed[key] = params[key].accept(value)
+            except ValueError as err:
+                raise ConfigError(f"search space {path}, start {start.name}, key {key}: {err}") from None
         try:
-            load_config(config, [*overrides, *(override(k, v) for k, v in start.set.items())])
+            load_config(config, [*overrides, *(override(k, v) for k, v in typed.items())])
         except ConfigError as err:
             raise ConfigError(f"search space {path}, start {start.name}: refused by the config: {err}") from None
-        found[start.name] = start
+        found[start.name] = start.model_copy(update={"set": typed})
     return found
 
 
@@ -286,6 +320,9 @@ def load_space(path: str | Path, config: str | Path, overrides: list[str]) -> Se
     path = Path(path)
     raw = _read(path)
     if "candidates" in raw:
+        if "start" in raw:
+            raise ConfigError(f"search space {path}: a list of candidates has no starting points; each candidate is "
+                              "run once, in the file's order: put the start's settings into a candidate")
         if len(raw) > 1:
             raise ConfigError(f"search space {path}: a list of candidates stands alone; move "
                               f"{', '.join(str(k) for k in raw if k != 'candidates')} into each candidate's overrides")

@@ -90,18 +90,25 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int, prune
     return make(own if name not in existing else own + os.getpid() + int(time.time() * 1000) % 1_000_000)
 
 
-def enqueue_first(study: optuna.Study, space: SearchSpace, baseline: dict) -> str:
+def enqueue_first(study: optuna.Study, space: SearchSpace, given: dict, trials: int) -> str:
     """What a new study runs before its sampler draws (SearchSpace.queue), and a line saying so ('' where
-    nothing): each candidate of a list, or the config as given, so that the winner is never a setting that
-    validation rates below the untuned one, and then the space's starting points."""
-    queue = space.queue(baseline)
+    nothing): each candidate of a list, or the config as given (so that the winner is never a setting that
+    validation rates below the untuned one) and the space's starting points. Every tuner of a study calls it
+    before asking for a trial, so that tuners started together never draw before the queue is in."""
+    queue = space.queue(given)
     if study.get_trials(deepcopy=False) or not queue:
         return ""
-    for origin, values in queue:  # a starting point equal to the config as given is run once
+    for origin, values in queue:
         study.enqueue_trial(values, user_attrs={ORIGIN: origin}, skip_if_exists=True)
     if space.candidates:
         return f"the trials are the {len(queue)} candidates of {space.path}, in its order"
-    return "first, before the sampler draws: " + ", ".join(origin for origin, _ in queue)
+    line = "first, before the sampler draws: " + ", ".join(origin for origin, _ in queue)
+    if outside := space.outside(given):
+        line += (f" (not the config as given: {', '.join(outside)} lie outside {space.path}; the starting points "
+                 "take its other values)")
+    if trials < len(queue):
+        line += f"; --trials {trials} runs the first {trials} of them"
+    return line
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
@@ -153,7 +160,9 @@ class Tuner:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             return
-        self.study.enqueue_trial(trial.params, user_attrs={RESUME_FROM: trial.number,
+        # fixed_params: what the trial was queued with, where its worker was lost before it drew them all.
+        params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+        self.study.enqueue_trial(params, user_attrs={RESUME_FROM: trial.number,
                                                           ORIGIN: trial.user_attrs.get(ORIGIN, "drawn")})
         self.say(f"trial {trial.number}: {why}; its parameters are queued to continue")
 

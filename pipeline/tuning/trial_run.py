@@ -66,6 +66,10 @@ class TrialCommand:
 
     def env(self) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.processes > 1:
+            # The ranks run in sessions of their own, told of a SIGTERM by torch's elastic agent alone, which
+            # kills them after this many seconds (30 by default): most of the tuner's grace, for the checkpoint.
+            env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(int(GRACE_S - 10))
         if self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus
         return env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -106,16 +107,22 @@ def _commands(request: TuneRequest) -> list[TrialCommand]:
     def own(i: int) -> str | None:
         if not gpus:
             return None
-        return ",".join(str(gpus[(i * processes + j) % len(gpus)]) for j in range(processes))
+        return ",".join(gpus[(i * processes + j) % len(gpus)] for j in range(processes))
 
     return [TrialCommand(request.config, request.overrides, request.study, threads, own(i), processes,
                          request.cfg.train.mixed_precision) for i in range(workers)]
 
 
-def _gpus() -> list[int]:
+def _gpus() -> list[str]:
+    """The GPUs this tuner may use, as its runs' CUDA_VISIBLE_DEVICES names them: the tuner's own list where it
+    was given one (indices or UUIDs), so that a tuner started on GPUs 2 and 3 keeps its runs there."""
     import torch
 
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    if not torch.cuda.is_available():
+        return []
+    given = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    count = torch.cuda.device_count()
+    return given[:count] if given else [str(i) for i in range(count)]
 
 
 def _on_signals(stop: threading.Event, halt: threading.Event) -> None:
@@ -133,13 +140,13 @@ def _on_signals(stop: threading.Event, halt: threading.Event) -> None:
 def tune(request: TuneRequest) -> int:
     space: SearchSpace = load_space(request.space, request.config, list(request.overrides))
     trials = space.study_size(request.trials)
+    commands = _commands(request)
     folds = _folds(request)
     study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner,
                        request.index, trials)
-    queued = enqueue_first(study, space, space.of(request.cfg)) if request.index == 0 else ""
+    queued = enqueue_first(study, space, space.of(request.cfg), trials)
     if queued:
         say(queued)
-    commands = _commands(request)
     say(f"study {request.study} in {request.dir}: {trials} trials, {request.workers} worker(s) of "
         f"{request.processes} process(es) of {commands[0].threads} thread(s)"
         f"{', GPUs ' + ' '.join(c.gpus for c in commands) if commands[0].gpus else ''}, "

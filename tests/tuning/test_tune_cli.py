@@ -61,6 +61,8 @@ def _stop_and_continue(argv: list[str], study: Path) -> None:
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 130, out
     assert "Run the same command again" in out
+    stopped = (study / "logs" / "0000.log").read_text()
+    assert "SIGTERM received: every rank stopped after step" in stopped, stopped[-3000:]
 
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -133,6 +133,7 @@ def test_a_candidate_is_its_overrides_and_the_list_is_the_queue(tmp_path):
     ("candidates:\n  - {name: a, config: configs/fsdd.yaml}\n  - {name: b}\n", r"candidates\[0\]: config"),
     ("candidates:\n  - {name: a b}\n  - {name: b}\n", r"candidates\[0\]: name"),
     ("candidates:\n  - {name: a}\n  - {name: b}\noptim.lr: {type: float, low: 0.001, high: 0.01}\n", "stands alone"),
+    ("candidates:\n  - {name: a}\n  - {name: b}\nstart:\n  - {name: c, set: {optim.lr: 0.01}}\n", "has no starting points"),
 ])
 def test_a_bad_candidate_list_is_refused_naming_the_candidate(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -160,17 +161,31 @@ def test_a_tuned_recipe_is_its_comparisons_winner(config, spec, report):
 def test_starting_points_follow_the_config_as_given_each_over_it(tmp_path):
     path = _space(tmp_path, "optim.lr: {type: float, low: 0.0001, high: 0.01, log: true}\n"
                             "model.frontend: {type: categorical, choices: [none, conv]}\n"
+                            "data.jitter: {type: float, low: 0.0, high: 0.2}\n"
                             "start:\n  - {name: plain-fast, set: {model.frontend: none, optim.lr: 0.01}, why: w}\n"
-                            "  - {name: plain, set: {model.frontend: none}}\n")
+                            "  - {name: plain, set: {model.frontend: none}}\n"
+                            "  - {name: as-given, set: {data.jitter: 0}}\n")
     space = load_space(path, CONFIG, [])
-    baseline = space.of(load_config(CONFIG))
-    assert baseline == {"optim.lr": 0.003, "model.frontend": "conv"}
-    assert space.queue(baseline) == [("the config as given", baseline),
-                                     ("start plain-fast", {"optim.lr": 0.01, "model.frontend": "none"}),
-                                     ("start plain", {"optim.lr": 0.003, "model.frontend": "none"})]
-    assert space.queue({}) == [("start plain-fast", {"optim.lr": 0.01, "model.frontend": "none"}),
-                               ("start plain", {"model.frontend": "none"})], "over no baseline the sampler draws the rest"
-    assert list(space.params) == ["optim.lr", "model.frontend"], "start is not a key of the space"
+    assert space.starts["as-given"].set == {"data.jitter": 0.0} and type(space.starts["as-given"].set["data.jitter"]) is float
+    given = space.of(load_config(CONFIG))
+    assert given == {"optim.lr": 0.003, "model.frontend": "conv", "data.jitter": 0.0}
+    assert space.queue(given) == [("the config as given", given),
+                                  ("start plain-fast", {**given, "optim.lr": 0.01, "model.frontend": "none"}),
+                                  ("start plain", {**given, "model.frontend": "none"})], "a start equal to an earlier entry is dropped"
+    assert list(space.params) == ["optim.lr", "model.frontend", "data.jitter"], "start is not a key of the space"
+    # A config the space does not hold (a learning rate above its range): not queued; the starts keep its other values.
+    given = space.of(load_config(CONFIG, ["optim.lr=0.05"]))
+    assert space.outside(given) == ["optim.lr=0.05"]
+    assert space.queue(given) == [("start plain-fast", {"optim.lr": 0.01, "model.frontend": "none", "data.jitter": 0.0}),
+                                  ("start plain", {"model.frontend": "none", "data.jitter": 0.0}),
+                                  ("start as-given", {"model.frontend": "conv", "data.jitter": 0.0})]
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    from pipeline.tuning.study import enqueue_first
+
+    line = enqueue_first(study, space, given, trials=2)
+    assert "not the config as given: optim.lr=0.05 lie outside" in line and "--trials 2 runs the first 2" in line
+    drawn = space.suggest(study.ask())
+    assert (drawn["optim.lr"], drawn["model.frontend"], drawn["data.jitter"]) == (0.01, "none", 0.0)
 
 
 def test_the_shipped_starting_points_are_configs_the_study_runs_first(tmp_path):
@@ -179,26 +194,31 @@ def test_the_shipped_starting_points_are_configs_the_study_runs_first(tmp_path):
     space = load_space(ROOT / "configs" / "search" / "sequences.yaml", CONFIG, [])
     assert set(space.starts) == {"per-series", "fcn-branch"}
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    assert "the config as given, start per-series, start fcn-branch" in enqueue_first(study, space, space.of(load_config(CONFIG)))
+    assert "the config as given, start per-series, start fcn-branch" in enqueue_first(study, space, space.of(load_config(CONFIG)), 40)
     drawn = [space.suggest(study.ask()) for _ in range(3)]
     assert drawn[1] == {**drawn[0], "model.series_norm": True} and drawn[0]["model.series_norm"] is False
     assert (drawn[2]["model.conv_branch"], drawn[2]["model.frontend"], drawn[2]["model.readout_dropout"]) == (True, "none", 0.8)
     for values in drawn:
         load_config(CONFIG, space.overrides(values))
-    assert enqueue_first(study, space, {}) == "", "a study that has trials queues nothing again"
+    assert enqueue_first(study, space, {}, 40) == "", "a study that has trials queues nothing again"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("start:\n  - {name: a, set: {optim.lr: 0.5}}\n", r"start a: optim.lr=0.5 is not in the space's ranges"),
-    ("start:\n  - {name: a, set: {model.dropout: 0.1}}\n", r"start a: model.dropout=0.1 is not in"),
+    ("start:\n  - {name: a, set: {optim.lr: 0.5}}\n", r"start a, key optim.lr: 0.5 is outside 0.0001..0.1"),
+    ("start:\n  - {name: a, set: {optim.lr: 1e-3}}\n", r"start a, key optim.lr: '1e-3' is not a number"),
+    ("start:\n  - {name: a, set: {optim.lr: null}}\n", r"start a, key optim.lr: None is not a number"),
+    ("start:\n  - {name: a, set: {model.num_layers: 1.5}}\n", r"key model.num_layers: 1.5 is not a whole number"),
+    ("start:\n  - {name: a, set: {model.num_layers: 2}}\n", r"key model.num_layers: 2 is outside 1..3 in steps of 2"),
+    ("start:\n  - {name: a, set: {model.dropout: 0.1}}\n", r"start a: model.dropout is not one of the space's keys"),
     ("start:\n  - {name: a, set: {}}\n", r"start\[0\]: set"),
-    ("start:\n  - {name: a, set: {optim.lr: 0.01}}\n  - {name: a, set: {optim.lr: 0.001}}\n", "another starting point"),
+    ("start:\n  - {name: a, set: {optim.lr: 0.01}}\n  - {name: a, set: {optim.lr: 0.001}}\n", "two starting points are named 'a'"),
     ("start: {name: a}\n", "must list starting points"),
     ("start:\n  - {name: a, set: {optim.lr: 0.01}, lr: 1}\n", r"start\[0\]: lr"),
 ])
 def test_a_bad_starting_point_is_refused_naming_it(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
-        load_space(_space(tmp_path, "optim.lr: {type: float, low: 0.0001, high: 0.1, log: true}\n" + text), CONFIG, [])
+        load_space(_space(tmp_path, "optim.lr: {type: float, low: 0.0001, high: 0.1, log: true}\n"
+                                    "model.num_layers: {type: int, low: 1, high: 3, step: 2}\n" + text), CONFIG, [])
 
 
 def test_a_list_of_candidates_bounds_the_study_and_ranges_need_a_size():
