@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from pipeline.errors import ConfigError
 from pipeline.files import mask_url
 from pipeline.tuning.space import SearchSpace
-from pipeline.tuning.trial_run import BEAT_S, Outcome, TrialCommand, finished_run, watch
+from pipeline.tuning.trial_run import BEAT_S, GRID, Outcome, TrialCommand, finished_run, progress, watch
 
 STALE_S = 12 * BEAT_S  # no heartbeat for this long: the trial's worker is gone
 RESUME_FROM, INTERRUPTED, ERROR, HEARTBEAT, ORIGIN = "resume_from", "interrupted", "error", "heartbeat", "origin"
@@ -62,17 +62,22 @@ def storage_for(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage
     raise AssertionError("unreachable")
 
 
-def pruner_for(name: str) -> optuna.pruners.BasePruner:
-    if name == "median":  # a trial below the median of the others at the same evaluation, once 3 have finished
-        # (not Optuna's 5: on two cores a study of half an hour ends a long run only every few minutes)
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+def pruner_for(name: str, folds: int = 1, startup: int = 3) -> optuna.pruners.BasePruner:
+    """Trials report at their progress, fold k's run at k * GRID + its twentieths (Tuner._fold). Neither pruner
+    acts in the first 30% of a trial's first run: a small learning rate or strong augmentation starts slow, and
+    with a short run's evaluation each step a median pruner without warm-up stopped 37 of 40 ArrowHead trials
+    at their tenth step, against the three queued trials that had finished."""
+    warmup = int(GRID * 0.3) + 1
+    if name == "median":  # a trial below the median of the others at the same progress, once `startup` have
+        # finished (not Optuna's 5: on two cores a study of half an hour ends a long run only every few minutes)
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
+    if name == "hyperband":  # rungs from a third of the first run to all the folds' runs
+        return optuna.pruners.HyperbandPruner(min_resource=warmup, max_resource=GRID * folds, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int, pruner: str, index: int = 0,
-               trials: int = 40) -> optuna.Study:
+               trials: int = 40, folds: int = 1) -> optuna.Study:
     """Create the study, or join it. The sampler's seed is `seed` for tuner 0 creating it (a study of one tuner
     is reproducible); tuners started together (`index`, a pod's) and tuners that join add numbers of their own,
     or they would draw the same parameters. TPE models the space after a quarter of the trials (at least 4,
@@ -83,7 +88,7 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int, prune
     def make(sampler_seed: int) -> optuna.Study:
         sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup)
         return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                   sampler=sampler, pruner=pruner_for(pruner))
+                                   sampler=sampler, pruner=pruner_for(pruner, folds))
 
     existing = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     own = seed + 100_003 * index
@@ -200,9 +205,9 @@ class Tuner:
         trial.set_user_attr("run_dir", str(trial_dir))
         self.say(f"trial {trial.number}{' (continued)' if resume else ''}: "
                  + ", ".join(f"{k}={v}" for k, v in values.items()))
-        started, done, reported = time.monotonic(), [], [0]
+        started, done = time.monotonic(), []
         for k, data_dir in enumerate(self.folds):
-            outcome = self._fold(trial, command, values, trial_dir, k, data_dir, done, resume, reported)
+            outcome = self._fold(trial, command, values, trial_dir, k, data_dir, done, resume)
             if outcome.state != "complete":
                 return self._tell(trial, outcome, time.monotonic() - started)
             done.append(outcome)
@@ -211,20 +216,24 @@ class Tuner:
         self._tell(trial, mean, time.monotonic() - started)
 
     def _fold(self, trial: optuna.Trial, command: TrialCommand, values: dict, trial_dir: Path, k: int,
-              data_dir: Path | None, done: list[Outcome], resume: bool, reported: list[int]) -> Outcome:
+              data_dir: Path | None, done: list[Outcome], resume: bool) -> Outcome:
         """One run of a trial: the data set's own split (data_dir None) or fold k. A fold that finished
-        before an interruption is read, not run again. Evaluations are reported by their count in the trial,
-        across its folds: the pruner compares trials at their n-th evaluation (a run's steps differ between
-        settings; with eval.every_epochs its evaluations fall at the same epochs), and Hyperband's budget
-        counts evaluations."""
+        before an interruption is read, not run again. Evaluations are reported at the run's progress, fold k
+        at k * GRID + its twentieths, the first evaluation in each twentieth: the pruner compares trials at the
+        same share of their runs, whatever a setting's steps or how often it evaluates, and Hyperband's budget
+        counts twentieths of a run."""
         out = trial_dir if data_dir is None else trial_dir / f"fold-{k}"
         if resume and (out / "summary.json").is_file():
             return finished_run(out)
         storage, tid = self.study._storage, trial._trial_id
+        last = [k * GRID]
 
         def report(step: int, accuracy: float) -> bool:  # the running mean over the folds, this one's latest
-            trial.report((sum(o.value for o in done) + accuracy) / (len(done) + 1), reported[0])
-            reported[0] += 1
+            at = progress(out, step)
+            if at is None or k * GRID + at <= last[0]:
+                return False
+            last[0] = k * GRID + at
+            trial.report((sum(o.value for o in done) + accuracy) / (len(done) + 1), last[0])
             return trial.should_prune()
 
         params = self.space.overrides(values) + ([] if data_dir is None else [f"data.dir={data_dir}"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import signal
 import socket
@@ -21,6 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import yaml
+
+from pipeline.training.rundir import RESOLVED
 
 TRAIN = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 GRACE_S = 60.0  # SIGTERM to SIGKILL: the trainer finishes its step and writes a checkpoint first
@@ -82,6 +87,19 @@ class Outcome:
     loss: float | None = None
     error: str | None = None
     summary: dict = field(default_factory=dict)
+
+
+GRID = 20  # a run's progress in twentieths: trials are compared, and pruned, at the same share of their runs
+
+
+def progress(out: Path, step: int) -> int | None:
+    """How far into its run a step is, in twentieths rounded up (1..GRID), from the run's own length
+    (resolved.yaml's train.max_steps, written before it trains); None before the run has written it."""
+    try:
+        total = int(yaml.safe_load((out / RESOLVED).read_text())["train.max_steps"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+    return max(1, min(GRID, math.ceil(GRID * step / max(1, total))))
 
 
 def evaluations(out: Path) -> list[tuple[int, float, float]]:

@@ -143,7 +143,7 @@ def tune(request: TuneRequest) -> int:
     commands = _commands(request)
     folds = _folds(request)
     study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner,
-                       request.index, trials)
+                       request.index, trials, len(folds))
     queued = enqueue_first(study, space, space.of(request.cfg), trials)
     if queued:
         say(queued)
