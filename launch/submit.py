@@ -77,6 +77,8 @@ def submit_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage-secret", metavar="SECRET", help="--tune: a Secret holding the database URL, read into "
                       "the pods' OPTUNA_STORAGE: the way to pass a password")
     tune.add_argument("--storage-secret-key", default="url", help="key in that Secret (default: url)")
+    tune.add_argument("--trial-processes", type=int, help="--tune: processes of each trial's run (one GPU each), so a "
+                      "pod of G GPUs runs G / N trials at once (default 1)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--dry-run", action="store_true", help="print the manifests (multi-document YAML) instead of applying")
     out.add_argument("--out-dir", help="write the manifests as a kustomize base into this directory instead of applying")
@@ -122,7 +124,7 @@ def _volumes(items: list[str]) -> dict[str, str]:
 def _tune(args: argparse.Namespace):
     from pipeline.errors import UserError
 
-    given = [f for f in ("space", "trials", "storage", "storage_secret") if getattr(args, f) is not None]
+    given = [f for f in ("space", "trials", "storage", "storage_secret", "trial_processes") if getattr(args, f) is not None]
     if not args.tune:
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} only applies with --tune")
@@ -132,7 +134,8 @@ def _tune(args: argparse.Namespace):
     from pipeline.kube.build import tune_spec
 
     return tune_spec(args.space, args.trials, args.config, args.overrides, storage=args.storage,
-                     storage_secret=args.storage_secret, storage_secret_key=args.storage_secret_key)
+                     storage_secret=args.storage_secret, storage_secret_key=args.storage_secret_key,
+                     processes=args.trial_processes or 1)
 
 
 def _action(action: str, args: argparse.Namespace) -> None:

@@ -45,7 +45,7 @@ def _shipped_manifest(cfg: Config) -> str:
 
 def tune_spec(space: str | Path, trials: int, config: str | Path, overrides: list[str], **storage: Any) -> TuneSpec:
     """--tune: the search space, validated against the config as launch/tune.py will, shipped byte for byte;
-    `storage`: TuneSpec's storage fields."""
+    `storage`: TuneSpec's other fields (storage, processes per trial)."""
     from pipeline.tuning.space import load_space
 
     load_space(space, config, overrides).study_size(trials)  # a list of candidates bounds the trials

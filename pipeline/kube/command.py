@@ -82,11 +82,13 @@ def accelerate_args(spec: JobSpec) -> list[str]:
 
 def tune_command(spec: JobSpec, paths: PodPaths) -> list[str]:
     """A tuner pod: launch/tune.py on the study named after the job, in output_dir on the shared claim (or in
-    --storage); one worker per GPU. Only pod 0 trains the winner with the final seeds."""
+    --storage); one worker per GPU, or per --trial-processes GPUs. Only pod 0 trains the winner with the final
+    seeds."""
     tune = spec.tune
     return [
         "python", "launch/tune.py", "--config", paths.config_file, *config_overrides(spec, paths),
-        "--space", f"{CONFIG_MOUNT}/{SPACE_KEY}", "--trials", str(tune.trials), "--workers", str(spec.procs_per_node),
+        "--space", f"{CONFIG_MOUNT}/{SPACE_KEY}", "--trials", str(tune.trials),
+        "--workers", str(spec.procs_per_node // tune.processes), "--processes", str(tune.processes),
         "--study", spec.name, "--dir", paths.output_dir, *(["--storage", tune.storage] if tune.storage else []),
         "--final-seeds", tune.final_seeds, "--index", _ref(RANK_VAR),
     ]

@@ -50,6 +50,7 @@ class TuneSpec:
     # A Secret holding the storage URL, read into OPTUNA_STORAGE: a password never sits in the Job's spec.
     storage_secret: str | None = None
     storage_secret_key: str = "url"
+    processes: int = 1  # ranks of each trial's run (launch/tune.py --processes): a pod's GPUs / this workers
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,9 @@ def _check_tune(spec: JobSpec, fmt: Format) -> None:
                         "--nodes MIN:MAX")
     if spec.tune.trials < 1:
         raise UserError(f"--trials must be at least 1 (got {spec.tune.trials})")
+    if spec.tune.processes < 1 or spec.procs_per_node % spec.tune.processes:
+        raise UserError(f"--trial-processes {spec.tune.processes} must divide the {spec.procs_per_node} process(es) of a "
+                        "pod (its GPUs, or 1 on the CPU): each worker of a tuner pod runs its trials on that many")
     if not spec.output_pvc:
         raise UserError("--tune needs --output-pvc CLAIM (a ReadWriteMany claim every pod mounts): the study's "
                         "directory is there (its journal file unless --storage names a database, the trials' runs and "

@@ -646,13 +646,14 @@ def test_submit_chooses_canonical_streams_every_process_count_divides(config):
 def _tune(config: Path, **kw) -> dict:
     from pipeline.kube.build import tune_spec
 
-    storage = {k: kw.pop(k) for k in ("storage", "storage_secret", "storage_secret_key") if k in kw}
+    storage = {k: kw.pop(k) for k in ("storage", "storage_secret", "storage_secret_key", "processes") if k in kw}
     tune = tune_spec(ROOT / "configs" / "search" / "sequences.yaml", kw.pop("trials", 40), config, [], **storage)
     return _spec(config, tune=tune, **kw)
 
 
 @pytest.mark.parametrize("variant", [{}, {"gpus_per_node": 0, "storage": "postgresql://u@db/tune"},
-                                     {"storage_secret": "tune-db", "storage_secret_key": "dsn"}])
+                                     {"storage_secret": "tune-db", "storage_secret_key": "dsn"},
+                                     {"gpus_per_node": 4, "processes": 2}])
 def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     spec = _tune(config, **variant)
     docs = render(spec)
@@ -666,7 +667,9 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     flag = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
     assert flag["--space"] == "/etc/pipeline/space.yaml" and flag["--trials"] == "40"
     assert flag["--study"] == spec.name and flag["--dir"] == f"/outputs/{spec.name}"
-    assert flag["--workers"] == str(max(1, spec.gpus_per_node)) and flag["--index"] == "$(JOB_COMPLETION_INDEX)"
+    processes = variant.get("processes", 1)
+    assert flag["--workers"] == str(max(1, spec.gpus_per_node) // processes) and flag["--processes"] == str(processes)
+    assert flag["--index"] == "$(JOB_COMPLETION_INDEX)"
     assert flag.get("--storage") == variant.get("storage")
     env = {e["name"]: e for e in _container(pod, "trainer")["env"]}
     if "storage_secret" in variant:  # the URL reaches launch/tune.py's --storage default, never the Job's spec
@@ -682,6 +685,8 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     ({"output_pvc": None}, "--tune needs --output-pvc"),
     ({"output_pvc": None, "storage": "postgresql://u@db/tune"}, "--tune needs --output-pvc"),
     ({"trials": 0}, "--trials must be at least 1"),
+    ({"gpus_per_node": 4, "processes": 3}, "--trial-processes 3 must divide the 4"),
+    ({"gpus_per_node": 0, "processes": 2}, "--trial-processes 2 must divide the 1"),
     ({"rendezvous": "c10d", "max_restarts": 1}, "--tune renders an Indexed Job"),
     ({"fmt": "jobset"}, "--tune renders an Indexed Job"),
     ({"storage": "postgresql://u:secret@db/tune"}, "--storage holds a password"),
