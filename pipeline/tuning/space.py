@@ -260,20 +260,29 @@ def _dist(path: Path, key: str, spec: Any) -> Dist:
                           "high, log, step}} or {type: categorical, choices: [...]}") from None
 
 
-def _candidates(path: Path, items: Any, config: str | Path, overrides: list[str]) -> SearchSpace:
-    """A space of named candidates, each one's overrides loaded as a config now."""
-    if not isinstance(items, list) or len(items) < 2:
-        raise ConfigError(f"search space {path}: `candidates` must list two or more candidates to choose between, "
-                          "each {name, overrides: [key=value, ...], why}")
-    found: dict[str, Candidate] = {}
+def _named(path: Path, items: Any, kind: type[BaseModel], section: str, shape: str, least: int) -> list[Any]:
+    """The entries of a list section (candidates, start), each validated by `kind`, their names distinct."""
+    noun = "candidates" if section == "candidates" else "starting points"
+    if not isinstance(items, list) or len(items) < least:
+        at_least = "two or more " if least > 1 else ""
+        raise ConfigError(f"search space {path}: `{section}` must list {at_least}{noun}, each {shape}")
+    found: list[Any] = []
     for i, item in enumerate(items):
         try:
-            candidate = Candidate.model_validate(item)
+            entry = kind.model_validate(item)
         except ValidationError as err:
-            raise ConfigError(f"search space {path}, candidates[{i}]: {_problems(err)}. A candidate is {{name, overrides: "
-                              "[key=value, ...], why}; the config they change is --config") from None
-        if candidate.name in found:
-            raise ConfigError(f"search space {path}: two candidates are named {candidate.name!r}")
+            raise ConfigError(f"search space {path}, {section}[{i}]: {_problems(err)}. Each is {shape}") from None
+        if any(entry.name == other.name for other in found):
+            raise ConfigError(f"search space {path}: two {noun} are named {entry.name!r}")
+        found.append(entry)
+    return found
+
+
+def _candidates(path: Path, items: Any, config: str | Path, overrides: list[str]) -> SearchSpace:
+    """A space of named candidates, each one's overrides loaded as a config now."""
+    found: dict[str, Candidate] = {}
+    for candidate in _named(path, items, Candidate, "candidates", "{name, overrides: [key=value, ...], why} (the config "
+                            "they change is --config)", least=2):
         try:
             load_config(config, [*overrides, *candidate.overrides])
         except ConfigError as err:
@@ -286,18 +295,8 @@ def _candidates(path: Path, items: Any, config: str | Path, overrides: list[str]
 
 def _starts(path: Path, items: Any, params: dict[str, Dist], config: str | Path, overrides: list[str]) -> dict[str, Start]:
     """The starting points, each value in its key's range and the whole set loaded as a config now."""
-    if not isinstance(items, list) or not items:
-        raise ConfigError(f"search space {path}: `start` must list starting points, each {{name, set: {{key: value, "
-                          "...}}, why}} over the space's keys")
     found: dict[str, Start] = {}
-    for i, item in enumerate(items):
-        try:
-            start = Start.model_validate(item)
-        except ValidationError as err:
-            raise ConfigError(f"search space {path}, start[{i}]: {_problems(err)}. A starting point is {{name, set: "
-                              "{key: value, ...}, why}") from None
-        if start.name in found:
-            raise ConfigError(f"search space {path}: two starting points are named {start.name!r}")
+    for start in _named(path, items, Start, "start", "{name, set: {key: value, ...}, why} over the space's keys", least=1):
         typed = {}
         for key, value in start.set.items():
             if key not in params:

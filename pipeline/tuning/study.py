@@ -71,7 +71,7 @@ def pruner_for(name: str, folds: int = 1, startup: int = 3) -> optuna.pruners.Ba
     if name == "median":  # a trial below the median of the others at the same progress, once `startup` have
         # finished (not Optuna's 5: on two cores a study of half an hour ends a long run only every few minutes)
         return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
-    if name == "hyperband":  # rungs from a third of the first run to all the folds' runs
+    if name == "hyperband":  # rungs from the end of the warm-up to all the folds' runs
         return optuna.pruners.HyperbandPruner(min_resource=warmup, max_resource=GRID * folds, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
