@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from pipeline.errors import ConfigError
 from pipeline.files import mask_url
 from pipeline.tuning.space import SearchSpace
-from pipeline.tuning.trial_run import BEAT_S, GRID, Outcome, TrialCommand, finished_run, progress, watch
+from pipeline.tuning.trial_run import BEAT_S, GRID, Outcome, TrialCommand, finished_run, planned_steps, progress, watch
 
 STALE_S = 12 * BEAT_S  # no heartbeat for this long: the trial's worker is gone
 RESUME_FROM, INTERRUPTED, ERROR, HEARTBEAT, ORIGIN = "resume_from", "interrupted", "error", "heartbeat", "origin"
@@ -226,13 +226,14 @@ class Tuner:
         if resume and (out / "summary.json").is_file():
             return finished_run(out)
         storage, tid = self.study._storage, trial._trial_id
-        last = [k * GRID]
+        last, total = [k * GRID], [None]  # the run's length, read once it has written it
 
         def report(step: int, accuracy: float) -> bool:  # the running mean over the folds, this one's latest
-            at = progress(out, step)
-            if at is None or k * GRID + at <= last[0]:
+            total[0] = total[0] or planned_steps(out)
+            at = None if total[0] is None else k * GRID + progress(step, total[0])
+            if at is None or at <= last[0]:
                 return False
-            last[0] = k * GRID + at
+            last[0] = at
             trial.report((sum(o.value for o in done) + accuracy) / (len(done) + 1), last[0])
             return trial.should_prune()
 

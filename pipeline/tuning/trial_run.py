@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,19 +24,13 @@ from typing import Callable
 
 import yaml
 
+from pipeline.distributed.launcher import free_port
 from pipeline.training.rundir import RESOLVED
 
 TRAIN = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 GRACE_S = 60.0  # SIGTERM to SIGKILL: the trainer finishes its step and writes a checkpoint first
 LOG_TAIL = 1500
 BEAT_S = 10.0
-
-
-def free_port() -> int:
-    """A TCP port no process listens on now: each multi-process run's rendezvous, two workers' runs side by side."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -92,13 +85,16 @@ class Outcome:
 GRID = 20  # a run's progress in twentieths: trials are compared, and pruned, at the same share of their runs
 
 
-def progress(out: Path, step: int) -> int | None:
-    """How far into its run a step is, in twentieths rounded up (1..GRID), from the run's own length
-    (resolved.yaml's train.max_steps, written before it trains); None before the run has written it."""
+def planned_steps(out: Path) -> int | None:
+    """A run's own length (resolved.yaml's train.max_steps, written before it trains); None until it is there."""
     try:
-        total = int(yaml.safe_load((out / RESOLVED).read_text())["train.max_steps"])
+        return int(yaml.safe_load((out / RESOLVED).read_text())["train.max_steps"])
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return None
+
+
+def progress(step: int, total: int) -> int:
+    """How far into a run of `total` steps a step is, in twentieths rounded up (1..GRID)."""
     return max(1, min(GRID, math.ceil(GRID * step / max(1, total))))
 
 
