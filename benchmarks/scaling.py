@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 from benchmarks.common import PY, run_checked, say
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.distributed.launcher import free_port
 
 
 def _one(nproc: int, data_dir: Path, work: Path, global_batch: int, steps: int, timeout: float) -> dict:
@@ -34,7 +28,7 @@ def _one(nproc: int, data_dir: Path, work: Path, global_batch: int, steps: int, 
     else:
         accelerate = str(Path(sys.executable).parent / "accelerate")
         cmd = [accelerate, "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", str(nproc),
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
     run_checked(cmd, timeout)
     summary = json.loads((out / "summary.json").read_text())
     if summary["world_size"] != nproc:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.distributed.launcher import free_port  # noqa: F401 - the tests' one way to a port
+
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_IDX = Path("/usr/share/datasets/fashion-mnist")
 
@@ -101,14 +103,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def mirror_url(mirror) -> str:
     return mirror[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_cmd(num_processes: int) -> list[str]:

@@ -17,10 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import subprocess
 import sys
 
 _WORKER_FAILED = "failed (exitcode"
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now, for a rendezvous on this machine (one launch among others). Another
+    process may still take it before the launcher binds it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class _DropWorkerFailure(logging.Filter):
