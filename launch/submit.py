@@ -77,6 +77,8 @@ def submit_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage-secret", metavar="SECRET", help="--tune: a Secret holding the database URL, read into "
                       "the pods' OPTUNA_STORAGE: the way to pass a password")
     tune.add_argument("--storage-secret-key", default="url", help="key in that Secret (default: url)")
+    tune.add_argument("--final-seeds", help="--tune: pod 0 trains the winner with these seeds and reads test once each "
+                      "(default 0,1,2; '' for none)")
     tune.add_argument("--trial-processes", type=int, help="--tune: processes of each trial's run (one GPU each), so a "
                       "pod of G GPUs runs G / N trials at once (default 1)")
     out = p.add_mutually_exclusive_group()
@@ -124,7 +126,8 @@ def _volumes(items: list[str]) -> dict[str, str]:
 def _tune(args: argparse.Namespace):
     from pipeline.errors import UserError
 
-    given = [f for f in ("space", "trials", "storage", "storage_secret", "trial_processes") if getattr(args, f) is not None]
+    given = [f for f in ("space", "trials", "storage", "storage_secret", "trial_processes", "final_seeds")
+             if getattr(args, f) is not None]
     if not args.tune:
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} only applies with --tune")
@@ -135,7 +138,8 @@ def _tune(args: argparse.Namespace):
 
     return tune_spec(args.space, args.trials, args.config, args.overrides, storage=args.storage,
                      storage_secret=args.storage_secret, storage_secret_key=args.storage_secret_key,
-                     processes=args.trial_processes or 1)
+                     processes=args.trial_processes or 1,
+                     **({} if args.final_seeds is None else {"final_seeds": args.final_seeds}))
 
 
 def _action(action: str, args: argparse.Namespace) -> None:
@@ -184,9 +188,6 @@ def main(argv: list[str]) -> int:
     if args.local:
         if args.dry_run or args.out_dir:
             raise UserError("--local plays the job; --dry-run and --out-dir only render it")
-        if spec.tune is not None:
-            raise UserError("--tune is not rehearsed with --local yet: run launch/tune.py on this machine instead "
-                            "(docs/tuning.md)")
         from pipeline.kube.local import submit_local
 
         submit_local(spec, args.format, _volumes(args.local_volume))

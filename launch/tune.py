@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from pipeline.cli import run_cli
 from pipeline.tuning import STORAGE_VAR
@@ -54,7 +55,7 @@ def main() -> int:
     args = parse_args()
     from pipeline.tuning.tune import TuneRequest, tune
 
-    return tune(TuneRequest.from_args(args))
+    return tune(TuneRequest.from_args(args, Path(__file__).resolve().with_name("train.py")))
 
 
 if __name__ == "__main__":

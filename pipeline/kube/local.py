@@ -35,6 +35,7 @@ from pipeline.kube.local_cluster import (
     make_scratch,
 )
 from pipeline.kube.local_pods import pod_documents, scratch_root
+from pipeline.kube.pod import TUNE_GRACE_S
 from pipeline.kube.podman import exists, podman, podman_env, podman_path, podman_version
 from pipeline.kube.render import to_yaml
 from pipeline.kube.spec import INSTANCE_LABEL, TRAINER_CONTAINER, JobSpec, pod_hostname
@@ -207,11 +208,12 @@ def logs_local(name: str, rank: int | None, follow: bool, init: bool = False) ->
 
 
 def delete_local(name: str) -> None:
-    """Like a foreground delete: the pods are stopped (SIGTERM, 30 s grace, as the pod spec asks) and gone
-    when this returns; the claims and the secret stay, as they would on a cluster."""
+    """Like a foreground delete: the pods are stopped (SIGTERM, then SIGKILL after the longest grace a pod
+    spec asks for: podman waits only until they exit) and gone when this returns; the claims and the secret
+    stay, as they would on a cluster."""
     pods = _pods(name)
     if pods:
-        podman("pod", "stop", "--time", "30", *pods, check=False)
+        podman("pod", "stop", "--time", str(TUNE_GRACE_S), *pods, check=False)
         podman("pod", "rm", "--force", *pods)
     if exists("network", name):
         podman("network", "rm", "--force", name, check=False)

@@ -69,7 +69,8 @@ def _own_empty_dirs(pod_spec: Obj, name: str, pod: str) -> list[Path]:
 def pod_documents(spec: JobSpec, index: int) -> tuple[list[Obj], list[Path]]:
     """The ConfigMap and the pod of completion index `index`, from the rendered Job; and the host
     directories that stand in for its emptyDir volumes (to be created before it is played)."""
-    config_map, _service, job = render(spec, "job")
+    rendered = render(spec, "job")  # [config map, (headless service,) job]: a tuning job has no service
+    config_map, job = rendered[0], rendered[-1]
     template = copy.deepcopy(job["spec"]["template"])
     name = pod_hostname(spec.name, "job", index)
     pod_spec = template["spec"]

@@ -33,6 +33,7 @@ Obj = dict[str, Any]
 _MEMORY_PER_PROCESS_MI = 4096
 _SHM_PER_LOADER_WORKER_MI = 256  # a few prefetched batches per worker pass through /dev/shm
 _SHM_MIN_MI = 1024
+TUNE_GRACE_S = 90  # a tuner pod's grace: the longest any of these pods asks for
 _RUN_AS_USER = 10001  # the Dockerfile's non-root user (above the range distributions give out)
 
 
@@ -171,6 +172,12 @@ def tolerations(spec: JobSpec) -> list[Obj]:
     return [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
+def grace_s(spec: JobSpec) -> int:
+    """SIGTERM to SIGKILL: a trainer checkpoints within a second or two; a tuner stops its trial's run (up to
+    60 s for its checkpoint) and records the trial as interrupted."""
+    return TUNE_GRACE_S if spec.tune is not None else 30
+
+
 def pod_spec(spec: JobSpec, fmt: Format) -> Obj:
     """The pod spec of one node of the job (the Job/JobSet template adds restart and DNS fields)."""
     out: Obj = {
@@ -179,8 +186,7 @@ def pod_spec(spec: JobSpec, fmt: Format) -> Obj:
         "initContainers": [preflight_container(spec, fmt)],
         "containers": [trainer_container(spec, fmt)],
         "volumes": volumes(spec),
-        # A tuner stops its trial's run (up to 60 s for its checkpoint) and records the trial as interrupted.
-        "terminationGracePeriodSeconds": 90 if spec.tune is not None else 30,
+        "terminationGracePeriodSeconds": grace_s(spec),
         # Service links would inject <SVC>_PORT variables, e.g. MASTER_PORT for a Service named "master".
         "enableServiceLinks": False,
     }

@@ -241,6 +241,9 @@ def _check_tune(spec: JobSpec, fmt: Format) -> None:
                         "--nodes MIN:MAX")
     if spec.tune.trials < 1:
         raise UserError(f"--trials must be at least 1 (got {spec.tune.trials})")
+    if not re.fullmatch(r"(\s*\d+\s*(,\s*\d+\s*)*)?", spec.tune.final_seeds):
+        raise UserError(f"--final-seeds {spec.tune.final_seeds!r} must be integers separated by commas, e.g. 0,1,2 "
+                        "('' for none): pod 0 would refuse it after the whole study")
     if spec.tune.processes < 1 or spec.procs_per_node % spec.tune.processes:
         raise UserError(f"--trial-processes {spec.tune.processes} must divide the {spec.procs_per_node} process(es) of a "
                         "pod (its GPUs, or 1 on the CPU): each worker of a tuner pod runs its trials on that many")

@@ -272,7 +272,9 @@ class Tuner:
             self._requeue(self.study._storage.get_trial(trial._trial_id), "interrupted")
         else:
             self.study.tell(trial, state=TrialState.FAIL)
-            self.say(f"trial {trial.number} failed: {outcome.error.splitlines()[0]}")
+            # The error's first line and the last of its log's tail; trials.csv holds the whole of it
+            lines = outcome.error.splitlines()
+            self.say(f"trial {trial.number} failed: {' '.join(lines[:1] + lines[1:][-1:])}")
 
 
 def run_workers(tuner: Tuner) -> None:

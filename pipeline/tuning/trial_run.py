@@ -27,7 +27,6 @@ import yaml
 from pipeline.distributed.launcher import free_port
 from pipeline.training.rundir import RESOLVED
 
-TRAIN = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 GRACE_S = 60.0  # SIGTERM to SIGKILL: the trainer finishes its step and writes a checkpoint first
 LOG_TAIL = 1500
 BEAT_S = 10.0
@@ -40,6 +39,9 @@ class TrialCommand:
     config: str
     overrides: tuple[str, ...]
     study: str
+    # launch/train.py beside the launch/tune.py that was started: found from the pipeline package it would be
+    # in site-packages wherever the package is installed rather than run from a checkout (the image)
+    script: Path
     threads: int  # per process
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of this worker's runs, one GPU a process
     processes: int = 1  # ranks of each run: DDP through accelerate launch (gloo on the CPU, NCCL on GPUs)
@@ -57,7 +59,7 @@ class TrialCommand:
     def argv(self, out: Path, params: list[str], resume: bool, name: str, final: bool = False) -> list[str]:
         """A trial never reads the test split (eval.score_test: false); a final run of the winner does, once."""
         role = ["wandb.job_type=tune-final"] if final else ["wandb.job_type=tune-trial", "eval.score_test=false"]
-        args = [*self.launcher(), str(TRAIN), "--config", self.config, *self.overrides, *params, *role,
+        args = [*self.launcher(), str(self.script), "--config", self.config, *self.overrides, *params, *role,
                 f"output_dir={out}", f"train.cpu_threads={self.threads}", "train.progress_bar=false",
                 "checkpoint.keep_last=1", f"wandb.group={self.study}", f"wandb.name={self.study}-{name}"]
         return args + (["--resume", "auto"] if resume else ["--overwrite"])

@@ -50,11 +50,12 @@ class TuneRequest:
     final_seeds: tuple[int, ...]
     folds: int | None
     cfg: Config  # the config with the user's overrides, loaded once: the folds, threads and baseline read it
+    script: Path  # launch/train.py, which each trial's run starts
     index: int = 0
     processes: int = 1  # ranks of each trial's run
 
     @classmethod
-    def from_args(cls, args) -> "TuneRequest":
+    def from_args(cls, args, script: Path) -> "TuneRequest":
         if (args.trials is not None and args.trials < 1) or args.workers < 1 or args.processes < 1:
             raise ConfigError(f"--trials ({args.trials}), --workers ({args.workers}) and --processes ({args.processes}) "
                               "must be at least 1")
@@ -74,7 +75,7 @@ class TuneRequest:
             raise ConfigError(f"--folds ({args.folds}) must be at least 1 (1: the data set's own validation split)")
         return cls(args.config, tuple(args.overrides), args.space, args.trials, args.workers, study,
                    Path(args.dir or f"runs/tune/{study}"), args.storage, args.timeout, args.pruner, args.seed, seeds,
-                   args.folds, cfg, args.index, args.processes)
+                   args.folds, cfg, script, args.index, args.processes)
 
 
 def _folds(request: TuneRequest) -> list[Path | None]:
@@ -109,7 +110,7 @@ def _commands(request: TuneRequest) -> list[TrialCommand]:
             return None
         return ",".join(gpus[(i * processes + j) % len(gpus)] for j in range(processes))
 
-    return [TrialCommand(request.config, request.overrides, request.study, threads, own(i), processes,
+    return [TrialCommand(request.config, request.overrides, request.study, request.script, threads, own(i), processes,
                          request.cfg.train.mixed_precision) for i in range(workers)]
 
 

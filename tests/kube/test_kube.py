@@ -646,14 +646,14 @@ def test_submit_chooses_canonical_streams_every_process_count_divides(config):
 def _tune(config: Path, **kw) -> dict:
     from pipeline.kube.build import tune_spec
 
-    storage = {k: kw.pop(k) for k in ("storage", "storage_secret", "storage_secret_key", "processes") if k in kw}
+    storage = {k: kw.pop(k) for k in ("storage", "storage_secret", "storage_secret_key", "processes", "final_seeds") if k in kw}
     tune = tune_spec(ROOT / "configs" / "search" / "sequences.yaml", kw.pop("trials", 40), config, [], **storage)
     return _spec(config, tune=tune, **kw)
 
 
 @pytest.mark.parametrize("variant", [{}, {"gpus_per_node": 0, "storage": "postgresql://u@db/tune"},
                                      {"storage_secret": "tune-db", "storage_secret_key": "dsn"},
-                                     {"gpus_per_node": 4, "processes": 2}])
+                                     {"gpus_per_node": 4, "processes": 2, "final_seeds": "7"}])
 def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     spec = _tune(config, **variant)
     docs = render(spec)
@@ -669,7 +669,7 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     assert flag["--study"] == spec.name and flag["--dir"] == f"/outputs/{spec.name}"
     processes = variant.get("processes", 1)
     assert flag["--workers"] == str(max(1, spec.gpus_per_node) // processes) and flag["--processes"] == str(processes)
-    assert flag["--index"] == "$(JOB_COMPLETION_INDEX)"
+    assert flag["--index"] == "$(JOB_COMPLETION_INDEX)" and flag["--final-seeds"] == variant.get("final_seeds", "0,1,2")
     assert flag.get("--storage") == variant.get("storage")
     env = {e["name"]: e for e in _container(pod, "trainer")["env"]}
     if "storage_secret" in variant:  # the URL reaches launch/tune.py's --storage default, never the Job's spec
@@ -693,6 +693,7 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     ({"storage": "postgresql://u@db/tune", "storage_secret": "db"}, "are alternatives"),
     ({"storage_secret": "Tune_DB"}, "storage secret"),
     ({"storage_secret": "db", "storage_secret_key": "a key"}, "--storage-secret-key"),
+    ({"final_seeds": "0;1"}, "--final-seeds '0;1' must be integers"),
 ])
 def test_a_bad_tuning_job_is_refused(config, kw, message):
     with pytest.raises(UserError, match=message):

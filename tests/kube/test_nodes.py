@@ -10,7 +10,9 @@ the figures measured are printed.
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -189,6 +191,26 @@ def test_a_config_error_in_a_pod_exits_2_which_fails_the_job_at_once(job):
                   "data.dir=/data", "output_dir=/tmp/out", "train.batch_size=0", check=False)
     assert proc.returncode == 2 and proc.returncode in TRAINER_BUG_CODES, proc.stderr[-3000:]
     assert "train.batch_size" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_tuning_job_played_as_pods_finishes_one_study_between_them(job, tmp_path):
+    """submit.py --tune --local: two tuner pods of the image share the study's journal on the output claim;
+    every trial runs once, in one of them, and pod 0 alone writes the report and trains the winner."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    j = job(["train.max_steps=30", "eval.every_steps=15", "checkpoint.every_steps=15"],
+            extra=["--tune", "--space", str(space), "--trials", "3", "--final-seeds", "0"])
+    j.submit()
+    assert j.wait(600) == {0: 0, 1: 0}, j.logs()
+    with open(j.output_dir / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["number"], r["state"]) for r in rows] == [("0", "complete"), ("1", "complete"), ("2", "complete")]
+    ran = [re.findall(r"\[tune\] trial (\d+): optim", j.log(i)) for i in (0, 1)]
+    assert sorted(ran[0] + ran[1]) == ["0", "1", "2"] and all(ran), ran
+    assert "tuner 0 writes the report" in j.log(1) and "trained with seeds" not in j.log(1)
+    final = json.loads((j.output_dir / "final.json").read_text())
+    assert final["complete"] and list(final["seeds"]) == ["0"] and final["test_mean"] > 0.3
+    assert (j.output_dir / "best.yaml").is_file() and not DIRTY.search(j.log(0) + j.log(1)), j.logs()
 
 
 def test_pods_have_their_own_network_stacks_and_filesystems(job):

@@ -101,7 +101,7 @@ def test_only_tuner_zero_trains_the_winner(index, seeds):
     args = SimpleNamespace(config=CONFIG, overrides=["data.dir=d"], space="s.yaml", trials=4, workers=1, study=None,
                            dir=None, storage=None, timeout=None, pruner="median", seed=0, final_seeds="0,1,2",
                            folds=None, index=index, processes=1)
-    assert TuneRequest.from_args(args).final_seeds == seeds
+    assert TuneRequest.from_args(args, ROOT / "launch" / "train.py").final_seeds == seeds
 
 
 # --- a list of candidates (a recipe comparison) ----------------------------------------------------

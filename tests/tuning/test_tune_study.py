@@ -32,6 +32,8 @@ from pipeline.tuning.trial_run import GRID, TrialCommand, planned_steps, progres
 
 FLOAT = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
 
+TRAIN = ROOT / "launch" / "train.py"
+
 
 def _journal_study(tmp_path, name="s"):
     return open_study(name, storage_for(None, tmp_path), seed=0, pruner="none")
@@ -95,7 +97,7 @@ def test_a_trial_that_cannot_run_is_failed_with_why_and_the_worker_goes_on(tmp_p
     study.enqueue_trial({"optim.lr": 0.5})  # the space's range ends at 0.1
     tuner = _tuner(study, tmp_path, trials=1)
     tuner.say = print
-    tuner.work(TrialCommand("unused.yaml", (), "s", threads=1))
+    tuner.work(TrialCommand("unused.yaml", (), "s", TRAIN, threads=1))
     (trial,) = study.get_trials()
     assert trial.state == TrialState.FAIL and "0.5" in trial.user_attrs["error"]
 
@@ -165,7 +167,7 @@ def test_a_hopeless_trial_is_pruned_at_its_evaluations_and_a_crash_is_recorded(f
                                 pruner=pruner_for("median", folds=1, startup=1))
     study.enqueue_trial({"optim.lr": 3e-3})
     study.enqueue_trial({"optim.lr": 1e-5})
-    command = TrialCommand(str(ROOT / "configs" / "sequences.yaml"), overrides, "p", threads=2)
+    command = TrialCommand(str(ROOT / "configs" / "sequences.yaml"), overrides, "p", TRAIN, threads=2)
     tuner = Tuner(study, space, [command], tmp_path, Budget(2, started=time.monotonic()), [None], say=print)
     tuner.work(command)
     good, hopeless = study.get_trials()
@@ -175,7 +177,7 @@ def test_a_hopeless_trial_is_pruned_at_its_evaluations_and_a_crash_is_recorded(f
     stopped = tmp_path / "trials" / "0001" / "summary.json"  # a run stopped by SIGTERM is paused, not finished
     assert not stopped.exists() or json.loads(stopped.read_text())["steps"] < 1000
 
-    bad = TrialCommand(command.config, (*overrides, "data.dataset=not-fsdd"), "p", threads=2)
+    bad = TrialCommand(command.config, (*overrides, "data.dataset=not-fsdd"), "p", TRAIN, threads=2)
     Tuner(study, space, [bad], tmp_path, Budget(3, started=time.monotonic()), [None], say=print).work(bad)
     crashed = study.get_trials()[2]
     assert crashed.state == TrialState.FAIL and not crashed.user_attrs.get(INTERRUPTED)
