@@ -29,7 +29,7 @@ def tune_set(name: str, work: Path, args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         argv = [PY, str(ROOT / "launch" / "tune.py"), "--config", str(ROOT / "configs" / "sequences.yaml"),
                 f"data.dir={data}", "wandb.mode=disabled", "--space", str(SPACE), "--trials", str(args.trials),
-                "--workers", str(args.workers), "--timeout", str(args.timeout), "--dir", str(study)]
+                "--workers", str(args.workers), "--timeout", str(args.timeout), "--pruner", args.pruner, "--dir", str(study)]
         with open(work / f"{name}.log", "w") as log:
             subprocess.run(argv, check=True, env=env_for_children(), stdout=log, stderr=subprocess.STDOUT)
         (study / "wall_s").write_text(f"{time.perf_counter() - start:.1f}\n")
@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--pruner", default="median", help="launch/tune.py --pruner; none gives every trial's whole curve "
+                   "to benchmarks/pruner_replay.py")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,8 @@ def main() -> None:
     for name in args.sets:
         say(f"{name}: tuning ({args.trials} trials, {args.workers} workers, at most {args.timeout:.0f} s)")
         results[name] = {**tune_set(name, args.work, args), "budget": {"trials": args.trials, "timeout_s": args.timeout,
-                                                                       "workers": args.workers}}
+                                                                       "workers": args.workers,
+                                                                       "pruner": args.pruner}}
         if args.out:
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     rows = []
