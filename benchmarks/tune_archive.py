@@ -13,6 +13,7 @@ not run again; the JSON gathers every set done so far.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import time
@@ -20,11 +21,14 @@ from pathlib import Path
 
 from benchmarks.archive_sets import PUBLISHED, PUBLISHED_NAMES, prepare_example
 from benchmarks.common import PY, ROOT, env_for_children, say, table
+from pipeline.tuning.study import PRUNERS
 
 SPACE = ROOT / "configs" / "search" / "sequences.yaml"
 
 def tune_set(name: str, work: Path, args: argparse.Namespace) -> dict:
-    data, study = prepare_example(name, work / "data" / name), work / "studies" / name
+    # A study under another pruner is another study: the median's keep the set's name alone
+    study = work / "studies" / (name if args.pruner == "median" else f"{name}-{args.pruner}")
+    data = prepare_example(name, work / "data" / name)
     if not (study / "final.json").is_file():
         start = time.perf_counter()
         argv = [PY, str(ROOT / "launch" / "tune.py"), "--config", str(ROOT / "configs" / "sequences.yaml"),
@@ -38,7 +42,15 @@ def tune_set(name: str, work: Path, args: argparse.Namespace) -> dict:
     wall = study / "wall_s"
     return {"trials": report["trials"], "complete": report["complete"], "pruned": report["pruned"],
             "failed": report["failed"], "best": report["best"], "final": final,
-            "wall_s": float(wall.read_text()) if wall.is_file() else None}
+            "wall_s": float(wall.read_text()) if wall.is_file() else None, "starts": starts(study)}
+
+
+def starts(study: Path) -> dict[str, float | None]:
+    """The validation accuracy (mean over the folds) of the trials queued before the sampler draws (the config
+    as given and the space's starting points): every study measures them, so a model can be chosen across sets."""
+    with open(study / "trials.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["origin"] != "drawn"]
+    return {r["origin"]: float(r["val_accuracy"]) if r["state"] == "complete" else None for r in rows}
 
 
 def main() -> None:
@@ -48,7 +60,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--pruner", default="median", help="launch/tune.py --pruner; none gives every trial's whole curve "
+    p.add_argument("--pruner", default="median", choices=PRUNERS, help="launch/tune.py --pruner; none gives every trial's whole curve "
                    "to benchmarks/pruner_replay.py")
     p.add_argument("--out", type=Path)
     args = p.parse_args()

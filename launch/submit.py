@@ -138,7 +138,7 @@ def _tune(args: argparse.Namespace):
 
     return tune_spec(args.space, args.trials, args.config, args.overrides, storage=args.storage,
                      storage_secret=args.storage_secret, storage_secret_key=args.storage_secret_key,
-                     processes=args.trial_processes or 1,
+                     processes=1 if args.trial_processes is None else args.trial_processes,
                      **({} if args.final_seeds is None else {"final_seeds": args.final_seeds}))
 
 

@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="trials at once on this machine, sharing its cores (threads "
                    "per trial = usable CPUs / workers) or taking one GPU each")
     p.add_argument("--processes", type=int, default=1, help="processes of each trial's run (accelerate launch, DDP: "
-                   "gloo on the CPU, one GPU each where present); a run's global batch is the same at any count")
+                   "gloo on the CPU, one GPU each where present); with train.global_batch_size set, a run's batches are the same at any count")
     p.add_argument("--study", help="the study's name (default: the config's and data set's names)")
     p.add_argument("--dir", help="the study directory (default runs/tune/STUDY)")
     p.add_argument("--storage", default=os.environ.get(STORAGE_VAR) or None,

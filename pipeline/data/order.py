@@ -59,7 +59,8 @@ class BatchLayout:
                 f"{', '.join(map(str, fits)) or 'none'}; or "
                 + (f"change train.batch_size so that it divides {global_batch} / {world_size}"
                    if global_batch % world_size == 0 else
-                   f"choose a world size that divides the global batch, or train.global_batch_size a multiple of {world_size}")
+                   f"choose a world size that divides the global batch, or train.global_batch_size a multiple of "
+                   f"{micro_batch} x {world_size}")
             )
         return cls(global_batch, micro_batch, world_size)
 

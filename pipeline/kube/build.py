@@ -45,7 +45,7 @@ def _shipped_manifest(cfg: Config) -> str:
 
 def tune_spec(space: str | Path, trials: int, config: str | Path, overrides: list[str], **storage: Any) -> TuneSpec:
     """--tune: the search space, validated against the config as launch/tune.py will, shipped byte for byte;
-    `storage`: TuneSpec's other fields (storage, processes per trial)."""
+    `storage`: TuneSpec's other fields (storage or its secret, processes per trial, final seeds)."""
     from pipeline.tuning.space import load_space
 
     load_space(space, config, overrides).study_size(trials)  # a list of candidates bounds the trials
@@ -95,6 +95,7 @@ def build_spec(config: str | Path, fmt: Format = "job", **options: Any) -> JobSp
     # Every rank count the job can have must divide its global batch, or the trainer refuses at start.
     for world in spec.world_sizes:
         BatchLayout.make(final.train.global_batch_size, final.train.batch_size, world,
+                         " (--trial-processes)" if spec.tune is not None else
                          f" ({world // spec.procs_per_node} node(s) x {spec.procs_per_node}, which this job can run with)")
     return _with_streams(spec, final, _sets_streams(config_text, overrides))
 

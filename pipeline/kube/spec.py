@@ -13,6 +13,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from pipeline.errors import UserError
+from pipeline.tuning import final_seeds
 
 Format = Literal["job", "jobset", "trainjob"]
 Rendezvous = Literal["static", "c10d"]
@@ -50,7 +51,7 @@ class TuneSpec:
     # A Secret holding the storage URL, read into OPTUNA_STORAGE: a password never sits in the Job's spec.
     storage_secret: str | None = None
     storage_secret_key: str = "url"
-    processes: int = 1  # ranks of each trial's run (launch/tune.py --processes): a pod's GPUs / this workers
+    processes: int = 1  # ranks of each trial's run (launch/tune.py --processes): a pod runs its GPUs / this trials at once
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,9 @@ class JobSpec:
 
     @property
     def world_sizes(self) -> list[int]:
-        """Every number of processes the job can run with (a tuning job's runs are each one process)."""
+        """Every number of processes the job can run with (a tuning job's: those of one trial's run)."""
         if self.tune is not None:
-            return [1]
+            return [self.tune.processes]
         low = self.min_nodes if self.elastic else self.nodes
         return [n * self.procs_per_node for n in range(low, self.nodes + 1)]
 
@@ -241,9 +242,7 @@ def _check_tune(spec: JobSpec, fmt: Format) -> None:
                         "--nodes MIN:MAX")
     if spec.tune.trials < 1:
         raise UserError(f"--trials must be at least 1 (got {spec.tune.trials})")
-    if not re.fullmatch(r"(\s*\d+\s*(,\s*\d+\s*)*)?", spec.tune.final_seeds):
-        raise UserError(f"--final-seeds {spec.tune.final_seeds!r} must be integers separated by commas, e.g. 0,1,2 "
-                        "('' for none): pod 0 would refuse it after the whole study")
+    final_seeds(spec.tune.final_seeds)  # said now, not by pod 0 once the study is over
     if spec.tune.processes < 1 or spec.procs_per_node % spec.tune.processes:
         raise UserError(f"--trial-processes {spec.tune.processes} must divide the {spec.procs_per_node} process(es) of a "
                         "pod (its GPUs, or 1 on the CPU): each worker of a tuner pod runs its trials on that many")

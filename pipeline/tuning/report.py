@@ -29,7 +29,12 @@ def winner(study: optuna.Study) -> FrozenTrial:
     if not done:
         raise ConfigError(f"study {study.study_name} has no completed trial yet: nothing to choose from. Run more "
                           "trials (the failed ones say why in the study's trials.csv)")
-    return max(done, key=lambda t: (t.value, -t.user_attrs.get("val_loss", float("inf")), -t.number))
+    return max(done, key=rank)
+
+
+def rank(trial: FrozenTrial) -> tuple:
+    """How complete trials are ordered: validation accuracy, ties to the lower validation loss, then the first."""
+    return trial.value, -trial.user_attrs.get("val_loss", float("inf")), -trial.number
 
 
 def write_best(study: optuna.Study, space: SearchSpace, config: str, overrides: list[str], study_dir: Path) -> Path:
@@ -50,9 +55,8 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
     state = "interrupted" if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") else t.state.name.lower()
     return {"number": t.number, "state": state, "origin": _origin(t), "val_accuracy": t.value,
             "val_loss": t.user_attrs.get("val_loss"), "steps": t.user_attrs.get("steps"),
-            "evaluations": len(t.intermediate_values), "seconds": t.user_attrs.get("seconds"),
-            **{f"param:{k}": v for k, v in t.params.items()},
-            "error": (t.user_attrs.get("error") or "").splitlines()[0] if t.user_attrs.get("error") else ""}
+            "reports": len(t.intermediate_values), "seconds": t.user_attrs.get("seconds"),
+            **{f"param:{k}": v for k, v in t.params.items()}, "error": t.user_attrs.get("error") or ""}
 
 
 def write_trials(study: optuna.Study, path: Path) -> list[dict[str, Any]]:

@@ -328,7 +328,7 @@ def load_space(path: str | Path, config: str | Path, overrides: list[str]) -> Se
         return _candidates(path, raw["candidates"], config, overrides)
     keys = _config_keys()
     params = {}
-    starts = raw.pop("start", None)
+    starts = raw.pop("start", [])  # a `start:` left empty is an empty list to _starts, which refuses it
     for key, spec in raw.items():
         if not _is_leaf(str(key), keys):
             raise ConfigError(f"search space {path}: {key!r} is not a config key (a setting such as optim.lr; "
@@ -340,5 +340,5 @@ def load_space(path: str | Path, config: str | Path, overrides: list[str]) -> Se
             except ConfigError as err:
                 raise ConfigError(f"search space {path}, key {key}: the value {value!r} is refused by the config: "
                                   f"{err}. Narrow the range") from None
-    found = {} if starts is None else _starts(path, starts, params, config, overrides)
+    found = _starts(path, starts, params, config, overrides) if starts != [] else {}
     return SearchSpace(path=str(path), params=params, starts=found)

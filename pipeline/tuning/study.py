@@ -14,14 +14,16 @@ against `--trials`.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -34,6 +36,8 @@ from pipeline.tuning.trial_run import BEAT_S, GRID, Outcome, TrialCommand, finis
 
 STALE_S = 12 * BEAT_S  # no heartbeat for this long: the trial's worker is gone
 RESUME_FROM, INTERRUPTED, ERROR, HEARTBEAT, ORIGIN = "resume_from", "interrupted", "error", "heartbeat", "origin"
+SETTINGS, QUEUED = "settings", "queued"  # study attributes: what its reports mean; its queue is in
+QUEUE_WAIT_S = 300.0  # how long a tuner of index > 0 waits for tuner 0's queue (tuner 0 may be making the folds)
 PRUNERS = ("median", "hyperband", "none")
 SCHEMA_TRIES = 5
 
@@ -92,19 +96,43 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int, prune
 
     existing = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     own = seed + 100_003 * index
-    return make(own if name not in existing else own + os.getpid() + int(time.time() * 1000) % 1_000_000)
+    study = make(own if name not in existing else own + os.getpid() + int(time.time() * 1000) % 1_000_000)
+    _same_settings(study, {"pruner": pruner, "folds": folds})
+    return study
 
 
-def enqueue_first(study: optuna.Study, space: SearchSpace, given: dict, trials: int) -> str:
+def _same_settings(study: optuna.Study, settings: dict) -> None:
+    """A study's reports are progress over its folds, pruned one way: a tuner that joins with another pruner or
+    another number of folds would mix two scales in one study, so it is refused."""
+    held = study.user_attrs.get(SETTINGS)
+    if held is None:
+        study.set_user_attr(SETTINGS, settings)
+    elif held != settings:
+        raise ConfigError(f"study {study.study_name} was begun with --pruner {held['pruner']} over {held['folds']} "
+                          f"fold(s), and this tuner asks for --pruner {settings['pruner']} over {settings['folds']}: one "
+                          "study prunes one way on one set of folds. Start it with the settings it was begun with, or "
+                          "name a new study (--study)")
+
+
+def enqueue_first(study: optuna.Study, space: SearchSpace, given: dict, trials: int, study_dir: Path,
+                  index: int = 0) -> str:
     """What a new study runs before its sampler draws (SearchSpace.queue), and a line saying so ('' where
     nothing): each candidate of a list, or the config as given (so that the winner is never a setting that
     validation rates below the untuned one) and the space's starting points. Every tuner of a study calls it
-    before asking for a trial, so that tuners started together never draw before the queue is in."""
-    queue = space.queue(given)
-    if study.get_trials(deepcopy=False) or not queue:
+    before asking for a trial, so that tuners started together never draw before the queue is in: tuners on
+    one machine or volume take turns under a lock in the study directory, and tuners started together on
+    several (`index` > 0) leave the queue to tuner 0 and wait for it."""
+    if index > 0:
+        _wait_for_queue(study)
         return ""
-    for origin, values in queue:
-        study.enqueue_trial(values, user_attrs={ORIGIN: origin}, skip_if_exists=True)
+    queue = space.queue(given)
+    with _locked(study_dir / ".queue.lock"):
+        if study.get_trials(deepcopy=False) or not queue:
+            study.set_user_attr(QUEUED, True)
+            return ""
+        for origin, values in queue:
+            study.enqueue_trial(values, user_attrs={ORIGIN: origin}, skip_if_exists=True)
+        study.set_user_attr(QUEUED, True)
     if space.candidates:
         return f"the trials are the {len(queue)} candidates of {space.path}, in its order"
     line = "first, before the sampler draws: " + ", ".join(origin for origin, _ in queue)
@@ -114,6 +142,20 @@ def enqueue_first(study: optuna.Study, space: SearchSpace, given: dict, trials: 
     if trials < len(queue):
         line += f"; --trials {trials} runs the first {trials} of them"
     return line
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _wait_for_queue(study: optuna.Study) -> None:
+    deadline = time.monotonic() + QUEUE_WAIT_S
+    while not study.user_attrs.get(QUEUED) and time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:

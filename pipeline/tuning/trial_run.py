@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import signal
 import subprocess
@@ -96,8 +95,10 @@ def planned_steps(out: Path) -> int | None:
 
 
 def progress(step: int, total: int) -> int:
-    """How far into a run of `total` steps a step is, in twentieths rounded up (1..GRID)."""
-    return max(1, min(GRID, math.ceil(GRID * step / max(1, total))))
+    """The twentieths of a run of `total` steps done by `step`, rounded down (0..GRID): the first evaluation at
+    or after each twentieth reports it, so trials that evaluate often or seldom are compared at the same share
+    of their runs, give or take one of their evaluations."""
+    return max(0, min(GRID, GRID * step // max(1, total)))
 
 
 def evaluations(out: Path) -> list[tuple[int, float, float]]:
@@ -165,7 +166,11 @@ def finished_run(out: Path, log: Path | None = None) -> Outcome:
 def _finished(proc: subprocess.Popen, out: Path, log: Path) -> Outcome:
     if proc.returncode == 0 and (out / "summary.json").is_file():
         return finished_run(out, log)
-    return Outcome("failed", error=f"the run exited {proc.returncode}; its log {log} ends:\n{_tail(log)}")
+    tail = _tail(log)
+    # A free port can be taken by another worker's launch before this run's ranks bind it: not the setting's
+    # fault, so the trial is queued to run again (on a new port) instead of failing for good
+    state = "interrupted" if "EADDRINUSE" in tail or "address already in use" in tail.lower() else "failed"
+    return Outcome(state, error=f"the run exited {proc.returncode}; its log {log} ends:\n{tail}")
 
 
 def watch(argv: list[str], env: dict[str, str], out: Path, log: Path, beat: Callable[[], None],

@@ -14,6 +14,7 @@ from pipeline.config import Config, load_config
 from pipeline.data.manifest import load_manifest
 from pipeline.data.order import BatchLayout
 from pipeline.errors import ConfigError
+from pipeline.tuning import final_seeds
 from pipeline.tuning.final import train_final
 from pipeline.tuning.folds import fold_count, prepare_folds
 from pipeline.tuning.report import write_report
@@ -61,10 +62,7 @@ class TuneRequest:
                               "must be at least 1")
         if args.timeout is not None and not args.timeout > 0:
             raise ConfigError(f"--timeout ({args.timeout}) must be a positive number of seconds")
-        try:
-            seeds = tuple(int(s) for s in args.final_seeds.split(",") if s.strip()) if args.index == 0 else ()
-        except ValueError:
-            raise ConfigError(f"--final-seeds {args.final_seeds!r} must be integers separated by commas, e.g. 0,1,2") from None
+        seeds = final_seeds(args.final_seeds) if args.index == 0 else ()
         cfg = load_config(args.config, args.overrides)  # a bad config or override is said before any trial
         study = args.study or f"{Path(args.config).stem}-{Path(cfg.data.dir).name}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
@@ -145,7 +143,7 @@ def tune(request: TuneRequest) -> int:
     folds = _folds(request)
     study = open_study(request.study, storage_for(request.storage, request.dir), request.seed, request.pruner,
                        request.index, trials, len(folds))
-    queued = enqueue_first(study, space, space.of(request.cfg), trials)
+    queued = enqueue_first(study, space, space.of(request.cfg), trials, request.dir, request.index)
     if queued:
         say(queued)
     say(f"study {request.study} in {request.dir}: {trials} trials, {request.workers} worker(s) of "

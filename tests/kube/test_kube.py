@@ -693,7 +693,10 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     ({"storage": "postgresql://u@db/tune", "storage_secret": "db"}, "are alternatives"),
     ({"storage_secret": "Tune_DB"}, "storage secret"),
     ({"storage_secret": "db", "storage_secret_key": "a key"}, "--storage-secret-key"),
-    ({"final_seeds": "0;1"}, "--final-seeds '0;1' must be integers"),
+    ({"final_seeds": "0;1"}, "--final-seeds '0;1' must be seeds"),
+    ({"gpus_per_node": 4, "processes": 4, "overrides": ["train.batch_size=16", "train.global_batch_size=32"]},
+     r"global_batch_size 32 is not a whole number of micro-batches .* on 4 process\(es\) \(--trial-processes\)"),
+    ({"final_seeds": "0,-1"}, "--final-seeds '0,-1' must be seeds"),
 ])
 def test_a_bad_tuning_job_is_refused(config, kw, message):
     with pytest.raises(UserError, match=message):

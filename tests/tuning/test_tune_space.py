@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import optuna
 import pytest
@@ -182,7 +183,7 @@ def test_starting_points_follow_the_config_as_given_each_over_it(tmp_path):
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     from pipeline.tuning.study import enqueue_first
 
-    line = enqueue_first(study, space, given, trials=2)
+    line = enqueue_first(study, space, given, 2, tmp_path)
     assert "not the config as given: optim.lr=0.05 lie outside" in line and "--trials 2 runs the first 2" in line
     drawn = space.suggest(study.ask())
     assert (drawn["optim.lr"], drawn["model.frontend"], drawn["data.jitter"]) == (0.01, "none", 0.0)
@@ -194,13 +195,55 @@ def test_the_shipped_starting_points_are_configs_the_study_runs_first(tmp_path):
     space = load_space(ROOT / "configs" / "search" / "sequences.yaml", CONFIG, [])
     assert set(space.starts) == {"per-series", "fcn-branch"}
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    assert "the config as given, start per-series, start fcn-branch" in enqueue_first(study, space, space.of(load_config(CONFIG)), 40)
+    assert "the config as given, start per-series, start fcn-branch" in enqueue_first(study, space, space.of(load_config(CONFIG)), 40, tmp_path)
     drawn = [space.suggest(study.ask()) for _ in range(3)]
     assert drawn[1] == {**drawn[0], "model.series_norm": True} and drawn[0]["model.series_norm"] is False
     assert (drawn[2]["model.conv_branch"], drawn[2]["model.frontend"], drawn[2]["model.readout_dropout"]) == (True, "none", 0.8)
     for values in drawn:
         load_config(CONFIG, space.overrides(values))
-    assert enqueue_first(study, space, {}, 40) == "", "a study that has trials queues nothing again"
+    assert enqueue_first(study, space, {}, 40, tmp_path) == "", "a study that has trials queues nothing again"
+
+
+def test_tuners_started_together_queue_the_starting_points_once(tmp_path, monkeypatch):
+    """Four tuners of one new study on one journal at the same moment: one queue between them. A tuner of index
+    > 0 (a pod of a tuning job) leaves the queue to tuner 0, waiting for it."""
+    import threading
+
+    from pipeline.tuning import study as study_mod
+
+    space = load_space(ROOT / "configs" / "search" / "sequences.yaml", CONFIG, [])
+    given = space.of(load_config(CONFIG))
+    ready = threading.Barrier(4)
+
+    def tuner() -> None:
+        study = study_mod.open_study("s", study_mod.storage_for(None, tmp_path), seed=0, pruner="median")
+        ready.wait()
+        study_mod.enqueue_first(study, space, given, 40, tmp_path)
+
+    threads = [threading.Thread(target=tuner) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    study = study_mod.open_study("s", study_mod.storage_for(None, tmp_path), seed=0, pruner="median")
+    assert len(study.get_trials()) == len(space.queue(given)) == 3
+
+    monkeypatch.setattr(study_mod, "QUEUE_WAIT_S", 0.5)
+    late = optuna.create_study(direction="maximize")
+    started = time.monotonic()
+    assert study_mod.enqueue_first(late, space, given, 40, tmp_path / "late", index=1) == ""
+    assert late.get_trials() == [] and time.monotonic() - started >= 0.5, "tuner 1 waited, and queued nothing"
+
+
+def test_a_study_is_joined_only_with_the_pruner_and_folds_it_was_begun_with(tmp_path):
+    from pipeline.tuning.study import open_study, storage_for
+
+    open_study("s", storage_for(None, tmp_path), seed=0, pruner="median", folds=3)
+    open_study("s", storage_for(None, tmp_path), seed=0, pruner="median", folds=3)
+    with pytest.raises(ConfigError, match="begun with --pruner median over 3 fold"):
+        open_study("s", storage_for(None, tmp_path), seed=0, pruner="hyperband", folds=3)
+    with pytest.raises(ConfigError, match="asks for --pruner median over 1"):
+        open_study("s", storage_for(None, tmp_path), seed=0, pruner="median", folds=1)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -213,6 +256,7 @@ def test_the_shipped_starting_points_are_configs_the_study_runs_first(tmp_path):
     ("start:\n  - {name: a, set: {}}\n", r"start\[0\]: set"),
     ("start:\n  - {name: a, set: {optim.lr: 0.01}}\n  - {name: a, set: {optim.lr: 0.001}}\n", "two starting points are named 'a'"),
     ("start: {name: a}\n", "must list starting points"),
+    ("start:\n", "must list starting points"),
     ("start:\n  - {name: a, set: {optim.lr: 0.01}, lr: 1}\n", r"start\[0\]: lr"),
 ])
 def test_a_bad_starting_point_is_refused_naming_it(tmp_path, text, message):

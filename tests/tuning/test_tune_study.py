@@ -132,7 +132,7 @@ def test_progress_is_the_share_of_the_run_in_twentieths(tmp_path):
     assert planned_steps(tmp_path) is None, "before the run has written its length"
     (tmp_path / "resolved.yaml").write_text("model.frame: 4\ntrain.max_steps: 600\n")
     total = planned_steps(tmp_path)
-    assert [progress(s, total) for s in (1, 30, 31, 300, 599, 600)] == [1, 1, 2, 10, 20, 20]
+    assert [progress(s, total) for s in (1, 29, 30, 31, 300, 599, 600)] == [0, 0, 1, 1, 10, 19, 20]
 
 
 @pytest.mark.parametrize("name", ["median", "hyperband"])
@@ -184,3 +184,22 @@ def test_a_hopeless_trial_is_pruned_at_its_evaluations_and_a_crash_is_recorded(f
     assert "exited 2" in crashed.user_attrs["error"] and "not-fsdd" in crashed.user_attrs["error"]
     assert len(study.get_trials()) == 3, "a crashed trial is not retried"
     assert threading.active_count() >= 1
+
+
+def test_a_run_that_lost_its_port_is_run_again_and_a_crash_is_not(tmp_path):
+    """Another worker's launch can take the free port a run was given before its ranks bind it: the trial is
+    queued to run again, where a run that crashed on its own is a failed trial."""
+    import subprocess
+    import sys
+
+    from pipeline.tuning.trial_run import _finished
+
+    log = tmp_path / "run.log"
+    for text, state in [("torch.distributed.DistNetworkError: ... port: 29500, useIpv6: false, code: -98, name: "
+                         "EADDRINUSE, message: address already in use", "interrupted"),
+                        ("ValueError: model.hidden_size must be positive", "failed")]:
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-c", f"import sys; print({text!r}); sys.exit(1)"], stdout=f)
+            proc.wait()
+        outcome = _finished(proc, tmp_path / "out", log)
+        assert outcome.state == state and text in outcome.error
