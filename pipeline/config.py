@@ -114,10 +114,12 @@ class ModelConfig(_Section):
         "length / 64, rounded up (1 for sequences of up to 64 steps); whole: the train split's longest length (at most "
         "1024), so that the recurrent layers read a series in one step, LSTM-FCN's 'dimension shuffle', while a "
         "branch with model.conv_branch_input: steps reads its steps; each fixed when the run starts")
-    series_norm: bool = Field(
+    series_norm: Union[bool, Literal["both"]] = Field(
         False, description="Standardise each sequence by its own mean and std per channel over its valid steps, "
         "before the frames (after the data set's per-channel statistics): for series whose level or scale says "
-        "nothing of their class")
+        "nothing of their class. both: the values as the data set's statistics give them and each sequence's own "
+        "standardised beside them (twice the features), for data where level tells some classes apart and shape "
+        "others")
     frontend: Literal["none", "conv"] = Field(
         "none", description="conv: temporal convolution blocks (model.conv_*) read the steps (after the frames) and the "
         "recurrent layers read their output, each sequence only as far as it goes (DeepConvLSTM / CNN-LSTM)")

@@ -27,6 +27,7 @@ class SequenceClassifier(nn.Module):
         if length_mode not in LENGTH_MODES:
             raise ValueError(f"length_mode must be one of {LENGTH_MODES}, not {length_mode!r}")
         self.cfg = cfg
+        input_size *= 2 if cfg.series_norm == "both" else 1
         # Not in ModelConfig: it changes how padding is skipped, never the weights or what they compute.
         self.length_mode = length_mode
         # The FCN branch reads the frames, as the recurrent layers do, or every step (conv_branch_input): on the
@@ -103,7 +104,7 @@ class SequenceClassifier(nn.Module):
 
     def _standardised(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         """Padding zeroed (a frame that straddles a sequence's end must not read it) and, with model.series_norm,
-        each sequence standardised over its own valid steps."""
+        each sequence standardised over its own valid steps (beside its values as given, with `both`)."""
         steps = x.shape[1]
         valid = None
         if lengths is not None:
@@ -114,7 +115,8 @@ class SequenceClassifier(nn.Module):
             mean = x.sum(1, keepdim=True) / count
             centred = x - mean if valid is None else (x - mean) * valid
             std = (centred.pow(2).sum(1, keepdim=True) / count).sqrt()
-            x = centred / (std + 1e-5)  # a constant channel stays 0 rather than dividing by nothing
+            own = centred / (std + 1e-5)  # a constant channel stays 0 rather than dividing by nothing
+            x = torch.cat([x, own], dim=-1) if self.cfg.series_norm == "both" else own
         return x
 
     def _frames(self, x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

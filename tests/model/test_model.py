@@ -173,13 +173,13 @@ def test_int32_lengths_and_unknown_mode():
         SequenceClassifier(ModelConfig(), input_size=28, num_classes=10, length_mode="sorted")
 
 
-@pytest.mark.parametrize("frame,series_norm", [(3, False), (1, True), (4, True)])
+@pytest.mark.parametrize("frame,series_norm", [(3, False), (1, True), (4, True), (4, "both")])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_frames_and_series_norm_keep_the_padding_out(sequences, frame, series_norm, bidirectional):
     """Frames of k steps (the last one straddling a sequence's end) and per-series standardisation over the
     valid steps: a sequence's logits are still its own, alone or beside longer garbage-padded ones."""
     model = _model(dict(bidirectional=bidirectional, readout="last_max", frame=frame, series_norm=series_norm))
-    assert model.rnn.input_size == FEATURES * frame
+    assert model.rnn.input_size == FEATURES * frame * (2 if series_norm == "both" else 1)
     assert _batch_vs_alone_error(model, sequences) < ATOL
     x, lengths = _padded(sequences[-1:])  # the longest: no padding, so lengths=None reads the same steps
     with torch.no_grad():
@@ -192,3 +192,19 @@ def test_series_norm_ignores_each_series_level_and_scale(sequences):
     shifted = x * 7.5 + 100.0  # padding moves too: it must not matter
     with torch.no_grad():
         assert torch.allclose(model(x, lengths), model(shifted, lengths), atol=1e-4)
+
+
+def test_both_norms_read_each_series_as_given_and_standardised(sequences):
+    """series_norm: both hands the layers the values as given beside each series' own standardised ones: the
+    second half of the features is blind to a series' level and scale, the first half is not."""
+    model = _model(dict(series_norm="both", readout="last_max"))
+    x, lengths = _padded(sequences)
+    shifted = x * 7.5 + 100.0
+    with torch.no_grad():
+        given, alone = model._standardised(x, lengths), _model(dict(series_norm=True))._standardised(x, lengths)
+        assert given.shape[-1] == 2 * FEATURES
+        torch.testing.assert_close(given[..., FEATURES:], alone)
+        valid = (torch.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
+        torch.testing.assert_close(given[..., :FEATURES], x * valid, msg="the values as given, padding zeroed")
+        torch.testing.assert_close(model._standardised(shifted, lengths)[..., FEATURES:], alone, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(model(x, lengths), model(shifted, lengths), atol=1e-4)

@@ -38,10 +38,13 @@ COMBINATIONS = [
     if (frontend == "conv" or branch) and (stride == 1 or frontend == "conv")
     and (branch_input == "frames" or (branch and frame > 1))
 ]
+# Each sequence's values as given beside its own standardised ones, into every convolutional module
+BOTH_NORMS = [dict(c, series_norm="both") for c in COMBINATIONS if c["frontend"] == "conv" and c["conv_branch"]][-2:]
 
 
 def _conv_id(cfg: dict) -> str:
-    parts = [*(["batch-norm"] if cfg.get("conv_norm") == "batch" else []), f"front-{cfg['frontend']}", ("branch" + ("-steps" if cfg.get("conv_branch_input") == "steps" else "")) if cfg["conv_branch"] else "no-branch", f"stride{cfg['conv_stride']}",
+    parts = [*(["batch-norm"] if cfg.get("conv_norm") == "batch" else []),
+             *(["both-norms"] if cfg.get("series_norm") == "both" else []), f"front-{cfg['frontend']}", ("branch" + ("-steps" if cfg.get("conv_branch_input") == "steps" else "")) if cfg["conv_branch"] else "no-branch", f"stride{cfg['conv_stride']}",
              "excite" if cfg["conv_excite"] else "plain", f"frame{cfg['frame']}", "bi" if cfg["bidirectional"] else "uni"]
     return "-".join(parts)
 
@@ -50,7 +53,7 @@ def _conv_model(cfg: dict, seed: int = 0):
     return _model(dict(readout="last_max", **SMALL, **cfg), seed=seed)
 
 
-@pytest.mark.parametrize("cfg", COMBINATIONS, ids=_conv_id)
+@pytest.mark.parametrize("cfg", COMBINATIONS + BOTH_NORMS, ids=_conv_id)
 def test_a_sequence_reads_the_same_alone_and_in_a_padded_batch(sequences, cfg):
     model = _conv_model(cfg)
     assert _batch_vs_alone_error(model, sequences) < ATOL
