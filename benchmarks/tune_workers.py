@@ -21,7 +21,8 @@ from pathlib import Path
 from benchmarks.common import PY, ROOT, env_for_children, median, say
 
 SPACE = "optim.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n"
-RUN = ("wandb.mode=disabled", "model.frontend=none", "model.hidden_size=64", "train.epochs=null",
+RUN = ("wandb.mode=disabled", "model.frontend=none", "model.conv_branch=false", "model.readout_dropout=0.0",
+       "model.series_norm=false", "model.hidden_size=64", "train.epochs=null",
        "train.min_steps=null", "eval.every_epochs=null", "eval.every_steps=100", "checkpoint.every_steps=1000",
        "train.cpu_threads=1")
 

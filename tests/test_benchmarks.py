@@ -133,7 +133,7 @@ def test_archive_models_smoke(tmp_path, examples):
     second call reads the finished runs instead of training them again."""
     out = tmp_path / "models.json"
     args = ("benchmarks/archive_models.py", "--candidate", "front", "train.min_steps=20", "train.epochs=1",
-            "--candidate", "plain", "model.frontend=none", "train.min_steps=20", "train.epochs=1",
+            "--candidate", "plain", "model.frontend=none", "model.conv_branch=false", "train.min_steps=20", "train.epochs=1",
             "--sets", "JapaneseVowels", "--seeds", "1", "--work", str(tmp_path / "work"), "--out", str(out))
     run_py(*args, check=True, timeout=600)
     report = json.loads(out.read_text())

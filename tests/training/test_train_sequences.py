@@ -21,7 +21,8 @@ from pipeline.config import load_config
 pytestmark = pytest.mark.slow
 
 CONFIG = "configs/sequences.yaml"
-# configs/sequences.yaml's convolutional front-end, narrower: what these tests claim holds at any width.
+# configs/sequences.yaml's model (the LSTM and the FCN branch over both normalisations), narrower: what these
+# tests claim holds at any width.
 SHORT = ("model.hidden_size=32", "model.conv_channels=[16,32,16]", "train.max_steps=60", "eval.every_epochs=null", "eval.every_steps=30", "checkpoint.every_steps=30",
          "train.log_every_steps=10", "train.batch_size=16", "train.global_batch_size=32", "wandb.mode=disabled")
 # Drawn from (seed, epoch, sample id): a run augments each sample the same way at any world size or placement.

@@ -168,14 +168,14 @@ def test_starting_points_follow_the_config_as_given_each_over_it(tmp_path):
                             "  - {name: as-given, set: {data.jitter: 0}}\n")
     space = load_space(path, CONFIG, [])
     assert space.starts["as-given"].set == {"data.jitter": 0.0} and type(space.starts["as-given"].set["data.jitter"]) is float
-    given = space.of(load_config(CONFIG))
+    given = space.of(load_config(CONFIG, ["model.frontend=conv"]))
     assert given == {"optim.lr": 0.003, "model.frontend": "conv", "data.jitter": 0.0}
     assert space.queue(given) == [("the config as given", given),
                                   ("start plain-fast", {**given, "optim.lr": 0.01, "model.frontend": "none"}),
                                   ("start plain", {**given, "model.frontend": "none"})], "a start equal to an earlier entry is dropped"
     assert list(space.params) == ["optim.lr", "model.frontend", "data.jitter"], "start is not a key of the space"
     # A config the space does not hold (a learning rate above its range): not queued; the starts keep its other values.
-    given = space.of(load_config(CONFIG, ["optim.lr=0.05"]))
+    given = space.of(load_config(CONFIG, ["model.frontend=conv", "optim.lr=0.05"]))
     assert space.outside(given) == ["optim.lr=0.05"]
     assert space.queue(given) == [("start plain-fast", {"optim.lr": 0.01, "model.frontend": "none", "data.jitter": 0.0}),
                                   ("start plain", {"model.frontend": "none", "data.jitter": 0.0}),
@@ -193,12 +193,14 @@ def test_the_shipped_starting_points_are_configs_the_study_runs_first(tmp_path):
     from pipeline.tuning.study import enqueue_first
 
     space = load_space(ROOT / "configs" / "search" / "sequences.yaml", CONFIG, [])
-    assert set(space.starts) == {"per-series", "fcn-branch"}
+    assert set(space.starts) == {"per-series", "conv-frontend"}
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    assert "the config as given, start per-series, start fcn-branch" in enqueue_first(study, space, space.of(load_config(CONFIG)), 40, tmp_path)
+    assert "the config as given, start per-series, start conv-frontend" in enqueue_first(study, space, space.of(load_config(CONFIG)), 40, tmp_path)
     drawn = [space.suggest(study.ask()) for _ in range(3)]
-    assert drawn[1] == {**drawn[0], "model.series_norm": True} and drawn[0]["model.series_norm"] is False
-    assert (drawn[2]["model.conv_branch"], drawn[2]["model.frontend"], drawn[2]["model.readout_dropout"]) == (True, "none", 0.8)
+    assert drawn[1] == {**drawn[0], "model.series_norm": True} and drawn[0]["model.series_norm"] == "both"
+    assert (drawn[0]["model.conv_branch"], drawn[0]["model.frontend"], drawn[0]["model.readout_dropout"]) == (True, "none", 0.8)
+    assert drawn[2] == {**drawn[0], "model.frontend": "conv", "model.conv_branch": False, "model.readout_dropout": 0.0,
+                        "model.series_norm": False}
     for values in drawn:
         load_config(CONFIG, space.overrides(values))
     assert enqueue_first(study, space, {}, 40, tmp_path) == "", "a study that has trials queues nothing again"

@@ -123,7 +123,8 @@ def test_folds_are_stratified_balanced_and_each_case_validates_once(fsdd_shards,
 
 # 20 evaluations in runs of 1,000 steps: with the pruner's warm-up the hopeless trial is pruned at 35% of its
 # run, and a run of 200 steps (5 s on an idle machine) once ended before the SIGTERM that pruned it arrived.
-COMMON = ("data.dir={data}", "wandb.mode=disabled", "model.frontend=none", "model.bidirectional=false",
+COMMON = ("data.dir={data}", "wandb.mode=disabled", "model.frontend=none", "model.conv_branch=false",
+          "model.readout_dropout=0.0", "model.series_norm=false", "model.bidirectional=false",
           "model.hidden_size=16", "train.epochs=null", "train.min_steps=null", "train.max_steps=1000",
           "eval.every_epochs=null", "eval.every_steps=50", "checkpoint.every_steps=500", "schedule.warmup_steps=5")
 
