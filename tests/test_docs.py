@@ -31,9 +31,14 @@ def _text(page: Path) -> str:
 
 
 def _commands(text: str) -> list[str]:
-    """Shell lines of the page's code blocks and inline code, continuation lines joined."""
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
-    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    """Shell lines of the page's code blocks (bash, sh or unmarked) and inline code, continuation lines joined.
+    Fences are paired line by line: a closing fence is never read as the opening of a block of prose."""
+    lines, kind = [], None
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.lstrip().startswith("```"):
+            kind = line.lstrip()[3:].strip() if kind is None else None
+        elif kind in ("bash", "sh", ""):
+            lines.append(line)
     return lines + re.findall(r"`([^`\n]*(?:launch|benchmarks)/\w+\.py[^`\n]*)`", text)
 
 
