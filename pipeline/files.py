@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 
 def sha256_file(path: str | Path) -> str:
@@ -21,6 +23,15 @@ def sha256_stream(stream: BinaryIO) -> str:
     for chunk in iter(lambda: stream.read(1 << 20), b""):
         h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Held by one process at a time, on this machine or a shared volume: the others wait at `with`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

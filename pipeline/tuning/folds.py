@@ -13,7 +13,6 @@ the test split is not copied, nor read.
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.data.prepare import ShardOptions, prepare
 from pipeline.data.store import ShardStore, load_split_arrays
 from pipeline.errors import ConfigError
+from pipeline.files import exclusive_lock
 
 MIN_VAL = 400  # validation cases below which a study cross-validates (the standard error of 0.8 there is 0.02)
 FOLDS = 3
@@ -71,8 +71,7 @@ def prepare_folds(data_dir: str, study_dir: Path, folds: int, seed: int, say: Ca
     home = study_dir / "folds" / f"k{folds}-seed{seed}"
     home.mkdir(parents=True, exist_ok=True)
     targets = [home / f"fold-{k}" for k in range(folds)]
-    with open(home / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the other tuners wait here, then find the folds made
+    with exclusive_lock(home / ".lock"):  # the other tuners wait here, then find the folds made
         if not all((t / "manifest.json").is_file() for t in targets):
             _write_folds(data_dir, manifest, targets, seed)
     say(f"{folds}-fold cross-validation over the train and val cases of {data_dir} (its val split holds "

@@ -14,23 +14,21 @@ against `--trials`.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import statistics
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from pipeline.errors import ConfigError
-from pipeline.files import mask_url
+from pipeline.files import exclusive_lock, mask_url
 from pipeline.tuning.space import SearchSpace
 from pipeline.tuning.trial_run import BEAT_S, GRID, Outcome, TrialCommand, finished_run, planned_steps, progress, watch
 
@@ -126,7 +124,7 @@ def enqueue_first(study: optuna.Study, space: SearchSpace, given: dict, trials: 
         _wait_for_queue(study)
         return ""
     queue = space.queue(given)
-    with _locked(study_dir / ".queue.lock"):
+    with exclusive_lock(study_dir / ".queue.lock"):
         if study.get_trials(deepcopy=False) or not queue:
             study.set_user_attr(QUEUED, True)
             return ""
@@ -142,14 +140,6 @@ def enqueue_first(study: optuna.Study, space: SearchSpace, given: dict, trials: 
     if trials < len(queue):
         line += f"; --trials {trials} runs the first {trials} of them"
     return line
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _wait_for_queue(study: optuna.Study) -> None:
