@@ -13,7 +13,6 @@ not run again; the JSON gathers every set done so far.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.archive_sets import PUBLISHED, PUBLISHED_NAMES, prepare_example
 from benchmarks.common import PY, ROOT, env_for_children, say, table
+from benchmarks.fold_choice import queued
 from pipeline.tuning.study import PRUNERS
 
 SPACE = ROOT / "configs" / "search" / "sequences.yaml"
@@ -42,15 +42,9 @@ def tune_set(name: str, work: Path, args: argparse.Namespace) -> dict:
     wall = study / "wall_s"
     return {"trials": report["trials"], "complete": report["complete"], "pruned": report["pruned"],
             "failed": report["failed"], "best": report["best"], "final": final,
-            "wall_s": float(wall.read_text()) if wall.is_file() else None, "starts": starts(study)}
-
-
-def starts(study: Path) -> dict[str, float | None]:
-    """The validation accuracy (mean over the folds) of the trials queued before the sampler draws (the config
-    as given and the space's starting points): every study measures them, so a model can be chosen across sets."""
-    with open(study / "trials.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["origin"] != "drawn"]
-    return {r["origin"]: float(r["val_accuracy"]) if r["state"] == "complete" else None for r in rows}
+            "wall_s": float(wall.read_text()) if wall.is_file() else None,
+            # the config as given and the starting points, measured by every study: a model chosen across sets
+            "starts": queued(study / "trials.csv")}
 
 
 def main() -> None:
