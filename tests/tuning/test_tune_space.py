@@ -193,14 +193,16 @@ def test_the_shipped_starting_points_are_configs_the_study_runs_first(tmp_path):
     from pipeline.tuning.study import enqueue_first
 
     space = load_space(ROOT / "configs" / "search" / "sequences.yaml", CONFIG, [])
-    assert set(space.starts) == {"per-series", "conv-frontend"}
+    assert set(space.starts) == {"per-series", "conv-frontend", "augment"}
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    assert "the config as given, start per-series, start conv-frontend" in enqueue_first(study, space, space.of(load_config(CONFIG)), 40, tmp_path)
-    drawn = [space.suggest(study.ask()) for _ in range(3)]
+    assert "the config as given, start per-series, start conv-frontend, start augment" in \
+        enqueue_first(study, space, space.of(load_config(CONFIG)), 40, tmp_path)
+    drawn = [space.suggest(study.ask()) for _ in range(4)]
     assert drawn[1] == {**drawn[0], "model.series_norm": True} and drawn[0]["model.series_norm"] == "both"
     assert (drawn[0]["model.conv_branch"], drawn[0]["model.frontend"], drawn[0]["model.readout_dropout"]) == (True, "none", 0.8)
     assert drawn[2] == {**drawn[0], "model.frontend": "conv", "model.conv_branch": False, "model.readout_dropout": 0.0,
                         "model.series_norm": False}
+    assert drawn[3] == {**drawn[0], "data.jitter": 0.1, "data.scale": 0.1, "data.time_mask": 0.1}
     for values in drawn:
         load_config(CONFIG, space.overrides(values))
     assert enqueue_first(study, space, {}, 40, tmp_path) == "", "a study that has trials queues nothing again"
