@@ -3,7 +3,7 @@
 A validation split of a few dozen cases moves in steps of several points: 27 cases (JapaneseVowels) or
 4 (ArrowHead) cannot rank candidates that differ by one or two. Below MIN_VAL cases, the study pools the
 prepared train and val splits and cuts them into FOLDS stratified folds; each trial trains once per fold,
-validating on it, and is scored by the mean, so every non-test case validates exactly once. k-fold rather
+validating on it, and is scored over all the folds' cases, so every non-test case validates exactly once. k-fold rather
 than repeated hold-out: no case counts twice and none is left out, at the same cost of one run per fold.
 Three folds, not five or ten: a trial costs a run per fold, and three already validate on every case.
 

@@ -25,10 +25,12 @@ from pipeline.tuning.study import (
     Budget,
     Tuner,
     open_study,
+    pooled,
     pruner_for,
     storage_for,
+    val_cases,
 )
-from pipeline.tuning.trial_run import GRID, TrialCommand, planned_steps, progress
+from pipeline.tuning.trial_run import GRID, Outcome, TrialCommand, planned_steps, progress
 
 FLOAT = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
 
@@ -119,6 +121,26 @@ def test_folds_are_stratified_balanced_and_each_case_validates_once(fsdd_shards,
     assert sum(m["splits"]["val"]["num_samples"] for m in manifests) == pooled
     assert all(m["splits"]["train"]["num_samples"] + m["splits"]["val"]["num_samples"] == pooled for m in manifests)
     assert {m["dataset"] for m in manifests} == {source["dataset"]}
+    assert [val_cases(d) for d in dirs] == [m["splits"]["val"]["num_samples"] for m in manifests]
+
+
+def test_folds_score_as_one_validation_so_equal_cases_tie_and_the_loss_breaks_it(tmp_path):
+    """OSULeaf's folds hold 67, 67 and 66 cases: 58 + 59 + 58 and 58 + 58 + 59 right are the same 175 of 200,
+    which a mean of the folds' accuracies scores 0.87502 and 0.87509, above the lower loss."""
+    cases = [67, 67, 66]
+
+    def trial(right, losses):
+        return pooled([Outcome("complete", r / n, loss) for r, n, loss in zip(right, cases, losses, strict=True)], cases)
+
+    first, second = trial([58, 59, 58], [0.5, 0.5, 0.4]), trial([58, 58, 59], [0.4, 0.4, 0.4])
+    assert first.value == second.value == 175 / 200
+    assert second.loss == pytest.approx(0.4) and first.loss == pytest.approx((0.5 * 134 + 0.4 * 66) / 200)
+    assert first.summary["folds"] == [58 / 67, 59 / 67, 58 / 66]
+    study = _journal_study(tmp_path)
+    for lr, outcome in [(1e-3, first), (2e-3, second)]:
+        study.add_trial(create_trial(value=outcome.value, params={"optim.lr": lr}, distributions={"optim.lr": FLOAT},
+                                     user_attrs={"val_loss": outcome.loss}))
+    assert winner(study).params == {"optim.lr": 2e-3}
 
 
 # 20 evaluations in runs of 1,000 steps: with the pruner's warm-up the hopeless trial is pruned at 35% of its
