@@ -17,6 +17,9 @@ from pipeline.distributed.launcher import free_port  # noqa: F401 - the tests' o
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_IDX = Path("/usr/share/datasets/fashion-mnist")
+# configs/sequences.yaml's model as the plain LSTM (its FCN branch, readout dropout and per-series half off):
+# for tests whose claim is about the trainer or the tuner, not the model, and which train it cheaply.
+PLAIN_LSTM = ("model.frontend=none", "model.conv_branch=false", "model.readout_dropout=0.0", "model.series_norm=false")
 
 
 def run_py(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600, check: bool = False):

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, free_port
+from conftest import PLAIN_LSTM, ROOT, free_port
 
 from pipeline.config import load_config
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("wandb.mode=disabled", "model.frontend=none", "model.conv_branch=false", "model.readout_dropout=0.0",
-          "model.series_norm=false", "model.bidirectional=false", "model.hidden_size=16",
+COMMON = ("wandb.mode=disabled", *PLAIN_LSTM, "model.bidirectional=false", "model.hidden_size=16",
           "train.epochs=null", "train.min_steps=null", "train.max_steps=100", "eval.every_epochs=null",
           "eval.every_steps=50", "checkpoint.every_steps=10", "schedule.warmup_steps=5")
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import optuna
 import pytest
-from conftest import ROOT
+from conftest import PLAIN_LSTM, ROOT
 from optuna.trial import TrialState, create_trial
 
 from pipeline.tuning.folds import assign, prepare_folds
@@ -145,8 +145,7 @@ def test_folds_score_as_one_validation_so_equal_cases_tie_and_the_loss_breaks_it
 
 # 20 evaluations in runs of 1,000 steps: with the pruner's warm-up the hopeless trial is pruned at 35% of its
 # run, and a run of 200 steps (5 s on an idle machine) once ended before the SIGTERM that pruned it arrived.
-COMMON = ("data.dir={data}", "wandb.mode=disabled", "model.frontend=none", "model.conv_branch=false",
-          "model.readout_dropout=0.0", "model.series_norm=false", "model.bidirectional=false",
+COMMON = ("data.dir={data}", "wandb.mode=disabled", *PLAIN_LSTM, "model.bidirectional=false",
           "model.hidden_size=16", "train.epochs=null", "train.min_steps=null", "train.max_steps=1000",
           "eval.every_epochs=null", "eval.every_steps=50", "checkpoint.every_steps=500", "schedule.warmup_steps=5")
 
