@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
                    "run per fold; 1: the data set's own val split. Default: 3 where val holds fewer than 400 cases, else 1")
     p.add_argument("--final-seeds", default="0,1,2", help="train the winner with these seeds and read test once each; "
                    "'' for none (a worker of a study that another finishes)")
+    p.add_argument("--no-refit", action="store_true", help="train the winner's final runs on the train split alone; "
+                   "by default, where the trials cross-validated, they train on the train and val cases the folds held")
     p.add_argument("--index", type=int, default=0, help="this tuner's number among tuners started together (a "
                    "Kubernetes pod's index): only tuner 0 trains the winner with --final-seeds")
     return p.parse_args()

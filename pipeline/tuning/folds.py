@@ -9,6 +9,11 @@ Three folds, not five or ten: a trial costs a run per fold, and three already va
 
 The folds are prepared once per study (STUDY/folds/kK-seedS/fold-N), from the train and val shards alone:
 the test split is not copied, nor read.
+
+The winner is then trained on every case the folds validated on (a refit, as scikit-learn's search does):
+STUDY/folds/refit trains on train + val, the cases the study chose on, and holds the test split as it was.
+Its val split is the prepared val again, a part of what it trains on: it keeps the run's evaluations going
+and says nothing held out.
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ def assign(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _pool(data_dir: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pool(data_dir: str, manifest: Manifest, splits: tuple[str, ...] = ("train", "val")
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cases of `splits` one after the other, padded to the longest: (x, lengths, labels)."""
     store = ShardStore(data_dir)
-    parts = [load_split_arrays(manifest, store, split) for split in ("train", "val")]
+    parts = [load_split_arrays(manifest, store, split) for split in splits]
     longest = max(p[0].shape[1] for p in parts)
     x = np.concatenate([np.pad(p[0], ((0, 0), (0, longest - p[0].shape[1]), (0, 0))) for p in parts])
     return x, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
@@ -80,17 +87,38 @@ def prepare_folds(data_dir: str, study_dir: Path, folds: int, seed: int, say: Ca
 
 
 def _write_folds(data_dir: str, manifest: Manifest, targets: list[Path], seed: int) -> None:
-    from pipeline.sources.npz import NpzSource
-
     x, lengths, labels = _pool(data_dir, manifest)
     fold = assign(labels, len(targets), seed)
-    ragged = np.concatenate([x[i, :n] for i, n in enumerate(lengths)])
     for k, target in enumerate(targets):
-        if (target / "manifest.json").is_file():
-            continue
-        source_file = target.parent / f"fold-{k}.npz"
-        np.savez(source_file, X=ragged, lengths=lengths, y=labels, classes=np.array(manifest.class_names),
-                 split=np.where(fold == k, "val", "train"))
-        prepare(NpzSource(source_file, manifest.dataset), target,
-                ShardOptions(manifest.block_size, val_size=0, test_size=0, dtype=manifest.dtype), name=manifest.dataset)
-        source_file.unlink()
+        if not (target / "manifest.json").is_file():
+            _write(manifest, target, x, lengths, labels, np.where(fold == k, "val", "train"))
+
+
+def _write(manifest: Manifest, target: Path, x: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
+           split: np.ndarray) -> None:
+    """Cases (padded x, their lengths and labels) prepared at `target` in the splits named case by case, with
+    the source data set's name, classes, block size and dtype."""
+    from pipeline.sources.npz import NpzSource
+
+    source_file = target.parent / f"{target.name}.npz"
+    ragged = np.concatenate([x[i, :n] for i, n in enumerate(lengths)])
+    np.savez(source_file, X=ragged, lengths=lengths, y=labels, classes=np.array(manifest.class_names), split=split)
+    prepare(NpzSource(source_file, manifest.dataset), target,
+            ShardOptions(manifest.block_size, val_size=0, test_size=0, dtype=manifest.dtype), name=manifest.dataset)
+    source_file.unlink()
+
+
+def prepare_refit(data_dir: str, study_dir: Path, say: Callable[[str], None]) -> Path:
+    """STUDY/folds/refit: train + val to train on, val again (inside train) and test as prepared; made once."""
+    manifest = load_manifest(data_dir, None)
+    target = study_dir / "folds" / "refit"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(target.parent / ".lock-refit"):
+        if not (target / "manifest.json").is_file():
+            counts = [manifest.split(s).num_samples for s in ("train", "val", "val", "test")]
+            x, lengths, labels = _pool(data_dir, manifest, ("train", "val", "val", "test"))
+            split = np.repeat(["train", "train", "val", "test"], counts)
+            _write(manifest, target, x, lengths, labels, split)
+    say(f"the winner trains on the train and val cases of {data_dir} ({target}), as the folds did between them; "
+        "its val figures are of cases it trains on")
+    return target

@@ -16,7 +16,7 @@ from pipeline.data.order import BatchLayout
 from pipeline.errors import ConfigError
 from pipeline.tuning import final_seeds
 from pipeline.tuning.final import train_final
-from pipeline.tuning.folds import fold_count, prepare_folds
+from pipeline.tuning.folds import fold_count, prepare_folds, prepare_refit
 from pipeline.tuning.report import write_report
 from pipeline.tuning.space import SearchSpace, load_space
 from pipeline.tuning.study import (
@@ -54,6 +54,7 @@ class TuneRequest:
     script: Path  # launch/train.py, which each trial's run starts
     index: int = 0
     processes: int = 1  # ranks of each trial's run
+    refit: bool = True  # the winner's final runs train on train + val where the trials cross-validated
 
     @classmethod
     def from_args(cls, args, script: Path) -> "TuneRequest":
@@ -73,7 +74,7 @@ class TuneRequest:
             raise ConfigError(f"--folds ({args.folds}) must be at least 1 (1: the data set's own validation split)")
         return cls(args.config, tuple(args.overrides), args.space, args.trials, args.workers, study,
                    Path(args.dir or f"runs/tune/{study}"), args.storage, args.timeout, args.pruner, args.seed, seeds,
-                   args.folds, cfg, script, args.index, args.processes)
+                   args.folds, cfg, script, args.index, args.processes, not args.no_refit)
 
 
 def _folds(request: TuneRequest) -> list[Path | None]:
@@ -89,6 +90,20 @@ def _folds(request: TuneRequest) -> list[Path | None]:
                           "split (prepare_data.py --force --val-size) and evaluate on val")
     folds = fold_count(request.folds, manifest)
     return [None] if folds == 1 else list(prepare_folds(cfg.data.dir, request.dir, folds, request.seed, say))
+
+
+def _refit(request: TuneRequest, folds: list[Path | None]) -> Path | None:
+    """The data the winner's final runs train on instead of best.yaml's: train + val where the trials
+    cross-validated (the study chose on all those cases, so the winner learns from all of them). Not where it
+    chose on the data set's own val split (the final runs train as its trials did), with --no-refit, or where
+    the winner keeps its best evaluation (eval.keep_best chooses on val, which the refit trains on)."""
+    if folds == [None] or not request.refit:
+        return None
+    if load_config(request.dir / "best.yaml").eval.keep_best:
+        say("the winner keeps its best evaluation (eval.keep_best), which needs validation cases it does not train "
+            "on: its final runs train on the train split alone")
+        return None
+    return prepare_refit(request.cfg.data.dir, request.dir, say)
 
 
 def _commands(request: TuneRequest) -> list[TrialCommand]:
@@ -166,7 +181,8 @@ def tune(request: TuneRequest) -> int:
         f"failed, {report['interrupted']} interrupted and queued to continue); the best, trial {best['number']}: validation accuracy {best['val_accuracy']:.4f}; "
         f"{report['best_config']} holds it")
     if request.final_seeds:
-        final = train_final(commands, request.dir, best["number"], list(request.final_seeds), tuner.stop, say)
+        final = train_final(commands, request.dir, best["number"], list(request.final_seeds), tuner.stop, say,
+                            _refit(request, folds))
         if final["test_mean"] is not None:
             say(f"test accuracy of the winner over seeds {list(request.final_seeds)}: {final['test_mean']:.4f} "
                 f"(std {final['test_std']:.4f}); {request.dir / 'final.json'}")

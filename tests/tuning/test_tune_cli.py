@@ -135,6 +135,22 @@ def test_a_list_of_candidates_runs_each_once_and_the_winner_is_one_of_them(fsdd_
     assert (best.model.hidden_size, best.optim.lr) == ((8, 0.003) if winner["param:candidate"] == "narrow" else (16, 0.0003))
 
 
+def test_a_cross_validated_winner_trains_on_every_case_the_folds_held(fsdd_shards, space, tmp_path):
+    """--folds 2: the trials train on folds of train + val, and the winner's final run on all of it (a refit);
+    its val figures, of cases it trained on, are not reported as validation."""
+    study = tmp_path / "study"
+    proc = subprocess.run(_tune(fsdd_shards, space, study, "--trials", "1", "--final-seeds", "0", "--folds", "2"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the winner trains on the train and val cases" in proc.stdout
+    run = study / "final" / "trial-0000-refit" / "seed-0"
+    assert load_config(run / "config.yaml").data.dir == str(study / "folds" / "refit")
+    final = json.loads((study / "final.json").read_text())
+    assert final["trained_on"] == "train and val" and final["complete"]
+    assert final["seeds"]["0"]["val_accuracy"] is None and 0.0 < final["seeds"]["0"]["test_accuracy"] <= 1.0
+    assert load_config(study / "best.yaml").data.dir == str(fsdd_shards), "best.yaml stays the user's config"
+
+
 def _two_tuners(data, space, tmp_path, *flags: str, dirs: tuple[str, str] = ("study", "study")) -> None:
     """Two tune.py processes on one study of 3 trials: each runs some, none runs one the other ran."""
     procs = [subprocess.Popen(_tune(data, space, tmp_path / d, "--trials", "3", "--final-seeds", "", "--study", "shared",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -101,8 +102,28 @@ def test_only_tuner_zero_trains_the_winner(index, seeds):
 
     args = SimpleNamespace(config=CONFIG, overrides=["data.dir=d"], space="s.yaml", trials=4, workers=1, study=None,
                            dir=None, storage=None, timeout=None, pruner="median", seed=0, final_seeds="0,1,2",
-                           folds=None, index=index, processes=1)
+                           folds=None, index=index, processes=1, no_refit=False)
     assert TuneRequest.from_args(args, ROOT / "launch" / "train.py").final_seeds == seeds
+
+
+@pytest.mark.parametrize("folds, flags, keep_best, refit", [
+    ([Path("f0"), Path("f1")], {}, True, "the winner keeps its best evaluation"),  # keep_best chooses on val
+    ([Path("f0"), Path("f1")], {"no_refit": True}, False, None),
+    ([None], {}, False, None),  # the study chose on the data set's own val split: train as the trials did
+])
+def test_the_winner_is_refit_only_where_the_trials_cross_validated(tmp_path, capsys, folds, flags, keep_best, refit):
+    from types import SimpleNamespace
+
+    from pipeline.tuning.tune import TuneRequest, _refit
+
+    args = SimpleNamespace(config=CONFIG, overrides=["data.dir=d"], space="s.yaml", trials=4, workers=1, study=None,
+                           dir=str(tmp_path), storage=None, timeout=None, pruner="median", seed=0, final_seeds="0",
+                           folds=None, index=0, processes=1, **{"no_refit": False, **flags})
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump(load_config(CONFIG, [
+        "data.dir=d", f"eval.keep_best={str(keep_best).lower()}"]).to_dict()))
+    assert _refit(TuneRequest.from_args(args, ROOT / "launch" / "train.py"), folds) is None
+    out = capsys.readouterr().out
+    assert (refit in out) if refit else not out
 
 
 # --- a list of candidates (a recipe comparison) ----------------------------------------------------

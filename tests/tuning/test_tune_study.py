@@ -14,7 +14,9 @@ import pytest
 from conftest import PLAIN_LSTM, ROOT
 from optuna.trial import TrialState, create_trial
 
-from pipeline.tuning.folds import assign, prepare_folds
+from pipeline.data.manifest import load_manifest
+from pipeline.data.store import ShardStore, load_split_arrays
+from pipeline.tuning.folds import assign, prepare_folds, prepare_refit
 from pipeline.tuning.report import winner
 from pipeline.tuning.space import load_space
 from pipeline.tuning.study import (
@@ -122,6 +124,26 @@ def test_folds_are_stratified_balanced_and_each_case_validates_once(fsdd_shards,
     assert all(m["splits"]["train"]["num_samples"] + m["splits"]["val"]["num_samples"] == pooled for m in manifests)
     assert {m["dataset"] for m in manifests} == {source["dataset"]}
     assert [val_cases(d) for d in dirs] == [m["splits"]["val"]["num_samples"] for m in manifests]
+
+
+def test_the_refit_trains_on_train_and_val_and_holds_test_as_prepared(fsdd_shards, tmp_path):
+    """The winner's final runs of a cross-validated study train on every case the folds held; the test
+    split is the prepared one, case for case, and val is the prepared val (inside train, for the logs)."""
+    target = prepare_refit(str(fsdd_shards), tmp_path, say=lambda line: None)
+    source, refit = load_manifest(fsdd_shards, None), load_manifest(target, None)
+    arrays = {(name, split): load_split_arrays(m, ShardStore(d), split)
+              for name, m, d in (("source", source, fsdd_shards), ("refit", refit, target))
+              for split in ("train", "val", "test")}
+    for split in ("val", "test"):
+        ours, theirs = arrays["refit", split], arrays["source", split]
+        assert all(np.array_equal(a, b) for a, b in zip(ours[:3], theirs[:3], strict=True)), split  # values, lengths, labels
+    trained = arrays["refit", "train"][2]
+    held = np.concatenate([arrays["source", "train"][2], arrays["source", "val"][2]])
+    assert np.array_equal(np.bincount(trained), np.bincount(held)), "train + val, each case once"
+    assert refit.class_names == source.class_names and refit.dataset == source.dataset
+    made = (target / "manifest.json").stat().st_mtime_ns
+    assert prepare_refit(str(fsdd_shards), tmp_path, say=lambda line: None) == target
+    assert (target / "manifest.json").stat().st_mtime_ns == made, "made once per study"
 
 
 def test_folds_score_as_one_validation_so_equal_cases_tie_and_the_loss_breaks_it(tmp_path):
