@@ -79,6 +79,8 @@ def submit_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage-secret-key", default="url", help="key in that Secret (default: url)")
     tune.add_argument("--final-seeds", help="--tune: pod 0 trains the winner with these seeds and reads test once each "
                       "(default 0,1,2; '' for none)")
+    tune.add_argument("--no-refit", action="store_true", default=None, help="--tune: pod 0 trains the winner on "
+                      "the train split alone (default: on the train and val cases where the trials cross-validated)")
     tune.add_argument("--trial-processes", type=int, help="--tune: processes of each trial's run (one GPU each), so a "
                       "pod of G GPUs runs G / N trials at once (default 1)")
     out = p.add_mutually_exclusive_group()
@@ -126,7 +128,7 @@ def _volumes(items: list[str]) -> dict[str, str]:
 def _tune(args: argparse.Namespace):
     from pipeline.errors import UserError
 
-    given = [f for f in ("space", "trials", "storage", "storage_secret", "trial_processes", "final_seeds")
+    given = [f for f in ("space", "trials", "storage", "storage_secret", "trial_processes", "final_seeds", "no_refit")
              if getattr(args, f) is not None]
     if not args.tune:
         if given:
@@ -138,7 +140,7 @@ def _tune(args: argparse.Namespace):
 
     return tune_spec(args.space, args.trials, args.config, args.overrides, storage=args.storage,
                      storage_secret=args.storage_secret, storage_secret_key=args.storage_secret_key,
-                     processes=1 if args.trial_processes is None else args.trial_processes,
+                     processes=1 if args.trial_processes is None else args.trial_processes, refit=not args.no_refit,
                      **({} if args.final_seeds is None else {"final_seeds": args.final_seeds}))
 
 

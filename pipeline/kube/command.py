@@ -90,7 +90,7 @@ def tune_command(spec: JobSpec, paths: PodPaths) -> list[str]:
         "--space", f"{CONFIG_MOUNT}/{SPACE_KEY}", "--trials", str(tune.trials),
         "--workers", str(spec.procs_per_node // tune.processes), "--processes", str(tune.processes),
         "--study", spec.name, "--dir", paths.output_dir, *(["--storage", tune.storage] if tune.storage else []),
-        "--final-seeds", tune.final_seeds, "--index", _ref(RANK_VAR),
+        "--final-seeds", tune.final_seeds, *([] if tune.refit else ["--no-refit"]), "--index", _ref(RANK_VAR),
     ]
 
 

@@ -52,6 +52,7 @@ class TuneSpec:
     storage_secret: str | None = None
     storage_secret_key: str = "url"
     processes: int = 1  # ranks of each trial's run (launch/tune.py --processes): a pod runs its GPUs / this trials at once
+    refit: bool = True  # pod 0's final runs train on train + val where the trials cross-validated (--no-refit: False)
 
 
 @dataclass(frozen=True)

@@ -646,14 +646,15 @@ def test_submit_chooses_canonical_streams_every_process_count_divides(config):
 def _tune(config: Path, **kw) -> dict:
     from pipeline.kube.build import tune_spec
 
-    storage = {k: kw.pop(k) for k in ("storage", "storage_secret", "storage_secret_key", "processes", "final_seeds") if k in kw}
+    storage = {k: kw.pop(k) for k in ("storage", "storage_secret", "storage_secret_key", "processes", "final_seeds",
+                                      "refit") if k in kw}
     tune = tune_spec(ROOT / "configs" / "search" / "sequences.yaml", kw.pop("trials", 40), config, [], **storage)
     return _spec(config, tune=tune, **kw)
 
 
 @pytest.mark.parametrize("variant", [{}, {"gpus_per_node": 0, "storage": "postgresql://u@db/tune"},
                                      {"storage_secret": "tune-db", "storage_secret_key": "dsn"},
-                                     {"gpus_per_node": 4, "processes": 2, "final_seeds": "7"}])
+                                     {"gpus_per_node": 4, "processes": 2, "final_seeds": "7", "refit": False}])
 def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     spec = _tune(config, **variant)
     docs = render(spec)
@@ -671,6 +672,7 @@ def test_a_tuning_job_is_tuner_pods_that_pass_strict_schema(config, variant):
     assert flag["--workers"] == str(max(1, spec.gpus_per_node) // processes) and flag["--processes"] == str(processes)
     assert flag["--index"] == "$(JOB_COMPLETION_INDEX)" and flag["--final-seeds"] == variant.get("final_seeds", "0,1,2")
     assert flag.get("--storage") == variant.get("storage")
+    assert ("--no-refit" in cmd) == (variant.get("refit") is False)
     env = {e["name"]: e for e in _container(pod, "trainer")["env"]}
     if "storage_secret" in variant:  # the URL reaches launch/tune.py's --storage default, never the Job's spec
         ref = env["OPTUNA_STORAGE"]["valueFrom"]["secretKeyRef"]
@@ -716,7 +718,12 @@ def test_submit_refuses_tuning_flags_without_tune_and_a_bad_space(config, tmp_pa
             "--data-pvc", "d", "--output-pvc", "o", "--dry-run"]
     proc = run_py(*base, "--trials", "4")
     assert proc.returncode != 0 and "--trials only applies with --tune" in proc.stderr
+    proc = run_py(*base, "--no-refit")
+    assert proc.returncode != 0 and "--no-refit only applies with --tune" in proc.stderr
     space = tmp_path / "space.yaml"
     space.write_text("optim.lrate: {type: float, low: 0.001, high: 0.01}\n")
     proc = run_py(*base, "--tune", "--space", str(space), "--trials", "4")
     assert proc.returncode == 2 and "optim.lrate" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_py(*base, "--tune", "--space", str(ROOT / "configs" / "search" / "sequences.yaml"), "--trials", "4",
+                  "--no-refit")
+    assert proc.returncode == 0 and "- --no-refit" in proc.stdout, proc.stderr[-2000:]
