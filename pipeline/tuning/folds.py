@@ -115,10 +115,13 @@ def prepare_refit(data_dir: str, study_dir: Path, say: Callable[[str], None]) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(target.parent / ".lock-refit"):
         if not (target / "manifest.json").is_file():
-            counts = [manifest.split(s).num_samples for s in ("train", "val", "val", "test")]
-            x, lengths, labels = _pool(data_dir, manifest, ("train", "val", "val", "test"))
-            split = np.repeat(["train", "train", "val", "test"], counts)
-            _write(manifest, target, x, lengths, labels, split)
+            x, lengths, labels = _pool(data_dir, manifest, ("train", "val", "test"))
+            train, val = (manifest.split(s).num_samples for s in ("train", "val"))
+            pooled = train + val
+            # train + val, then val again (read once, its rows taken twice), then test
+            rows = np.concatenate([np.arange(pooled), np.arange(train, pooled), np.arange(pooled, len(labels))])
+            split = np.repeat(["train", "val", "test"], [pooled, val, len(labels) - pooled])
+            _write(manifest, target, x[rows], lengths[rows], labels[rows], split)
     say(f"the winner trains on the train and val cases of {data_dir} ({target}), as the folds did between them; "
         "its val figures are of cases it trains on")
     return target

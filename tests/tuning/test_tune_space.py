@@ -96,14 +96,19 @@ def test_bad_flags_are_refused(tmp_path, args, needle):
 @pytest.mark.parametrize("index, seeds", [(0, (0, 1, 2)), (1, ())])
 def test_only_tuner_zero_trains_the_winner(index, seeds):
     """Tuners started together (a Kubernetes tuning job's pods) share one study; one trains the winner."""
+    assert _request(index=index).final_seeds == seeds
+
+
+def _request(**given):
+    """launch/tune.py's request from its parsed flags: their defaults, a study of 4 trials, and `given`."""
     from types import SimpleNamespace
 
     from pipeline.tuning.tune import TuneRequest
 
-    args = SimpleNamespace(config=CONFIG, overrides=["data.dir=d"], space="s.yaml", trials=4, workers=1, study=None,
-                           dir=None, storage=None, timeout=None, pruner="median", seed=0, final_seeds="0,1,2",
-                           folds=None, index=index, processes=1, no_refit=False)
-    assert TuneRequest.from_args(args, ROOT / "launch" / "train.py").final_seeds == seeds
+    flags = dict(config=CONFIG, overrides=["data.dir=d"], space="s.yaml", trials=4, workers=1, study=None, dir=None,
+                 storage=None, timeout=None, pruner="median", seed=0, final_seeds="0,1,2", folds=None, index=0,
+                 processes=1, no_refit=False)
+    return TuneRequest.from_args(SimpleNamespace(**{**flags, **given}), ROOT / "launch" / "train.py")
 
 
 @pytest.mark.parametrize("folds, flags, keep_best, refit", [
@@ -112,16 +117,11 @@ def test_only_tuner_zero_trains_the_winner(index, seeds):
     ([None], {}, False, None),  # the study chose on the data set's own val split: train as the trials did
 ])
 def test_the_winner_is_refit_only_where_the_trials_cross_validated(tmp_path, capsys, folds, flags, keep_best, refit):
-    from types import SimpleNamespace
+    from pipeline.tuning.tune import _refit
 
-    from pipeline.tuning.tune import TuneRequest, _refit
-
-    args = SimpleNamespace(config=CONFIG, overrides=["data.dir=d"], space="s.yaml", trials=4, workers=1, study=None,
-                           dir=str(tmp_path), storage=None, timeout=None, pruner="median", seed=0, final_seeds="0",
-                           folds=None, index=0, processes=1, **{"no_refit": False, **flags})
     (tmp_path / "best.yaml").write_text(yaml.safe_dump(load_config(CONFIG, [
         "data.dir=d", f"eval.keep_best={str(keep_best).lower()}"]).to_dict()))
-    assert _refit(TuneRequest.from_args(args, ROOT / "launch" / "train.py"), folds) is None
+    assert _refit(_request(dir=str(tmp_path), **flags), folds) is None
     out = capsys.readouterr().out
     assert (refit in out) if refit else not out
 
