@@ -26,14 +26,15 @@ SETS = tuple(PUBLISHED)
 SOURCES = {"FSDD": ROOT / "data" / "examples" / "fsdd" / "digits.npz"}  # the others: data/examples/NAME
 
 
-def prepare_example(name: str, out: Path, split_seed: int | None = None) -> Path:
+def prepare_example(name: str, out: Path, split_seed: int | None = None, val_size: str | None = None) -> Path:
     """`out`, prepared from the set's example files unless it already is; `split_seed` holds out another
-    validation split (prepare_data.py --split-seed)."""
+    validation split (prepare_data.py --split-seed), `val_size` another size of it ("0": none)."""
     if not (out / "manifest.json").is_file():
         source = SOURCES.get(name, ROOT / "data" / "examples" / name)
         seed = [] if split_seed is None else ["--split-seed", str(split_seed)]
+        size = [] if val_size is None else ["--val-size", val_size]
         proc = subprocess.run([PY, str(ROOT / "launch" / "prepare_data.py"), "--from", str(source), "--out", str(out),
-                               *seed], env=env_for_children(), capture_output=True, text=True)
+                               *seed, *size], env=env_for_children(), capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"preparing {name} into {out} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     return out
