@@ -266,7 +266,8 @@ class EvalConfig(_Section):
         None, ge=1, description="Evaluate at the end of every N-th epoch instead of every_steps: a config for data sets "
         "of any size (steps per epoch differ by orders of magnitude)")
     split: str = Field("val", description="The split evaluated every every_steps, for choosing recipes; the final "
-                       "model is scored once on test at the end")
+                       "model is scored once on test at the end. none: no evaluation during training, for a final model "
+                       "trained on every labelled case (prepare_data.py --val-size 0), whose test is then read once")
     batch_size: int = Field(1000, ge=1)
     keep_best: bool = Field(
         False, description="The model kept (model/, scored on test) is the evaluation with the best accuracy, ties to "
@@ -285,6 +286,14 @@ class EvalConfig(_Section):
             raise ValueError(f"eval.patience {self.patience} stops a run that has stopped improving, and eval.keep_best "
                              "is off: the model kept would be the last, trained past its best. Set eval.keep_best: "
                              "true, or remove eval.patience")
+        return self
+
+    @model_validator(mode="after")
+    def _keep_best_needs_evaluations(self) -> "EvalConfig":
+        if self.keep_best and self.split == "none":
+            raise ValueError("eval.keep_best keeps the weights of the best evaluation, and eval.split is none: the run "
+                             "evaluates nothing to choose by. Evaluate on a validation split (eval.split: val) or remove "
+                             "eval.keep_best")
         return self
 
     @model_validator(mode="after")

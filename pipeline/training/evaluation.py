@@ -50,14 +50,17 @@ def eval_split(requested: str, splits: list[str], splitting: dict | None = None)
     Without val (a data set prepared before validation splits existed, or too small to hold one out) it is
     evaluated on test, with a warning that its figures are then tuned on the split they report; without
     test the run ends without a test score, said at the start rather than found at the end; with neither
-    there is nothing to evaluate on, refused. `splitting`: the manifest's record of how splits were made,
-    whose reason for a split not made is quoted."""
+    there is nothing to evaluate on, refused. "none" evaluates nothing during training. `splitting`: the
+    manifest's record of how splits were made, whose reason for a split not made is quoted."""
 
     def why(split: str) -> str:
         how = (splitting or {}).get(split)
         reason = getattr(how, "reason", None)
         return f" ({reason})" if reason else ""
 
+    if requested == "none":  # nothing evaluated before the end; test, where there is one, scored once then
+        return "none", None if "test" in splits else (
+            f"this dataset has no test split{why('test')} and eval.split is none, so the run ends without any score")
     if "val" not in splits and "test" not in splits:
         raise ConfigError(f"the dataset has only the splits {', '.join(splits)}: no validation or test split to "
                           f"evaluate on{why('test')}. Prepare it again with more cases per class, or with a split "

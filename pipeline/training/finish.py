@@ -69,8 +69,8 @@ def _finish(t: Run, skipped_samples: int, stopped_by: str | None, ended: dict[st
     write_json_atomic(t.out / "summary.json", summary)
     write_plots(t.out / "plots", t.sink.log.read(), test.confusion if test else None, manifest.class_names,
                 t.eval_split)
-    scores = (f"final {t.eval_split} accuracy {last.accuracy:.4f} (best {state.best_accuracy:.4f})"
-              if last else "no evaluation yet")
+    scores = (f"final {t.eval_split} accuracy {last.accuracy:.4f} (best {state.best_accuracy:.4f})" if last
+              else "no evaluation during training (eval.split: none)" if t.eval_split == "none" else "no evaluation yet")
     if kept_step != state.step:
         scores += f", the model kept from step {kept_step} (eval.keep_best)"
     scores += f", test accuracy {test.accuracy:.4f}" if test else _why_no_test(t)
@@ -89,6 +89,8 @@ def _kept(t: Run) -> tuple[EvalResult | None, int]:
     the best evaluation's weights go into the shipped model (training is over) and are scored on eval.split again
     (a resumed run carries those weights, not their scores); otherwise the last evaluation's."""
     best = t.checkpointer.best
+    if t.evaluator is None:  # eval.split: none
+        return None, t.state.step
     if best is None or not t.finished or t.state.best_step == t.state.step:
         return t.evaluator.last, t.state.step
     t.shipped.load_state_dict(best)
@@ -125,8 +127,8 @@ def _summary(t: Run, skipped_samples: int, last: EvalResult | None, test: EvalRe
         "test_balanced_accuracy": test.balanced_accuracy if test else None,
         "test_macro_f1": test.macro_f1 if test else None,
         # Per evaluation event of this process (with train.ema, both passes of one event count once).
-        "eval_seconds_mean": t.evaluator.mean_seconds,
-        "evals": len(t.evaluator.seconds),
+        "eval_seconds_mean": t.evaluator.mean_seconds if t.evaluator else None,
+        "evals": len(t.evaluator.seconds) if t.evaluator else 0,
         "skipped_steps": state.skipped_steps,
         "skipped_samples": skipped_samples,
         "resumed": t.resumed_from is not None,

@@ -90,7 +90,7 @@ class TrainingLoop:
                                       "train/epoch": state.epoch + state.step_in_epoch / epoch_steps,
                                       "train/skipped_steps": state.skipped_steps})
         with t.window.paused():
-            evaluated = self._eval_due() or final
+            evaluated = t.eval_split != "none" and (self._eval_due() or final)
             if t.main and evaluated:
                 self._evaluate(final)
             if state.step_in_epoch == epoch_steps:  # a checkpoint below then resumes at the next epoch

@@ -78,7 +78,8 @@ def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.nda
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([e["step"] for e in train], [e["train/loss"] for e in train], label="train")
-    ax.plot([e["step"] for e in evals], [e["eval/loss"] for e in evals], "o-", label=eval_split)
+    if evals:  # none with eval.split: none
+        ax.plot([e["step"] for e in evals], [e["eval/loss"] for e in evals], "o-", label=eval_split)
     if averaged:
         ax.plot([e["step"] for e in averaged], [e["eval_ema/loss"] for e in averaged], "s-", label=f"{eval_split}, averaged weights")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
@@ -88,13 +89,15 @@ def write_plots(plots_dir: Path, events: list[dict[str, Any]], confusion: np.nda
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([e["step"] for e in evals], [e["eval/accuracy"] for e in evals], "o-", label=eval_split)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval/accuracy"] for e in evals], "o-", label=eval_split)
     if averaged:
         ax.plot([e["step"] for e in averaged], [e["eval_ema/accuracy"] for e in averaged], "s-",
                 label=f"{eval_split}, averaged weights")
     for e in tests[-1:]:
         ax.plot([e["step"]], [e["test/accuracy"]], "*", markersize=12, label=f"test, once: {e['test/accuracy']:.4f}")
-    ax.set(xlabel="optimizer step", ylabel="accuracy", title=f"Accuracy ({eval_split} during training, test at the end)")
+    during = f"{eval_split} during training, " if evals else ""
+    ax.set(xlabel="optimizer step", ylabel="accuracy", title=f"Accuracy ({during}test at the end)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

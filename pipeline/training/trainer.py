@@ -233,7 +233,7 @@ def _with_outputs(cfg: Config, accelerator: Accelerator, data: DataPlan, parts: 
     split, warning = eval_split(cfg.eval.split, list(data.manifest.splits), data.manifest.splitting)
     if warning and main:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    evaluator = make_evaluator(cfg, accelerator, data, split) if main else None
+    evaluator = make_evaluator(cfg, accelerator, data, split) if main and split != "none" else None
     info = {
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,

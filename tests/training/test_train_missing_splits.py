@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_py, train_run
+import torch
+from conftest import read_jsonl, run_py, train_run
 
 CONFIG = "configs/sequences.yaml"
 
@@ -58,3 +59,34 @@ def test_what_needs_a_validation_split_is_refused_without_one_before_anything_is
     proc = train_run(tmp_path / "run", data, setting, "wandb.mode=disabled", config=CONFIG, check=False)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_final_model_on_every_case_evaluates_nothing_and_reads_test_once(tmp_path):
+    """eval.split: none, on data prepared with --val-size 0: the same weights as a run that evaluated on test at
+    every epoch (evaluations change no weight), no evaluation event, test scored once at the end."""
+    from safetensors.torch import load_file
+
+    data = _prepared(tmp_path, 20, "--val-size", "0")
+    common = ("train.min_steps=12", "train.epochs=1", "train.batch_size=8", "train.global_batch_size=8",
+              "train.cpu_threads=1", "wandb.mode=disabled")
+    seen = train_run(tmp_path / "seen", data, *common, config=CONFIG, check=True)
+    blind = train_run(tmp_path / "blind", data, *common, "eval.split=none", config=CONFIG, check=True)
+    assert "warning" not in blind.stderr and "no evaluation during training (eval.split: none)" in blind.stdout
+    events = read_jsonl(tmp_path / "blind" / "metrics.jsonl")
+    assert not any(key.startswith("eval") for e in events for key in e)
+    assert sum("test/accuracy" in e for e in events) == 1
+    summary = json.loads((tmp_path / "blind" / "summary.json").read_text())
+    assert summary["evals"] == 0 and summary["final_eval_accuracy"] is None and summary["best_eval_accuracy"] is None
+    assert json.loads((tmp_path / "seen" / "summary.json").read_text())["evals"] >= 2  # one per epoch
+    assert summary["test_loss"] == json.loads((tmp_path / "seen" / "summary.json").read_text())["test_loss"]
+    seen_w, blind_w = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("seen", "blind"))
+    assert all(torch.equal(seen_w[k], blind_w[k]) for k in seen_w) and seen_w.keys() == blind_w.keys()
+
+
+def test_keeping_the_best_of_no_evaluation_is_refused(tmp_path):
+    data = _prepared(tmp_path, 20, "--val-size", "0")
+    proc = train_run(tmp_path / "run", data, "eval.split=none", "eval.keep_best=true", "wandb.mode=disabled",
+                     config=CONFIG, check=False)
+    assert proc.returncode == 2 and "evaluates nothing to choose by" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
