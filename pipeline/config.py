@@ -289,19 +289,13 @@ class EvalConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _keep_best_needs_evaluations(self) -> "EvalConfig":
-        if self.keep_best and self.split == "none":
-            raise ValueError("eval.keep_best keeps the weights of the best evaluation, and eval.split is none: the run "
-                             "evaluates nothing to choose by. Evaluate on a validation split (eval.split: val) or remove "
+    def _keep_best_on_validation(self) -> "EvalConfig":
+        why = {"none": "the run evaluates nothing to choose by",
+               "test": "the test score would be of weights chosen on test"}.get(self.split) if self.keep_best else None
+        if why:
+            raise ValueError(f"eval.keep_best chooses the weights on eval.split, and eval.split is {self.split}: {why}. "
+                             "Evaluate on a validation split (eval.split: val; prepare_data.py --val-size) or remove "
                              "eval.keep_best")
-        return self
-
-    @model_validator(mode="after")
-    def _keep_best_not_on_test(self) -> "EvalConfig":
-        if self.keep_best and self.split == "test":
-            raise ValueError("eval.keep_best chooses the weights on eval.split, and eval.split is test: the test score "
-                             "would be of weights chosen on test. Evaluate on a validation split (eval.split: val; "
-                             "prepare_data.py --val-size) or remove eval.keep_best")
         return self
 
     def never_within(self, steps: int, named: str) -> str | None:

@@ -79,6 +79,7 @@ BAD_OVERRIDES = [
     (["model.conv_stride=4"], "model.conv_stride 4 strides the convolutional front-end, and model.frontend is none"),
     (["eval.patience=3"], "eval.patience 3 stops a run that has stopped improving, and eval.keep_best is off"),
     (["eval.keep_best=true", "eval.split=test"], "eval.keep_best chooses the weights on eval.split, and eval.split is test"),
+    (["eval.keep_best=true", "eval.split=none"], "eval.split is none: the run evaluates nothing to choose by"),
 ]
 
 
