@@ -27,7 +27,8 @@ def _one(command: TrialCommand, study_dir: Path, winner: int, seed: int, stop: t
     if summary.is_file():
         return Outcome("complete", summary=json.loads(summary.read_text()))
     base = replace(command, config=str(study_dir / "best.yaml"), overrides=())  # the winner's config holds the overrides
-    params = [f"train.seed={seed}"] + ([f"data.dir={refit}"] if refit else [])
+    # A refit holds no case out: evaluations during training would read test (eval.split none reads it once)
+    params = [f"train.seed={seed}"] + ([f"data.dir={refit}", "eval.split=none"] if refit else [])
     argv = base.argv(out, params, resume=out.is_dir(), name=f"final-seed-{seed}", final=True)
     return watch(argv, base.env(), out, study_dir / "logs" / f"final-seed-{seed}.log", lambda: None,
                  lambda step, accuracy: False, stop)

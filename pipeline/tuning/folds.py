@@ -12,8 +12,8 @@ the test split is not copied, nor read.
 
 The winner is then trained on every case the folds validated on (a refit, as scikit-learn's search does):
 STUDY/folds/refit trains on train + val, the cases the study chose on, and holds the test split as it was.
-Its val split is the prepared val again, a part of what it trains on: it keeps the run's evaluations going
-and says nothing held out.
+It holds no val split: its runs evaluate nothing before the end (eval.split none), where a val inside what
+they train on would say nothing held out.
 """
 
 from __future__ import annotations
@@ -109,19 +109,17 @@ def _write(manifest: Manifest, target: Path, x: np.ndarray, lengths: np.ndarray,
 
 
 def prepare_refit(data_dir: str, study_dir: Path, say: Callable[[str], None]) -> Path:
-    """STUDY/folds/refit: train + val to train on, val again (inside train) and test as prepared; made once."""
+    """STUDY/folds/refit: train + val to train on and test as prepared, no val (its runs evaluate nothing before
+    the end: eval.split none); made once."""
     manifest = load_manifest(data_dir, None)
     target = study_dir / "folds" / "refit"
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(target.parent / ".lock-refit"):
         if not (target / "manifest.json").is_file():
             x, lengths, labels = _pool(data_dir, manifest, ("train", "val", "test"))
-            train, val = (manifest.split(s).num_samples for s in ("train", "val"))
-            pooled = train + val
-            # train + val, then val again (read once, its rows taken twice), then test
-            rows = np.concatenate([np.arange(pooled), np.arange(train, pooled), np.arange(pooled, len(labels))])
-            split = np.repeat(["train", "val", "test"], [pooled, val, len(labels) - pooled])
-            _write(manifest, target, x[rows], lengths[rows], labels[rows], split)
-    say(f"the winner trains on the train and val cases of {data_dir} ({target}), as the folds did between them; "
-        "its val figures are of cases it trains on")
+            pooled = sum(manifest.split(s).num_samples for s in ("train", "val"))
+            split = np.repeat(["train", "test"], [pooled, len(labels) - pooled])
+            _write(manifest, target, x, lengths, labels, split)
+    say(f"the winner trains on the train and val cases of {data_dir} ({target}), as the folds did between them, "
+        "evaluating nothing before its test")
     return target

@@ -155,9 +155,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def finished_run(out: Path, log: Path | None = None) -> Outcome:
-    """A run that ended well, from its summary.json: the validation figures of the weights it kept."""
+    """A run that ended well, from its summary.json: the validation figures of the weights it kept (none where
+    it evaluated nothing by design: a refit, eval.split none)."""
     summary = json.loads((out / "summary.json").read_text())
-    if summary.get("final_eval_accuracy") is None:
+    if summary.get("final_eval_accuracy") is None and summary.get("eval_split") != "none":
         return Outcome("failed", error=f"the run in {out} ended without an evaluation"
                        + (f"; its log {log} ends:\n{_tail(log)}" if log else ""))
     return Outcome("complete", summary["final_eval_accuracy"], summary["final_eval_loss"], summary=summary)

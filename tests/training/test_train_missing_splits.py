@@ -70,7 +70,7 @@ def test_a_final_model_on_every_case_evaluates_nothing_and_reads_test_once(tmp_p
     data = _prepared(tmp_path, 20, "--val-size", "0")
     common = ("train.min_steps=12", "train.epochs=1", "train.batch_size=8", "train.global_batch_size=8",
               "train.cpu_threads=1", "wandb.mode=disabled")
-    seen = train_run(tmp_path / "seen", data, *common, config=CONFIG, check=True)
+    train_run(tmp_path / "seen", data, *common, config=CONFIG, check=True)
     blind = train_run(tmp_path / "blind", data, *common, "eval.split=none", config=CONFIG, check=True)
     assert "warning" not in blind.stderr and "no evaluation during training (eval.split: none)" in blind.stdout
     events = read_jsonl(tmp_path / "blind" / "metrics.jsonl")

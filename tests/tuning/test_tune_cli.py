@@ -136,8 +136,8 @@ def test_a_list_of_candidates_runs_each_once_and_the_winner_is_one_of_them(fsdd_
 
 
 def test_a_cross_validated_winner_trains_on_every_case_the_folds_held(fsdd_shards, space, tmp_path):
-    """--folds 2: the trials train on folds of train + val, and the winner's final run on all of it (a refit);
-    its val figures, of cases it trained on, are not reported as validation."""
+    """--folds 2: the trials train on folds of train + val, and the winner's final run on all of it (a refit),
+    evaluating nothing before its one test."""
     study = tmp_path / "study"
     proc = subprocess.run(_tune(fsdd_shards, space, study, "--trials", "1", "--final-seeds", "0", "--folds", "2"),
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -148,6 +148,8 @@ def test_a_cross_validated_winner_trains_on_every_case_the_folds_held(fsdd_shard
     final = json.loads((study / "final.json").read_text())
     assert final["trained_on"] == "train and val" and final["complete"]
     assert final["seeds"]["0"]["val_accuracy"] is None and 0.0 < final["seeds"]["0"]["test_accuracy"] <= 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_split"] == "none" and summary["evals"] == 0
     assert load_config(study / "best.yaml").data.dir == str(fsdd_shards), "best.yaml stays the user's config"
 
 
