@@ -12,8 +12,9 @@ Runs already finished (their summary.json in --work) are read, not run again.
 
 --whole-train is the archive's own protocol, the one its published figures follow: every seed trains on the
 whole train split (one copy per set, prepared with --val-size 0) and the final weights are scored on test.
-The run then evaluates on test during training (its warning says so); with eval.keep_best off nothing is
-chosen by those evaluations, so a candidate may thin them (eval.every_epochs=100) to save their time:
+Without a val split the run evaluates on test during training (its warning says so); with eval.keep_best off
+nothing is chosen by those evaluations and they change no weight, so a candidate may thin them to save their
+time (eval.every_epochs=100, as cpu-whole-train.json's runs did) or skip them (eval.split=none):
 
     python benchmarks/archive_models.py --whole-train --work runs/archive-whole-train \
         --candidate default eval.every_epochs=100 --out benchmarks/results/cpu-whole-train.json
