@@ -298,10 +298,18 @@ class EvalConfig(_Section):
                              "eval.keep_best")
         return self
 
+    @model_validator(mode="after")
+    def _some_figure(self) -> "EvalConfig":
+        if self.split == "none" and not self.score_test:
+            raise ValueError("eval.split is none, so the run evaluates nothing while it trains, and eval.score_test is "
+                             "false, so it reads no test at the end: it would end without any figure. Evaluate on a "
+                             "validation split (eval.split: val), or let it score test (eval.score_test: true)")
+        return self
+
     def never_within(self, steps: int, named: str) -> str | None:
         """The one rule for eval.every_steps against a run's length (`named`: how the user gave it), or None.
         eval.every_epochs replaces every_steps: its value then says nothing about when the run evaluates."""
-        if self.every_epochs is None and self.every_steps > steps:
+        if self.split != "none" and self.every_epochs is None and self.every_steps > steps:
             return f"eval.every_steps ({self.every_steps}) is larger than {named}: the run would never evaluate before the end"
         return None
 
@@ -375,6 +383,14 @@ class Config(_Section):
             raise ValueError(f"data.erase_area ({low}, {high}) must be fractions of the image with 0 < low <= high < 1")
         if self.data.base_url and self.data.base_url.startswith("pipe:") and not self.data.allow_pipe:
             raise ValueError("data.base_url is a pipe: URL, which runs shell commands; set data.allow_pipe: true")
+        return self
+
+    @model_validator(mode="after")
+    def _best_model_needs_evaluations(self) -> "Config":
+        if self.wandb.log_model == "best" and self.eval.split == "none":
+            raise ValueError("wandb.log_model best uploads the checkpoints of the best evaluation, and eval.split is "
+                             "none: the run evaluates nothing, so none would be uploaded. Use wandb.log_model all (or "
+                             "off), or evaluate on a validation split (eval.split: val)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,8 +59,11 @@ def eval_split(requested: str, splits: list[str], splitting: dict | None = None)
         return f" ({reason})" if reason else ""
 
     if requested == "none":  # nothing evaluated before the end; test, where there is one, scored once then
-        return "none", None if "test" in splits else (
-            f"this dataset has no test split{why('test')} and eval.split is none, so the run ends without any score")
+        if "test" not in splits:
+            return "none", f"this dataset has no test split{why('test')} and eval.split is none, so the run ends without any score"
+        return "none", None if "val" not in splits else (
+            "eval.split is none and this dataset holds a val split, whose cases are neither trained on nor evaluated; "
+            "to train on them, prepare it again with --force --val-size 0")
     if "val" not in splits and "test" not in splits:
         raise ConfigError(f"the dataset has only the splits {', '.join(splits)}: no validation or test split to "
                           f"evaluate on{why('test')}. Prepare it again with more cases per class, or with a split "

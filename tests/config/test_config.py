@@ -18,6 +18,11 @@ def test_shipped_configs_load(name):
     assert cfg.eval.every_steps >= 1
 
 
+def test_a_run_that_evaluates_nothing_is_not_refused_for_evaluating_too_rarely():
+    cfg = load_config(GOOD, ["eval.split=none", "eval.every_steps=1000", "train.max_steps=300"])
+    assert cfg.eval.split == "none"
+
+
 def test_mnist_is_the_classic_setup():
     cfg = load_config(ROOT / "configs" / "mnist.yaml")
     assert (cfg.model.cell, cfg.model.hidden_size, cfg.model.num_layers) == ("lstm", 64, 1)
@@ -80,6 +85,8 @@ BAD_OVERRIDES = [
     (["eval.patience=3"], "eval.patience 3 stops a run that has stopped improving, and eval.keep_best is off"),
     (["eval.keep_best=true", "eval.split=test"], "eval.keep_best chooses the weights on eval.split, and eval.split is test"),
     (["eval.keep_best=true", "eval.split=none"], "eval.split is none: the run evaluates nothing to choose by"),
+    (["eval.split=none", "eval.score_test=false"], "it would end without any figure"),
+    (["eval.split=none", "wandb.log_model=best"], "the run evaluates nothing, so none would be uploaded"),
 ]
 
 

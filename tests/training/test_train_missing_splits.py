@@ -90,3 +90,15 @@ def test_keeping_the_best_of_no_evaluation_is_refused(tmp_path):
                      config=CONFIG, check=False)
     assert proc.returncode == 2 and "evaluates nothing to choose by" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("splits, warned", [
+    (["train", "test"], None),
+    (["train", "val", "test"], "whose cases are neither trained on nor evaluated"),
+    (["train", "val"], "so the run ends without any score"),
+])
+def test_what_a_run_that_evaluates_nothing_says_before_it_trains(splits, warned):
+    from pipeline.training.evaluation import eval_split
+
+    split, warning = eval_split("none", splits)
+    assert split == "none" and (warning is None if warned is None else warned in warning)
